@@ -1,0 +1,69 @@
+"""The compression methods, as data.
+
+Each method is one row of ``METHODS``: how it reduces the token set (``prune`` drops tokens,
+optionally fusing the dropped ones into one token; ``merge`` is Token Merging), which score
+decides the tokens that are kept, and which weights form the fused token.
+"""
+from dataclasses import dataclass
+from typing import Dict, Literal, Optional, Tuple
+
+Criterion = Literal["attn", "norm"]
+Reduction = Literal["none", "prune", "merge"]
+Placement = Literal["block", "attn"]
+
+
+@dataclass(frozen=True)
+class CompressionMethod:
+    """What a method scores and how it reduces.
+
+    keep_by: ``attn`` (class-token attention, head-averaged) or ``norm`` (L2 norm of the token).
+    fuse_by: weights of the fused token made from the dropped tokens: ``attn`` (their class-token
+        attention, not renormalised, as in EViT) or ``norm`` (softmax of their norms over the dropped
+        tokens); None drops them outright.
+    default_reduce_at: ``block`` reduces after the whole block (the paper's placement), ``attn``
+        between attention and MLP (EViT's and ToMe's placement).
+    """
+
+    name: str
+    reduction: Reduction
+    keep_by: Optional[Criterion] = None
+    fuse_by: Optional[Criterion] = None
+    default_reduce_at: Placement = "block"
+    summary: str = ""
+
+    @property
+    def needs_cls_attention(self) -> bool:
+        return "attn" in (self.keep_by, self.fuse_by)
+
+    @property
+    def fuses(self) -> bool:
+        return self.fuse_by is not None
+
+
+METHODS: Dict[str, CompressionMethod] = {m.name: m for m in (
+    CompressionMethod("none", "none", summary="no compression"),
+    CompressionMethod("tk", "prune", keep_by="attn", summary="Top-K by class-token attention"),
+    CompressionMethod("tk_n", "prune", keep_by="norm", summary="Top-K by token L2 norm (the paper's method)"),
+    CompressionMethod("evit", "prune", keep_by="attn", fuse_by="attn",
+                      summary="EViT: Top-K by attention, dropped tokens fused with attention weights"),
+    CompressionMethod("evit_n", "prune", keep_by="norm", fuse_by="norm",
+                      summary="Top-K by norm, dropped tokens fused with softmax-of-norm weights"),
+    CompressionMethod("n_wa", "prune", keep_by="norm", fuse_by="attn",
+                      summary="TNWAF: Top-K by norm, fused with attention weights"),
+    CompressionMethod("a_wn", "prune", keep_by="attn", fuse_by="norm",
+                      summary="TAWNF: Top-K by attention, fused with softmax-of-norm weights"),
+    CompressionMethod("tome", "merge", default_reduce_at="attn",
+                      summary="Token Merging (Bolya et al., ICLR 2023), bipartite soft matching on keys"),
+)}
+
+METHOD_NAMES: Tuple[str, ...] = tuple(METHODS)
+PLACEMENTS: Tuple[str, ...] = ("block", "attn")
+
+
+def get_method(name: str) -> CompressionMethod:
+    """The method called ``name``; ValueError naming ``select_method`` if there is none."""
+    try:
+        return METHODS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"select_method: unknown method {name!r}; choose one of {', '.join(METHOD_NAMES)}") from None

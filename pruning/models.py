@@ -1,0 +1,66 @@
+"""Small Vision Transformers for CPU-sized experiments, registered in timm's model registry.
+
+Importing this module makes them available to ``timm.create_model`` by name, so ``main.py --arch``
+takes a timm name whether the model is one of these or one of timm's own. They are plain timm
+``VisionTransformer`` instances (class token, pre-norm blocks, MLP ratio 4); there are no
+pretrained weights for them.
+
+| name                   | image | patch | tokens | width | depth | heads | meant for      |
+|------------------------|-------|-------|--------|-------|-------|-------|----------------|
+| ``vit_pico_patch2_8``  | 8     | 2     | 16 + 1 | 64    | 6     | 4     | digits (8x8)   |
+| ``vit_pico_patch4_28`` | 28    | 4     | 49 + 1 | 64    | 6     | 4     | Fashion-MNIST  |
+| ``vit_pico_patch4_32`` | 32    | 4     | 64 + 1 | 64    | 6     | 4     | CIFAR-10/100   |
+"""
+from typing import Any, Dict
+
+from timm.models import register_model
+from timm.models._registry import generate_default_cfgs
+from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer
+
+__all__ = ["vit_pico_patch2_8", "vit_pico_patch4_28", "vit_pico_patch4_32"]
+
+PICO_ARGS: Dict[str, Any] = dict(embed_dim=64, depth=6, num_heads=4, mlp_ratio=4.0)
+
+
+def _cfg(in_chans: int, img_size: int, mean: tuple, std: tuple, **kwargs) -> Dict[str, Any]:
+    """timm pretrained-cfg entry for a model without downloadable weights."""
+    return {
+        "url": "", "num_classes": 10, "input_size": (in_chans, img_size, img_size), "pool_size": None,
+        "crop_pct": 1.0, "interpolation": "bilinear", "fixed_input_size": True, "mean": mean, "std": std,
+        "first_conv": "patch_embed.proj", "classifier": "head", "license": "mit", **kwargs,
+    }
+
+
+# Looked up by timm's ``register_model`` in this module, by model name.
+default_cfgs = generate_default_cfgs({
+    "vit_pico_patch2_8": _cfg(1, 8, mean=(0.3048,), std=(0.3763,)),
+    "vit_pico_patch4_28": _cfg(1, 28, mean=(0.2860,), std=(0.3530,)),
+    "vit_pico_patch4_32": _cfg(3, 32, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
+})
+
+
+def _create(variant: str, pretrained: bool, model_args: Dict[str, Any], **kwargs) -> VisionTransformer:
+    if pretrained:
+        raise ValueError(f"{variant} has no pretrained weights: train it, or load weights with --checkpoint")
+    return _create_vision_transformer(variant, pretrained=False, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_pico_patch2_8(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """ViT-Pico/2 for 8x8 grayscale images (scikit-learn digits): 16 patches + class token."""
+    return _create("vit_pico_patch2_8", pretrained, dict(PICO_ARGS, img_size=8, patch_size=2, in_chans=1,
+                                                         num_classes=10), **kwargs)
+
+
+@register_model
+def vit_pico_patch4_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """ViT-Pico/4 for 28x28 grayscale images (Fashion-MNIST, MNIST): 49 patches + class token."""
+    return _create("vit_pico_patch4_28", pretrained, dict(PICO_ARGS, img_size=28, patch_size=4, in_chans=1,
+                                                          num_classes=10), **kwargs)
+
+
+@register_model
+def vit_pico_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """ViT-Pico/4 for 32x32 RGB images (CIFAR-10/100): 64 patches + class token."""
+    return _create("vit_pico_patch4_32", pretrained, dict(PICO_ARGS, img_size=32, patch_size=4, in_chans=3,
+                                                          num_classes=10), **kwargs)

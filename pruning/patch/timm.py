@@ -1,0 +1,211 @@
+"""The timm-specific part: patching ``VisionTransformer`` blocks so that each one reduces tokens.
+
+Blocks (and their attention) are given a subclass of their own class, as ToMe does, so the
+weights, hooks and ``state_dict`` are untouched and ``remove_patch`` restores the plain model.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor
+
+from ..merging import bipartite_soft_matching, merge_source, merge_wavg
+from ..methods import PLACEMENTS, get_method
+from ..reduction import prune_tokens, select_tokens, tokens_kept
+from ..schedules import PoolK, resolve_schedule
+from ..scoring import class_attention, fusion_weights, token_norm
+from ..state import CompressionConfig, CompressionState
+
+
+def attend(attn: Attention, x: Tensor, *, size: Optional[Tensor], want_cls_attn: bool, want_keys: bool,
+           fused: bool) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """timm ``Attention.forward`` that also returns the class-token attention row and the head-averaged keys.
+
+    ``size`` adds log(size) to the attention logits (ToMe's proportional attention). With ``fused``
+    the attention runs through scaled_dot_product_attention and the N×N matrix is never formed.
+    """
+    batch, num_tokens, _ = x.shape
+    attn_dim = attn.num_heads * attn.head_dim
+    gate = getattr(attn, "gate", None)
+    gate = gate(x).sigmoid() if gate is not None else None
+    qkv = attn.qkv(x).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    bias = None if size is None else size.log()[:, None, None, :, 0].to(q.dtype)
+
+    cls_attn = None
+    if fused:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                             dropout_p=attn.attn_drop.p if attn.training else 0.0)
+        if want_cls_attn:
+            cls_attn = class_attention(q, k, attn.scale, bias)
+    else:
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        weights = logits.softmax(dim=-1)
+        if want_cls_attn:
+            cls_attn = weights[:, :, 0].mean(dim=1)
+        out = attn.attn_drop(weights) @ v
+
+    out = out.transpose(1, 2).reshape(batch, num_tokens, attn_dim)
+    out = getattr(attn, "norm", torch.nn.Identity())(out)
+    if gate is not None:
+        out = out * gate
+    out = attn.proj_drop(attn.proj(out))
+    return out, cls_attn, (k.mean(dim=1) if want_keys else None)
+
+
+def reduce_tokens(cfg: CompressionConfig, x: Tensor, k: int, cls_attn: Optional[Tensor],
+                  keys: Optional[Tensor]) -> Tensor:
+    """Apply the method's reduction (prune, prune + fuse, or merge) to x, updating the state."""
+    method, state, num_prefix = cfg.method, cfg.state, cfg.num_prefix_tokens
+    if method.reduction == "merge":
+        matching = bipartite_soft_matching(keys, k, num_prefix)
+        if matching.r == 0:
+            return x
+        if state.source is not None:
+            state.source = merge_source(matching, state.source)
+        x, state.size = merge_wavg(matching, x, state.size)
+        return x
+
+    keep = tokens_kept(x.shape[1], k, num_prefix)
+    if keep == x.shape[1]:
+        return x
+    norms = token_norm(x) if "norm" in (method.keep_by, method.fuse_by) else None
+    scores = cls_attn if method.keep_by == "attn" else norms
+    keep_idx, drop_idx = select_tokens(scores, keep, num_prefix, want_dropped=method.fuses)
+    weights = None
+    if method.fuses:
+        pick = lambda s: None if s is None else s.gather(1, drop_idx)  # noqa: E731
+        weights = fusion_weights(method.fuse_by, pick(cls_attn), pick(norms))
+    if state.source is not None:
+        state.source = prune_tokens(state.source, keep_idx, drop_idx,
+                                    None if weights is None else torch.ones_like(weights))
+    return prune_tokens(x, keep_idx, drop_idx, weights)
+
+
+class CompressedBlock(Block):
+    """A timm ``Block`` that reduces its tokens after attention or after the MLP."""
+
+    _compression: CompressionConfig
+    _compression_index: int
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("attn_mask: token compression changes the token set, so masks are not supported")
+        cfg, index = self._compression, self._compression_index
+        state = cfg.state
+        if index == 0:  # the first block starts a new forward pass (works for forward_features and friends)
+            state.reset(x, cfg.trace_source)
+        k = cfg.schedule[index]
+        size = state.size if cfg.prop_attn else None
+        if (k == 0 or cfg.method.reduction == "none") and size is None:
+            x = super().forward(x)  # nothing to do: the plain block, bit for bit
+        else:
+            x = self._compressed_forward(cfg, x, k, size)
+        if cfg.trace_source:
+            state.block_sources.append(state.source)
+        state.tokens_per_block.append(x.shape[1])
+        return x
+
+    def _compressed_forward(self, cfg: CompressionConfig, x: Tensor, k: int, size: Optional[Tensor]) -> Tensor:
+        method = cfg.method
+        x_attn, cls_attn, keys = attend(self.attn, self.norm1(x), size=size, fused=cfg.fused_attn,
+                                        want_cls_attn=k > 0 and method.needs_cls_attention,
+                                        want_keys=k > 0 and method.reduction == "merge")
+        x = x + self.drop_path1(self.ls1(x_attn))
+        if cfg.reduce_at == "attn" and k > 0:
+            x = reduce_tokens(cfg, x, k, cls_attn, keys)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        if cfg.reduce_at == "block" and k > 0:
+            x = reduce_tokens(cfg, x, k, cls_attn, keys)
+        return x
+
+
+def _compressed_class(cls: type) -> type:
+    """A subclass of ``cls`` with the compressed forward (cached, so isinstance checks keep working)."""
+    if cls not in _SUBCLASSES:
+        _SUBCLASSES[cls] = type(f"Compressed{cls.__name__}", (CompressedBlock, cls), {})
+    return _SUBCLASSES[cls]
+
+
+_SUBCLASSES: dict = {Block: CompressedBlock}
+
+
+def apply_patch(model: VisionTransformer, select_method: str = "tk_n", pool_k: PoolK = 10, *,
+                reduce_at: Optional[str] = None, prop_attn: bool = True, trace_source: bool = False,
+                fused_attn: bool = True) -> VisionTransformer:
+    """Make every block of a timm ``VisionTransformer`` remove tokens; patches ``model`` in place and returns it.
+
+    Args:
+        select_method: one of ``pruning.METHOD_NAMES`` (none, tk, tk_n, evit, evit_n, n_wa, a_wn, tome).
+        pool_k: tokens removed per block: one int for every block, or a list with one int per block.
+        reduce_at: ``block`` (after the MLP, the paper's placement) or ``attn`` (between attention and
+            MLP); default: the method's own (``block``; ``attn`` for tome).
+        prop_attn: ToMe's proportional attention (log of token sizes added to the attention logits).
+        trace_source: record which original tokens every token carries (``get_state(model).source``).
+        fused_attn: run attention through scaled_dot_product_attention; False materialises the N×N
+            attention matrix (the plain reference implementation).
+    """
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"model: expected a timm VisionTransformer, got {type(model).__name__}")
+    method = get_method(select_method)
+    reduce_at = method.default_reduce_at if reduce_at is None else reduce_at
+    if reduce_at not in PLACEMENTS:
+        raise ValueError(f"reduce_at: expected one of {', '.join(PLACEMENTS)}, got {reduce_at!r}")
+    depth = len(model.blocks)
+    schedule = resolve_schedule(pool_k, depth)
+    if method.reduction == "none":
+        schedule = [0] * depth
+    if method.needs_cls_attention and getattr(model, "cls_token", None) is None:
+        raise ValueError(f"select_method: {method.name!r} scores tokens by class-token attention, but this model "
+                         f"has no class token; use a model with class_token=True, or tk_n, evit_n or tome")
+    if getattr(model, "grad_checkpointing", False):
+        raise ValueError("model: gradient checkpointing re-runs blocks and would corrupt the token state; "
+                         "call model.set_grad_checkpointing(False) before apply_patch")
+    for block in model.blocks:
+        if not isinstance(block, Block):
+            raise ValueError(f"model: block type {type(block).__name__} is not supported; "
+                             f"token compression patches timm's standard Block")
+        if not isinstance(block.attn, Attention):
+            raise ValueError(f"model: attention type {type(block.attn).__name__} is not supported; "
+                             f"token compression needs timm's standard Attention")
+
+    remove_patch(model)
+    cfg = CompressionConfig(method=method, schedule=schedule, reduce_at=reduce_at,
+                            num_prefix_tokens=model.num_prefix_tokens, prop_attn=prop_attn,
+                            trace_source=trace_source, fused_attn=fused_attn)
+    model._compression = cfg
+    for index, block in enumerate(model.blocks):
+        block._original_class = block.__class__
+        block.__class__ = _compressed_class(block.__class__)
+        block._compression = cfg
+        block._compression_index = index
+    return model
+
+
+def remove_patch(model: VisionTransformer) -> VisionTransformer:
+    """Undo ``apply_patch``: the model runs exactly as before it was patched."""
+    for block in model.blocks:
+        original = block.__dict__.pop("_original_class", None)
+        if original is not None:
+            block.__class__ = original
+            del block._compression, block._compression_index
+    model.__dict__.pop("_compression", None)
+    return model
+
+
+def get_config(model: VisionTransformer) -> Optional[CompressionConfig]:
+    """The compression a model was patched with, or None."""
+    return getattr(model, "_compression", None)
+
+
+def get_state(model: VisionTransformer) -> CompressionState:
+    """The state left by the last forward pass: sizes, source map, tokens per block."""
+    cfg = get_config(model)
+    if cfg is None:
+        raise ValueError("model: not patched; call pruning.patch.apply_patch first")
+    return cfg.state

@@ -1,0 +1,36 @@
+"""Token scores: what decides which tokens survive, and the weights of a fused token."""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def token_norm(x: Tensor) -> Tensor:
+    """L2 norm of each token vector: (B, N, C) -> (B, N)."""
+    return torch.linalg.vector_norm(x, dim=-1)
+
+
+def class_attention(q: Tensor, k: Tensor, scale: float, bias: Optional[Tensor] = None) -> Tensor:
+    """Softmax attention of the class token (query 0) to every token, averaged over heads.
+
+    Only the class-token row is computed (O(N·d)), so the block's own attention can run through a
+    fused kernel that never forms the N×N matrix. q, k: (B, H, N, D); bias: additive logits
+    broadcastable to (B, H, 1, N). Returns (B, N).
+    """
+    logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias
+    return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+
+
+def fusion_weights(criterion: str, dropped_cls_attn: Optional[Tensor], dropped_norms: Optional[Tensor]) -> Tensor:
+    """Weights of the dropped tokens in the fused token, (B, D).
+
+    ``attn``: their class-token attention as it is (not renormalised, as in EViT);
+    ``norm``: softmax of their norms, over the dropped tokens only.
+    """
+    if criterion == "attn":
+        return dropped_cls_attn
+    if criterion == "norm":
+        return dropped_norms.softmax(dim=-1)
+    raise ValueError(f"fuse_by: unknown criterion {criterion!r}; expected 'attn' or 'norm'")

@@ -1,0 +1,47 @@
+"""Per-forward state shared by the blocks of one patched model."""
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from .methods import CompressionMethod
+
+
+@dataclass
+class CompressionState:
+    """What one forward pass carries from block to block.
+
+    size: (B, N, 1) original patches held by each token (ToMe's merge weights and proportional attention).
+    source: (B, N, N0) 0/1 map of which original tokens each token carries (only with trace_source).
+    block_sources: ``source`` after every block, for visualisation.
+    tokens_per_block: tokens leaving every block in the last forward.
+    """
+
+    size: Optional[Tensor] = None
+    source: Optional[Tensor] = None
+    block_sources: List[Tensor] = field(default_factory=list)
+    tokens_per_block: List[int] = field(default_factory=list)
+
+    def reset(self, x: Tensor, trace_source: bool) -> None:
+        self.size = None
+        self.block_sources = []
+        self.tokens_per_block = []
+        self.source = None
+        if trace_source:
+            batch, num_tokens = x.shape[:2]
+            self.source = torch.eye(num_tokens, device=x.device, dtype=x.dtype).expand(batch, -1, -1)
+
+
+@dataclass
+class CompressionConfig:
+    """How a model is compressed: one object shared by all its patched blocks."""
+
+    method: CompressionMethod
+    schedule: List[int]
+    reduce_at: str
+    num_prefix_tokens: int
+    prop_attn: bool = True
+    trace_source: bool = False
+    fused_attn: bool = True
+    state: CompressionState = field(default_factory=CompressionState)
