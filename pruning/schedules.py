@@ -1,6 +1,6 @@
 """How many tokens each block removes: parsing ``pool_k`` and predicting token counts."""
 import math
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 from .merging import merges_allowed
 from .methods import CompressionMethod
@@ -69,3 +69,33 @@ def keep_rate_schedule(num_tokens: int, depth: int, keep_rate: float, at_blocks:
         schedule[b] = patches - kept
         patches = kept
     return schedule
+
+
+def matched_flops_schedule(model, select_method: str, target_flops: float, reduce_at: Optional[str] = None,
+                           img_size: Optional[Sequence[int]] = None) -> List[int]:
+    """Per-block ``pool_k`` for ``select_method`` whose analytic FLOPs come closest to ``target_flops``.
+
+    Starts from the largest uniform k that stays at or above the target, then raises k one block at a
+    time, earliest block first (an early token saves the most), while the FLOPs stay at or above the
+    target; finally takes one more step if that lands closer. So methods can be compared at equal cost.
+    """
+    from .flops import schedule_flops, vit_shape  # flops builds on this module's token counts
+    from .methods import get_method
+
+    method = get_method(select_method)
+    reduce_at = method.default_reduce_at if reduce_at is None else reduce_at
+    shape = vit_shape(model, img_size)
+    cost = lambda schedule: schedule_flops(shape, method, schedule, reduce_at)  # noqa: E731
+    depth, max_k = shape.depth, shape.num_tokens
+    if method.reduction == "none" or cost([0] * depth) <= target_flops:
+        return [0] * depth
+    k = 0
+    while k < max_k and cost([k + 1] * depth) >= target_flops:
+        k += 1
+    schedule = [k] * depth
+    for index in range(depth):
+        raised = schedule[:index] + [schedule[index] + 1] + schedule[index + 1:]
+        if target_flops <= cost(raised) < cost(schedule):
+            schedule = raised
+    steps = [schedule[:i] + [schedule[i] + 1] + schedule[i + 1:] for i in range(depth)]
+    return min([schedule] + steps, key=lambda s: (abs(cost(s) - target_flops), sum(s)))

@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pruning import METHOD_NAMES
 from pruning.flops import analytic_flops
 from pruning.patch import apply_patch, get_state, remove_patch
-from pruning.schedules import keep_rate_schedule
+from pruning.schedules import keep_rate_schedule, matched_flops_schedule
 from reference_vit import expected_token_counts, reference_logits
 
 REDUCING = [m for m in METHOD_NAMES if m != "none"]
@@ -307,3 +307,15 @@ def test_keep_rate_schedule():
     assert keep_rate_schedule(197, 12, 0.7, [3, 6, 9]) == [0, 0, 0, 58, 0, 0, 41, 0, 0, 29, 0, 0]
     with pytest.raises(ValueError, match="keep_rate"):
         keep_rate_schedule(197, 12, 1.5, [3])
+
+
+def test_matched_flops_schedule_equalises_cost():
+    target = analytic_flops(apply_patch(make_vit(), "tk_n", 8))
+    # a fused token adds one back per block, so evit_n needs one more token removed per block
+    assert matched_flops_schedule(make_vit(), "evit_n", target) == [9] * DEPTH
+    assert matched_flops_schedule(make_vit(), "tk_n", target) == [8] * DEPTH
+    for method in ("tk", "evit", "tome"):
+        schedule = matched_flops_schedule(make_vit(), method, target)
+        flops = analytic_flops(apply_patch(make_vit(), method, schedule))
+        assert abs(flops - target) / target < 0.02, (method, schedule)
+    assert matched_flops_schedule(make_vit(), "tk", 10 * target) == [0] * DEPTH
