@@ -24,7 +24,7 @@ class DataError(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 # scikit-learn digits: 1797 real 8x8 handwritten digits shipped inside scikit-learn
 
-DIGITS_TEST_SIZE = 360  # the last 360 images (about 20%) are the test split
+DIGITS_TEST_SIZE = 360  # about 20%, drawn at random once (numpy's frozen RandomState(0)): the same everywhere
 
 
 @functools.lru_cache(maxsize=1)
@@ -37,13 +37,14 @@ def _digits_arrays() -> Tuple[np.ndarray, np.ndarray]:
 
 
 class Digits(Dataset):
-    """scikit-learn's digits as 8x8 grayscale PIL images; train = first 1437, test = last 360."""
+    """scikit-learn's digits as 8x8 grayscale PIL images: 1437 train, 360 test (a fixed random split)."""
 
     classes = [str(i) for i in range(10)]
 
     def __init__(self, train: bool = True, transform: Optional[Callable] = None):
         images, targets = _digits_arrays()
-        split = slice(None, -DIGITS_TEST_SIZE) if train else slice(-DIGITS_TEST_SIZE, None)
+        order = np.random.RandomState(0).permutation(len(targets))
+        split = np.sort(order[DIGITS_TEST_SIZE:] if train else order[:DIGITS_TEST_SIZE])
         self.data, self.targets = images[split], targets[split].tolist()
         self.transform = transform
 
@@ -91,6 +92,11 @@ FASHION_MNIST_FILES = ["FashionMNIST/raw/" + f for f in
                         "t10k-labels-idx1-ubyte"]]
 
 
+def _one_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
+
+
 def _read_or_download(name: str, root: str, files: List[str], read: Callable[[], Dataset],
                       fetch: Callable[[], Dataset], download: bool, how: str) -> Dataset:
     """Read the dataset if all ``files`` are under ``root``; else download it; else explain."""
@@ -100,14 +106,14 @@ def _read_or_download(name: str, root: str, files: List[str], read: Callable[[],
             return read()
         except Exception as err:  # damaged or truncated files
             raise DataError(f"--data_name {name}: the files under {os.path.abspath(root)} cannot be read "
-                            f"({type(err).__name__}: {err}); delete them to download again, or replace them") from None
+                            f"({_one_line(err)}); delete them to download again, or replace them") from None
     reason = "downloading is off"
     if download:
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # torchvision prints its download attempts
                 return fetch()
         except Exception as err:
-            reason = f"download failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
+            reason = f"download failed: {_one_line(err)}"
     raise DataError(f"--data_name {name}: {missing[0]} not found under --data_root {os.path.abspath(root)} "
                     f"and {reason}; {how}, or point --data_root at the folder that holds {files[0].split('/')[0]}/")
 
@@ -171,4 +177,4 @@ def read_folder(root: str, train: bool, download: bool) -> Dataset:
     try:
         return datasets.ImageFolder(path)
     except (FileNotFoundError, OSError) as err:
-        raise DataError(f"--data_name folder: {path}: {err}; --data_root must hold {layout}") from None
+        raise DataError(f"--data_name folder: {path}: {_one_line(err)}; --data_root must hold {layout}") from None
