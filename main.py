@@ -22,7 +22,6 @@ import os
 import pickle
 import random
 import socket
-import statistics
 import sys
 import time
 import warnings
@@ -44,6 +43,7 @@ from tqdm import tqdm
 import data
 import pruning.models  # noqa: F401  (registers the vit_pico_* models in timm's registry)
 from pruning import METHOD_NAMES
+from pruning.benchmark import measure_throughput
 from pruning.flops import analytic_flops
 from pruning.patch import apply_patch, get_config, remove_patch
 
@@ -431,10 +431,17 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
     return factor
 
 
+def amp_dtype(device: torch.device, enabled: bool) -> Optional[torch.dtype]:
+    """The --amp autocast dtype: fp16 on CUDA, bf16 on CPU; None when off."""
+    if not enabled:
+        return None
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
 def autocast(device: torch.device, enabled: bool):
     """bf16 autocast on CPU, fp16 on CUDA; a no-op when not enabled."""
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+    dtype = amp_dtype(device, enabled)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
@@ -506,32 +513,6 @@ def count_gmacs_thop(model: nn.Module, input_shape: Sequence[int], device: torch
     with torch.inference_mode(), contextlib.redirect_stdout(sys.stderr):
         macs, _ = profile(model, inputs=(torch.zeros(1, *input_shape, device=device),), verbose=False)
     return float(macs) / 1e9
-
-
-@torch.inference_mode()
-def measure_throughput(models: Dict[str, nn.Module], input_shape: Sequence[int], batch_size: int,
-                       device: torch.device, amp: bool, warmup: int, steps: int) -> Dict[str, float]:
-    """Inference images/s of each model: ``warmup`` untimed forwards, then the median of ``steps`` timed ones.
-
-    The models take turns in every timed round, so a machine that is busier at some moment slows all alike.
-    """
-    images = torch.randn(batch_size, *input_shape, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times: Dict[str, List[float]] = {name: [] for name in models}
-    for model in models.values():
-        model.eval()
-    with autocast(device, amp):
-        for model in models.values():
-            for _ in range(warmup):
-                model(images)
-        for _ in range(steps):
-            for name, model in models.items():
-                sync()
-                start = time.perf_counter()
-                model(images)
-                sync()
-                times[name].append(time.perf_counter() - start)
-    return {name: batch_size / statistics.median(t) for name, t in times.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -702,8 +683,8 @@ def measure(args: argparse.Namespace, model: nn.Module, baseline: Optional[nn.Mo
         print(f"warning: flop_counter counts {gflops:.4g} GFLOPs, the analytic count is {analytic:.4g}",
               file=sys.stderr)
     timed = {"model": model} if baseline is None else {"model": model, "baseline": baseline.to(device)}
-    throughput = measure_throughput(timed, input_shape, args.bench_batch_size or args.batch_size, device, args.amp,
-                                    args.bench_warmup, args.bench_steps)
+    images = torch.randn(args.bench_batch_size or args.batch_size, *input_shape, device=device)
+    throughput = measure_throughput(timed, images, args.bench_warmup, args.bench_steps, amp_dtype(device, args.amp))
     figures = dict(throughput=throughput["model"], gflops=gflops, analytic_gflops=analytic,
                    gmacs_thop=count_gmacs_thop(model, input_shape, device),
                    params_m=sum(p.numel() for p in model.parameters()) / 1e6)

@@ -50,18 +50,13 @@ def time_forward(model: nn.Module, inputs: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def measure_throughput(model: nn.Module, inputs: torch.Tensor, warmup: int = 2, runs: int = 5) -> float:
-    """Images per second: ``warmup`` untimed passes, then the median of ``runs`` timed passes."""
-    for _ in range(warmup):
-        time_forward(model, inputs)
-    return inputs.shape[0] / statistics.median(time_forward(model, inputs) for _ in range(runs))
-
-
-def compare_speed(models: Dict[str, nn.Module], inputs: torch.Tensor, baseline: str, warmup: int = 2,
-                  rounds: int = 7, autocast_dtype: Optional[torch.dtype] = None) -> List[SpeedResult]:
-    """Time every model in interleaved rounds; speedups are relative to ``models[baseline]``."""
-    device_type = inputs.device.type
-    with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+def measure_throughput(models: Dict[str, nn.Module], inputs: torch.Tensor, warmup: int = 2, rounds: int = 7,
+                       autocast_dtype: Optional[torch.dtype] = None) -> Dict[str, float]:
+    """Images per second of each model: ``warmup`` untimed passes each, then ``rounds`` rounds in which
+    every model runs once; the median time per model over the rounds."""
+    for model in models.values():
+        model.eval()
+    with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         for model in models.values():
             for _ in range(warmup):
                 time_forward(model, inputs)
@@ -69,8 +64,13 @@ def compare_speed(models: Dict[str, nn.Module], inputs: torch.Tensor, baseline: 
         for _ in range(rounds):
             for name, model in models.items():
                 times[name].append(time_forward(model, inputs))
-    batch = inputs.shape[0]
-    rate = {name: batch / statistics.median(t) for name, t in times.items()}
+    return {name: inputs.shape[0] / statistics.median(t) for name, t in times.items()}
+
+
+def compare_speed(models: Dict[str, nn.Module], inputs: torch.Tensor, baseline: str, warmup: int = 2,
+                  rounds: int = 7, autocast_dtype: Optional[torch.dtype] = None) -> List[SpeedResult]:
+    """Throughput of every model, with speedups (measured and ideal) relative to ``models[baseline]``."""
+    rate = measure_throughput(models, inputs, warmup, rounds, autocast_dtype)
     flops = {name: analytic_flops(model) for name, model in models.items()}
     return [SpeedResult(name, rate[name], flops[name] / 1e9, rate[name] / rate[baseline],
                         flops[baseline] / flops[name]) for name in models]
