@@ -13,57 +13,58 @@ def merges_allowed(num_tokens: int, r: int, num_prefix: int) -> int:
 
 @dataclass
 class Matching:
-    """One bipartite soft matching: tokens at even positions form set A, odd positions set B.
+    """One bipartite soft matching, as the output slot of every input token.
 
-    ``src_idx`` (B, r) are the A tokens merged into the B tokens ``dst_idx`` (B, r); ``unm_idx``
-    (B, |A| - r) are the A tokens left alone, in their original order, prefix tokens first.
-    Apply it with ``merge``.
+    ``dest`` (B, N) sends each token to its slot in the merged sequence of ``num_out`` tokens: the
+    prefix tokens as they were, then the unmerged A (even-position) tokens in their original order,
+    then the B (odd-position) tokens, each B slot also receiving the A tokens merged into it. With one
+    prefix token (the class token) this is ToMe's order; keeping further prefix tokens (registers,
+    distillation) in front is what timm's pooling and heads expect.
     """
 
-    unm_idx: Tensor
-    src_idx: Tensor
-    dst_idx: Tensor
-    num_prefix: int
-
-    @property
-    def r(self) -> int:
-        return self.src_idx.shape[1]
+    dest: Tensor
+    num_out: int
+    r: int
 
     def merge(self, x: Tensor, reduce: str = "sum") -> Tensor:
-        """Merge (B, N, C) -> (B, N - r, C): the prefix tokens as they were, then the unmerged A tokens in
-        their original order, then the B tokens with the A tokens matched to them reduced in.
-
-        With one prefix token (the class token) this is ToMe's order; with more (registers, distillation)
-        keeping the prefix in front is what timm's pooling and heads expect.
-        """
-        a, b = x[:, ::2], x[:, 1::2]
-        channels = x.shape[-1]
-        unmerged = a.gather(1, self.unm_idx[..., None].expand(-1, -1, channels))
-        src = a.gather(1, self.src_idx[..., None].expand(-1, -1, channels))
-        b = b.scatter_reduce(1, self.dst_idx[..., None].expand(-1, -1, channels), src, reduce=reduce)
-        prefix_in_a, prefix_in_b = (self.num_prefix + 1) // 2, self.num_prefix // 2
-        return torch.cat([x[:, :self.num_prefix], unmerged[:, prefix_in_a:], b[:, prefix_in_b:]], dim=1)
+        """(B, N, C) -> (B, N - r, C), reducing the tokens that share a slot (``sum``, ``amax``, ...)."""
+        index = self.dest.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        out = x.new_zeros(x.shape[0], self.num_out, x.shape[-1])
+        if reduce == "sum":
+            return out.scatter_add_(1, index, x)
+        return out.scatter_reduce_(1, index, x, reduce=reduce, include_self=False)
 
 
 def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> Matching:
     """Match each A token to its most similar B token (cosine similarity of ``metric`` (B, N, C)) and
-    choose the r best-matched A tokens to merge. Prefix tokens (class, distillation, registers) are
-    protected: they neither merge away nor receive merges.
+    merge the r best-matched A tokens into their partners. Prefix tokens (class, distillation,
+    registers) are protected: they neither merge away nor receive merges.
     """
     batch, num_tokens, _ = metric.shape
     r = merges_allowed(num_tokens, r, num_prefix)
+    prefix_in_a, prefix_in_b = (num_prefix + 1) // 2, num_prefix // 2
+    num_a, num_b = (num_tokens + 1) // 2, num_tokens // 2
     with torch.no_grad():
         metric = metric / metric.norm(dim=-1, keepdim=True)
         scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
-        if num_prefix:
-            scores[:, : (num_prefix + 1) // 2, :] = -torch.inf  # prefix tokens in A never merge away
-            scores[:, :, : num_prefix // 2] = -torch.inf  # prefix tokens in B receive nothing
+        scores[:, :prefix_in_a, :] = -torch.inf  # prefix tokens in A never merge away
+        scores[:, :, :prefix_in_b] = -torch.inf  # prefix tokens in B receive nothing
         best_score, best_match = scores.max(dim=-1)
         ranked = best_score.argsort(dim=-1, descending=True)
         src_idx = ranked[:, :r]
-        unm_idx = ranked[:, r:].sort(dim=-1).values
-        dst_idx = best_match.gather(1, src_idx)
-    return Matching(unm_idx, src_idx, dst_idx, num_prefix)
+        unmerged = ranked[:, r:].sort(dim=-1).values[:, prefix_in_a:]  # non-prefix A tokens kept, in order
+
+        arange = torch.arange(num_tokens, device=metric.device)
+        num_unmerged = unmerged.shape[1]
+        b_slot = arange[:num_b] + (num_prefix + num_unmerged - prefix_in_b)
+        b_slot[:prefix_in_b] = 2 * arange[:prefix_in_b] + 1  # prefix tokens keep their positions
+        a_slot = (2 * arange[:num_a]).expand(batch, num_a).clone()
+        a_slot.scatter_(1, unmerged, (arange[:num_unmerged] + num_prefix).expand(batch, -1))
+        a_slot.scatter_(1, src_idx, b_slot[best_match.gather(1, src_idx)])
+        dest = torch.empty(batch, num_tokens, dtype=torch.long, device=metric.device)
+        dest[:, ::2] = a_slot
+        dest[:, 1::2] = b_slot
+    return Matching(dest, num_tokens - r, r)
 
 
 def merge_wavg(matching: Matching, x: Tensor, size: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
