@@ -4,23 +4,28 @@
     python main.py --config configs/fashionmnist.yaml --model tk --reduce_token 4
     python main.py --eval_only --checkpoint output/best.pt --model tome --reduce_token 3
     python main.py --benchmark --arch vit_small_patch16_224 --reduce_token 10
-    python main.py --resume output/last.pt           # continue an interrupted run
+    python main.py --resume output/last.pt           # continue an interrupted (Ctrl-C, SIGTERM) run
+    torchrun --nproc_per_node 4 main.py --config configs/paper_cifar10.yaml   # DDP, one process per GPU
 
 Options come from the defaults, then ``--config FILE.yaml``, then the command line (each overrides
 the one before). Every run writes ``<output_dir>/results.json``; training runs also write the
 checkpoints ``last.pt`` and ``best.pt``. ``python main.py --help`` lists every option and default.
 
 In-process use (the sweep tool): ``run(parse_args([...]))`` returns the results dict.
+
+The training loop is here; checkpoint files, torchrun processes, samplers and signal handling live
+in ``engine/``.
 """
 import argparse
 import contextlib
 import copy
+import dataclasses
 import importlib.util
 import json
 import math
 import os
-import pickle
-import random
+import re
+import signal
 import socket
 import sys
 import time
@@ -28,20 +33,28 @@ import warnings
 from typing import Any, Dict, List, Optional, Sequence, Union
 from urllib.parse import urlparse
 
-import numpy as np
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from timm.models.vision_transformer import VisionTransformer
 from timm.optim import create_optimizer_v2
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm import tqdm
 
 import data
 import pruning.models  # noqa: F401  (registers the vit_pico_* models in timm's registry)
+from engine import distributed
+from engine.checkpoint import (append_line, check_free_space, checkpoint_bytes, first_line, load_weights,
+                               prepare_output_dir, read_resume, rng_states, save_atomic, seed_everything,
+                               set_rng_states, write_json_atomic, write_text_atomic)
+from engine.distributed import Processes
+from engine.errors import CLIError, Interrupted, TrainingDiverged
+from engine.sampling import ResumableDistributedSampler, ResumableRandomSampler, ShardSampler
+from engine.signals import StopSignal, ignore_stop_signals
 from pruning import METHOD_NAMES
 from pruning.benchmark import measure_throughput
 from pruning.flops import analytic_flops
@@ -54,11 +67,11 @@ RESULT_KEYS = ("accuracy", "best_accuracy", "throughput", "gflops", "gmacs_thop"
                "baseline_gflops", "speedup")
 # Options that may differ when a run is resumed: where and how it runs, not what it computes.
 RESUME_FREE = ("resume", "config", "output_dir", "device", "threads", "num_workers", "data_root", "visualize",
-               "bench_batch_size", "bench_warmup", "bench_steps")
-
-
-class CLIError(Exception):
-    """Bad input: ``main()`` prints the message (which names the option) as one line and exits non-zero."""
+               "bench_batch_size", "bench_warmup", "bench_steps", "compile")
+# results.json fields that are measured times, so differ between two runs of the same command
+TIMING_KEYS = ("throughput", "baseline_throughput", "speedup")
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+MAX_LR = 1e6  # far beyond any useful rate; larger ones overflow float32 inside the optimiser
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,7 +89,7 @@ def _int_at_least(minimum: int):
     return parse
 
 
-def _float_at_least(minimum: float, strict: bool = False):
+def _float_at_least(minimum: float, strict: bool = False, maximum: float = math.inf):
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -84,6 +97,8 @@ def _float_at_least(minimum: float, strict: bool = False):
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         if not math.isfinite(value) or value < minimum or (strict and value == minimum):
             raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum}, got {text}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum:g}, got {text}")
         return value
     return parse
 
@@ -112,7 +127,8 @@ def build_parser() -> ArgumentParser:
         prog="main.py", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train, evaluate and benchmark token compression in timm Vision Transformers.",
         epilog="Defaults < --config FILE.yaml < command line. With no options: ViT-Pico/2 on scikit-learn "
-               "digits, tk_n removing 2 tokens per block, 30 epochs.")
+               "digits, tk_n removing 2 tokens per block, 30 epochs. Several GPUs: torchrun --nproc_per_node N "
+               "main.py ... (--batch_size is per process).")
     bool_flag = dict(action=argparse.BooleanOptionalAction, default=False)
 
     group = parser.add_argument_group("compression")
@@ -137,7 +153,8 @@ def build_parser() -> ArgumentParser:
                                                          "or the Hugging Face cache) (default: off)")
     group.add_argument("--checkpoint", default=None, metavar="FILE",
                        help="weights to start from or to evaluate: timm .pth/.safetensors or a main.py "
-                            "checkpoint; a classifier head of another size is left out (default: none)")
+                            "checkpoint; a classifier head of another size is left out for training, refused "
+                            "by --eval_only (default: none)")
 
     group = parser.add_argument_group("data")
     group.add_argument("--data_name", default="digits", choices=tuple(data.DATASETS),
@@ -163,9 +180,10 @@ def build_parser() -> ArgumentParser:
     group = parser.add_argument_group("training")
     group.add_argument("--batch_size", metavar="N", type=_int_at_least(1), default=64, help="(default: %(default)s)")
     group.add_argument("--epochs", metavar="N", type=_int_at_least(1), default=30, help="(default: %(default)s)")
-    group.add_argument("--lr", metavar="LR", type=_float_at_least(0.0, strict=True), default=None,
+    group.add_argument("--lr", metavar="LR", type=_float_at_least(0.0, strict=True, maximum=MAX_LR), default=None,
                        help="AdamW peak learning rate, cosine decay per step (default: --lr_base * batch_size / 512)")
-    group.add_argument("--lr_base", metavar="LR", type=_float_at_least(0.0, strict=True), default=None,
+    group.add_argument("--lr_base", metavar="LR", type=_float_at_least(0.0, strict=True, maximum=MAX_LR),
+                       default=None,
                        help="learning rate at batch size 512, scaled linearly to the batch size when --lr is "
                             "not given (default: per dataset: the seed's 5e-4 for CIFAR10, CIFAR100, STL10 and "
                             f"folder; {data.FROM_SCRATCH_LR_BASE:g} for digits and FashionMNIST, whose small "
@@ -182,7 +200,13 @@ def build_parser() -> ArgumentParser:
                        help="CPU threads for PyTorch; 0 = auto: 1 for models under 5 M parameters (their "
                             "matrices are too small to split, and spare cores stay free), else one per core "
                             "(default: %(default)s)")
-    group.add_argument("--amp", **bool_flag, help="mixed precision: bf16 on CPU, fp16 on CUDA (default: off)")
+    group.add_argument("--amp", **bool_flag, help="mixed precision (autocast): bf16 on CPU, --amp_dtype on CUDA "
+                                                  "(default: off)")
+    group.add_argument("--amp_dtype", default="auto", choices=("auto", "float16", "bfloat16"),
+                       help="--amp's type: auto = float16 (with loss scaling) on CUDA, bfloat16 on CPU; bfloat16 "
+                            "on CUDA needs no loss scaling (Ampere or newer) (default: %(default)s)")
+    group.add_argument("--compile", **bool_flag, help="torch.compile the model for training, evaluation and the "
+                                                      "throughput measurement (default: off)")
 
     group = parser.add_argument_group("run")
     group.add_argument("--output_dir", metavar="DIR", default=None,
@@ -257,11 +281,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------
 # model and checkpoints
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
-
-
 def _hub_unreachable() -> Optional[str]:
     """Why the Hugging Face hub cannot be reached (its host name does not resolve), or None.
 
@@ -300,11 +319,11 @@ def create_model(args: argparse.Namespace, num_classes: int, in_chans: int, pret
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as err:
-        raise CLIError(f"--arch {name}: {_first_line(err)}; --arch must be a timm VisionTransformer") from None
+        raise CLIError(f"--arch {name}: {first_line(err)}; --arch must be a timm VisionTransformer") from None
     except Exception as err:
         if not pretrained:
             raise
-        raise CLIError(f"--pretrained: could not fetch the timm weights of {name} ({_first_line(err)}); "
+        raise CLIError(f"--pretrained: could not fetch the timm weights of {name} ({first_line(err)}); "
                        f"fetch them once online (they are kept in the Hugging Face cache), or pass a local "
                        f"weights file with --checkpoint FILE and drop --pretrained") from None
     if not isinstance(model, VisionTransformer):
@@ -314,108 +333,6 @@ def create_model(args: argparse.Namespace, num_classes: int, in_chans: int, pret
     if img_size[0] % patch_size[0] or img_size[1] % patch_size[1]:
         raise CLIError(f"--img_size {img_size[0]} is not a multiple of --patch_size {patch_size[0]}")
     return model
-
-
-def torch_load(path: str, option: str) -> Any:
-    """``torch.load`` of tensors and plain containers only (nothing in the file can run code)."""
-    if not os.path.isfile(path):
-        raise CLIError(f"{option}: {path} not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CLIError(f"{option}: {path} holds more than tensors and plain data, so it is not loaded "
-                       f"(safe loading: {_first_line(err)[:200]}); save its state_dict() instead") from None
-    except Exception as err:
-        raise CLIError(f"{option}: {path} cannot be read, it is damaged or not a PyTorch file "
-                       f"({_first_line(err)[:200]})") from None
-
-
-def load_weights(model: VisionTransformer, path: str) -> List[str]:
-    """Load a timm .pth/.safetensors file or a main.py checkpoint; returns the keys left out (a head of
-    another size)."""
-    if path.endswith(".safetensors"):
-        if not os.path.isfile(path):
-            raise CLIError(f"--checkpoint: {path} not found")
-        from safetensors.torch import load_file
-        try:
-            state = load_file(path)
-        except Exception as err:
-            raise CLIError(f"--checkpoint: {path} cannot be read ({_first_line(err)[:200]})") from None
-    else:
-        state = torch_load(path, "--checkpoint")
-    for key in ("model", "state_dict", "model_ema"):  # main.py / DeiT / other training scripts
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CLIError(f"--checkpoint: {path} holds no state_dict of tensors")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    state = checkpoint_filter_fn(state, model)  # timm: resamples position and patch embeddings to this model
-    own = model.state_dict()
-    left_out = [k for k in ("head.weight", "head.bias") if k in state and k in own and state[k].shape != own[k].shape]
-    for key in left_out:
-        del state[key]
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:
-        detail = " ".join(str(err).split())[:300]
-        raise CLIError(f"--checkpoint: {path} does not fit --arch {model.default_cfg.get('architecture', '')} "
-                       f"({detail}); use the --arch, --img_size and --patch_size it was trained with") from None
-    missing = [k for k in missing if k not in left_out]
-    if missing or unexpected:
-        raise CLIError(f"--checkpoint: {path} does not fit this model (missing {missing[:3]}, unexpected "
-                       f"{unexpected[:3]}); use the --arch it was trained with")
-    return left_out
-
-
-def save_atomic(obj: Any, path: str) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(obj: Any, path: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def rng_states(loader_generator: torch.Generator) -> Dict[str, Any]:
-    """Every random number generator a run draws from, as tensors and plain data."""
-    np_state = np.random.get_state()
-    version, internal, gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": [version, list(internal), gauss],
-        "loader": loader_generator.get_state(),
-    }
-
-
-def set_rng_states(states: Dict[str, Any], loader_generator: torch.Generator) -> None:
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    n = states["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-    loader_generator.set_state(states["loader"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,55 +348,87 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
     return factor
 
 
-def amp_dtype(device: torch.device, enabled: bool) -> Optional[torch.dtype]:
-    """The --amp autocast dtype: fp16 on CUDA, bf16 on CPU; None when off."""
-    if not enabled:
+def amp_dtype(device: torch.device, args: argparse.Namespace) -> Optional[torch.dtype]:
+    """The autocast dtype of ``--amp``/``--amp_dtype`` on ``device``: None when --amp is off."""
+    if not args.amp:
         return None
-    return torch.float16 if device.type == "cuda" else torch.bfloat16
+    if args.amp_dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    return AMP_DTYPES[args.amp_dtype]
 
 
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CPU, fp16 on CUDA; a no-op when not enabled."""
-    dtype = amp_dtype(device, enabled)
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    """Autocast to ``dtype`` (see :func:`amp_dtype`); a no-op when it is None."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+@dataclasses.dataclass
+class EpochProgress:
+    """Running sums of one training epoch on this process. A ``last.pt`` written part-way through an
+    epoch keeps them, so that the resumed epoch reports what the uninterrupted one would have."""
+    step: int = 0  # steps finished in this epoch
+    loss_sum: float = 0.0  # sum over the images seen of their loss
+    correct: int = 0
+    seen: int = 0
+    seconds: float = 0.0  # wall time of the epoch so far
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
-                    device: torch.device, amp: bool, desc: str) -> Dict[str, float]:
+                    device: torch.device, dtype: Optional[torch.dtype], desc: str, progress: EpochProgress,
+                    stop: StopSignal, processes: Processes) -> bool:
+    """Train on what ``loader`` yields (the rest of an epoch, when resumed part-way), adding to ``progress``.
+
+    Returns True when a stop signal ended the epoch early, always after a finished step. Raises
+    FloatingPointError when the loss is NaN or inf, before that step changes the weights. Under DDP
+    the ranks agree on both after every forward pass, so they stop at the same step.
+    """
     model.train()
-    total_loss, correct, seen = 0.0, 0, 0
-    bar = tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True)
+    stopping = False
+    bar = tqdm(loader, desc=desc, leave=False, disable=None if processes.is_main else True, dynamic_ncols=True,
+               initial=progress.step, total=progress.step + len(loader))
     for images, targets in bar:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with autocast(device, amp):
+        with autocast(device, dtype):
             logits = model(images)
             loss = F.cross_entropy(logits, targets)
+        loss_value = loss.item()
+        stopping, diverged = distributed.any_over_ranks([stop.requested, not math.isfinite(loss_value)],
+                                                        processes, device)
+        if diverged:
+            where = f"{loss_value}" if not math.isfinite(loss_value) else "not finite on another process"
+            raise FloatingPointError(f"the loss is {where} at step {progress.step + 1}")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        total_loss += loss.item() * len(targets)
-        correct += (logits.argmax(dim=-1) == targets).sum().item()
-        seen += len(targets)
-        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-    return {"train_loss": total_loss / max(seen, 1), "train_acc": 100.0 * correct / max(seen, 1)}
+        progress.step += 1
+        progress.loss_sum += loss_value * len(targets)
+        progress.correct += (logits.argmax(dim=-1) == targets).sum().item()
+        progress.seen += len(targets)
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if stopping:
+            break
+    return stopping
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool,
-             desc: str = "test") -> Dict[str, float]:
-    """Top-1 accuracy (%) and mean loss over the whole loader."""
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dtype: Optional[torch.dtype],
+             processes: Processes = distributed.SINGLE, desc: str = "test") -> Dict[str, float]:
+    """Top-1 accuracy (%) and mean loss over the whole test set: under DDP each rank evaluates its
+    shard (:class:`ShardSampler`) and the sums are added up, so every image counts exactly once."""
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
-    for images, targets in tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True):
+    for images, targets in tqdm(loader, desc=desc, leave=False, disable=None if processes.is_main else True,
+                                dynamic_ncols=True):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with autocast(device, amp):
+        with autocast(device, dtype):
             logits = model(images)
         total_loss += F.cross_entropy(logits.float(), targets, reduction="sum").item()
         correct += (logits.argmax(dim=-1) == targets).sum().item()
         seen += len(targets)
+    total_loss, correct, seen = distributed.sum_over_ranks([total_loss, correct, seen], processes, device)
     return {"test_loss": total_loss / max(seen, 1), "test_acc": 100.0 * correct / max(seen, 1)}
 
 
@@ -518,18 +467,20 @@ def count_gmacs_thop(model: nn.Module, input_shape: Sequence[int], device: torch
 # ----------------------------------------------------------------------------------------------
 # the run
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, processes: Processes = distributed.SINGLE) -> torch.device:
+    """``--device``; under torchrun, each process's own GPU (its LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CLIError(f"--device: unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise CLIError(f"--device: unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {name}: no CUDA device is available; use --device cpu (or auto)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise CLIError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
-    return device
+    return distributed.device_for(processes, device, name)
 
 
 def _restore_settings(args: argparse.Namespace, checkpoint: Dict[str, Any]) -> None:
@@ -545,6 +496,18 @@ def _restore_settings(args: argparse.Namespace, checkpoint: Dict[str, Any]) -> N
             setattr(args, key, value)
     if changed:
         print(f"resume: using the checkpoint's {', '.join(changed)} (a resumed run keeps its settings)")
+
+
+def load_resume(args: argparse.Namespace, processes: Processes) -> Dict[str, Any]:
+    """The ``--resume`` checkpoint, its settings taken into ``args``; the number of processes must match."""
+    checkpoint = read_resume(args.resume)
+    _restore_settings(args, checkpoint)
+    trained_by = checkpoint.get("world_size", 1)
+    if trained_by != processes.world_size:
+        raise CLIError(f"--resume: {args.resume} was written by a run of {trained_by} process(es), this one has "
+                       f"{processes.world_size}; resume with as many (torchrun --nproc_per_node, or python main.py "
+                       f"for 1): the data order and the learning-rate schedule depend on it")
+    return checkpoint
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -564,16 +527,14 @@ def check_options(args: argparse.Namespace) -> None:
         raise CLIError("--visualize: pruning/visualize.py is not in this checkout yet; run without --visualize")
 
 
-def _prepare_output_dir(path: str) -> None:
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write_test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as err:
-        raise CLIError(f"--output_dir: cannot write to {path} ({err.strerror or err}); choose another folder") \
-            from None
+def check_amp(args: argparse.Namespace, device: torch.device) -> None:
+    if args.amp and device.type == "cpu" and args.amp_dtype == "float16":
+        raise CLIError("--amp_dtype float16: autocast on CPU runs bfloat16; use --amp_dtype bfloat16 (or auto), "
+                       "or --device cuda")
+    if args.amp and device.type == "cuda" and amp_dtype(device, args) == torch.bfloat16 \
+            and not torch.cuda.is_bf16_supported():
+        raise CLIError(f"--amp_dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16; use "
+                       f"--amp_dtype float16 (or auto)")
 
 
 def _summary(results: Dict[str, Any], extra: Dict[str, str]) -> str:
@@ -606,10 +567,10 @@ def build_model(args: argparse.Namespace, num_classes: int, in_chans: int, resum
     """The model of ``--arch`` with its starting weights (hub, ``--checkpoint``; none when resuming)."""
     model = create_model(args, num_classes, in_chans, pretrained=args.pretrained and not resumed)
     if args.checkpoint and not resumed:
-        left_out = load_weights(model, args.checkpoint)
+        left_out = load_weights(model, args.checkpoint, new_head_ok=not args.eval_only)
         if left_out:
-            print(f"--checkpoint: {', '.join(left_out)} left out (another number of classes); the head starts "
-                  f"from scratch for {num_classes} classes")
+            print(f"--checkpoint: loaded all but {', '.join(left_out)} (another number of classes); the head "
+                  f"starts from scratch for {num_classes} classes")
     if isinstance(args.reduce_token, list) and len(args.reduce_token) != len(model.blocks):
         raise CLIError(f"--reduce_token: {len(args.reduce_token)} values given, but --arch {args.arch} has "
                        f"{len(model.blocks)} blocks; give one value per block, or a single int")
@@ -624,36 +585,118 @@ def compress(model: VisionTransformer, args: argparse.Namespace, trace_source: b
         raise CLIError(f"--model {args.model} / --reduce_token / --reduce_at: {err}") from None
 
 
-def fit(args: argparse.Namespace, model: nn.Module, train_loader: DataLoader, test_loader: DataLoader,
-        loader_generator: torch.Generator, device: torch.device, resume: Optional[Dict[str, Any]],
-        settings: Dict[str, Any]) -> List[Dict[str, float]]:
+def _is_compile_error(err: BaseException) -> bool:
+    return type(err).__module__.startswith(("torch._dynamo", "torch._inductor"))
+
+
+def _interrupted(stop: StopSignal, when: str, args: argparse.Namespace, processes: Processes) -> Interrupted:
+    """What a stop signal ends the run with, once last.pt is written."""
+    signum = stop.signum or signal.SIGTERM  # None: the signal came to another rank
+    launcher = "the same torchrun command with" if processes.enabled else "python main.py"
+    return Interrupted(f"stopped by {signal.Signals(signum).name} {when}; last.pt holds that state; continue with "
+                       f"{launcher} --resume {os.path.join(args.output_dir, 'last.pt')}", signum)
+
+
+def _restore(checkpoint: Dict[str, Any], path: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+             loader_generator: torch.Generator, processes: Processes) -> EpochProgress:
+    """Put a ``--resume`` checkpoint's state back; returns the progress of the epoch it stopped in."""
+    try:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        if "scaler" in checkpoint:
+            scaler.load_state_dict(checkpoint["scaler"])
+        own = checkpoint["ranks"][processes.rank] if "ranks" in checkpoint else checkpoint
+        set_rng_states(own["rng"], loader_generator)
+        progress = EpochProgress(**own["progress"]) if own.get("progress") else EpochProgress()
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+        detail = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        raise CLIError(f"--resume: {path} does not fit the model, optimiser and data its settings describe "
+                       f"({detail}); it was changed after main.py wrote it, or --data_root now holds another number "
+                       f"of classes: resume with the data it was trained on") from None
+    return progress
+
+
+def fit(args: argparse.Namespace, model: nn.Module, train_model: nn.Module, eval_model: nn.Module,
+        train_loader: DataLoader, test_loader: DataLoader, loader_generator: torch.Generator, device: torch.device,
+        processes: Processes, resume: Optional[Dict[str, Any]], settings: Dict[str, Any],
+        stop: StopSignal) -> List[Dict[str, float]]:
     """The training loop: AdamW, warm-up + cosine per step, evaluation and checkpoints after every epoch.
 
+    ``model`` is the plain module (its state is what checkpoints hold); ``train_model`` the one that
+    trains (compiled, wrapped in DDP) and ``eval_model`` the one that evaluates (compiled, not DDP).
+    A SIGINT/SIGTERM caught by ``stop`` ends the run after the step in progress, ``last.pt`` holding that step.
     Returns the per-epoch history (the resumed run's earlier epochs included).
     """
     optimizer = create_optimizer_v2(model, "adamw", lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(round(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
-    start_epoch, best_accuracy, history = 0, None, []
+    dtype = amp_dtype(device, args)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    start_epoch, best_accuracy, history, progress = 0, None, [], EpochProgress()
     if resume:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        set_rng_states(resume["rng"], loader_generator)
+        progress = _restore(resume, args.resume, model, optimizer, scheduler, scaler, loader_generator, processes)
         start_epoch, best_accuracy, history = resume["epoch"], resume["best_accuracy"], list(resume["history"])
-        print(f"resumed from {args.resume} after epoch {start_epoch}/{args.epochs}")
-    print(f"training {args.epochs} epochs of {steps_per_epoch} steps, batch {args.batch_size}, AdamW lr "
-          f"{args.lr:.3g}, weight decay {args.weight_decay}, warm-up {args.warmup_epochs:g} epochs")
+        where = f", step {progress.step} of epoch {start_epoch + 1}" if progress.step else ""
+        print(f"resumed from {args.resume} after epoch {start_epoch}/{args.epochs}{where}")
 
+    def save(epoch: int, loader_state: torch.Tensor, paths: Sequence[str]) -> None:
+        """Checkpoint after ``epoch`` epochs and ``progress.step`` steps (every rank calls it)."""
+        own = {"rng": dict(rng_states(loader_generator), loader=loader_state), "progress": dataclasses.asdict(progress)}
+        ranks = distributed.gather(own, processes)
+        checkpoint = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "epoch": epoch, "step": progress.step, "best_accuracy": best_accuracy,
+            "history": history, "rng": ranks[0]["rng"], "progress": ranks[0]["progress"], "settings": settings,
+            "world_size": processes.world_size,
+        }
+        if processes.enabled:
+            checkpoint["ranks"] = ranks
+
+        def write() -> None:
+            for path in paths:
+                save_atomic(checkpoint, os.path.join(args.output_dir, path))
+        distributed.on_main(write, processes)
+
+    global_batch = f"{args.batch_size} x {processes.world_size} processes" if processes.enabled else args.batch_size
+    print(f"training {args.epochs} epochs of {steps_per_epoch} steps, batch {global_batch}, AdamW lr "
+          f"{args.lr:.3g}, weight decay {args.weight_decay}, warm-up {args.warmup_epochs:g} epochs", flush=True)
     for epoch in range(start_epoch, args.epochs):
-        epoch_start = time.time()
         desc = f"epoch {epoch + 1}/{args.epochs}"
-        stats = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, device, args.amp, desc)
-        stats.update(evaluate(model, test_loader, device, args.amp))
-        stats.update(epoch=epoch + 1, lr=scheduler.get_last_lr()[0], time_s=time.time() - epoch_start)
+        if isinstance(train_loader.sampler, DistributedSampler):
+            train_loader.sampler.set_epoch(epoch)
+        train_loader.sampler.skip = progress.step * args.batch_size  # resumed part-way: the steps not yet done
+        loader_state = loader_generator.get_state()  # before this epoch's shuffle: a mid-epoch last.pt keeps it
+        clock = time.time() - progress.seconds
+        try:
+            stopped = train_one_epoch(train_model, train_loader, optimizer, scheduler, scaler, device, dtype, desc,
+                                      progress, stop, processes)
+        except FloatingPointError as err:
+            kept = "last.pt is left as it was (the last good state)" if epoch or resume else \
+                "no checkpoint was written yet"
+            amp = ", or drop --amp (float16 overflows; --amp_dtype bfloat16 has float32's range)" \
+                if dtype == torch.float16 else (", or drop --amp" if dtype is not None else "")
+            raise TrainingDiverged(f"training diverged: {err} of {steps_per_epoch} in epoch {epoch + 1}/"
+                                   f"{args.epochs}; {kept}; lower --lr (now {args.lr:.3g}) or lengthen "
+                                   f"--warmup_epochs{amp}") from None
+        except Exception as err:
+            if args.compile and _is_compile_error(err):
+                raise CLIError(f"--compile: torch.compile failed ({first_line(err)[:300]}); run without "
+                               f"--compile") from None
+            raise
+        progress.seconds = time.time() - clock
+        if stopped:
+            save(epoch, loader_state, ["last.pt"])
+            raise _interrupted(stop, f"after step {progress.step} of {steps_per_epoch} in epoch {epoch + 1}/"
+                                     f"{args.epochs}", args, processes)
+
+        loss_sum, correct, seen = distributed.sum_over_ranks([progress.loss_sum, progress.correct, progress.seen],
+                                                             processes, device)
+        stats = {"train_loss": loss_sum / max(seen, 1), "train_acc": 100.0 * correct / max(seen, 1)}
+        stats.update(evaluate(eval_model, test_loader, device, dtype, processes))
+        stats.update(epoch=epoch + 1, lr=scheduler.get_last_lr()[0], time_s=time.time() - clock)
         history.append(stats)
         improved = best_accuracy is None or stats["test_acc"] > best_accuracy
         best_accuracy = stats["test_acc"] if improved else best_accuracy
@@ -661,22 +704,34 @@ def fit(args: argparse.Namespace, model: nn.Module, train_loader: DataLoader, te
               f"test loss {stats['test_loss']:.4f} acc {stats['test_acc']:.2f}%  "
               f"(best {best_accuracy:.2f}%)  {stats['time_s']:.1f}s", flush=True)
 
-        checkpoint = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "epoch": epoch + 1, "best_accuracy": best_accuracy, "history": history,
-            "rng": rng_states(loader_generator), "settings": settings,
-        }
-        save_atomic(checkpoint, os.path.join(args.output_dir, "last.pt"))
-        if improved:
-            save_atomic(checkpoint, os.path.join(args.output_dir, "best.pt"))
-        with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(stats) + "\n")
+        progress = EpochProgress()
+        save(epoch + 1, loader_generator.get_state(), ["last.pt", "best.pt"] if improved else ["last.pt"])
+        if processes.is_main:
+            append_line(json.dumps(stats), os.path.join(args.output_dir, "log.jsonl"))
+        if distributed.any_over_ranks([stop.requested], processes, device)[0]:  # came during evaluation
+            raise _interrupted(stop, f"after epoch {epoch + 1}/{args.epochs}", args, processes)
     return history
+
+
+def compile_for_inference(model: nn.Module, images: torch.Tensor, dtype: Optional[torch.dtype]) -> nn.Module:
+    """``torch.compile(model)``, compiled now (one forward as measure_throughput runs it), so that no
+    timed forward includes the compilation."""
+    compiled = torch.compile(model)
+    compiled.eval()
+    try:
+        with torch.inference_mode(), torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
+            compiled(images)
+    except Exception as err:
+        raise CLIError(f"--compile: torch.compile failed ({first_line(err)[:300]}); run without --compile") from None
+    return compiled
 
 
 def measure(args: argparse.Namespace, model: nn.Module, baseline: Optional[nn.Module],
             input_shape: Sequence[int], device: torch.device) -> Dict[str, Optional[float]]:
-    """Throughput and FLOPs of the final model; with a baseline (``--benchmark``) of both, in the same run."""
+    """Throughput and FLOPs of the final model; with a baseline (``--benchmark``) of both, in the same run.
+
+    With ``--compile`` the timed models are compiled; FLOPs are counted on the plain modules.
+    """
     gflops = count_gflops(model, input_shape, device)
     analytic = analytic_flops(model) / 1e9
     if abs(gflops - analytic) > 0.05 * analytic:
@@ -684,7 +739,10 @@ def measure(args: argparse.Namespace, model: nn.Module, baseline: Optional[nn.Mo
               file=sys.stderr)
     timed = {"model": model} if baseline is None else {"model": model, "baseline": baseline.to(device)}
     images = torch.randn(args.bench_batch_size or args.batch_size, *input_shape, device=device)
-    throughput = measure_throughput(timed, images, args.bench_warmup, args.bench_steps, amp_dtype(device, args.amp))
+    dtype = amp_dtype(device, args)
+    if args.compile:
+        timed = {name: compile_for_inference(module, images, dtype) for name, module in timed.items()}
+    throughput = measure_throughput(timed, images, args.bench_warmup, args.bench_steps, dtype)
     figures = dict(throughput=throughput["model"], gflops=gflops, analytic_gflops=analytic,
                    gmacs_thop=count_gmacs_thop(model, input_shape, device),
                    params_m=sum(p.numel() for p in model.parameters()) / 1e6)
@@ -705,20 +763,31 @@ def visualize(args: argparse.Namespace, model: VisionTransformer, splits: data.S
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
-    """Train (or evaluate, or benchmark) as ``args`` say; returns what is written to results.json."""
+    """Train (or evaluate, or benchmark) as ``args`` say; returns what is written to results.json.
+
+    Under torchrun every process calls it: rank 0 prints, measures and writes the files; the other
+    ranks return the same accuracies with the measured fields None.
+    """
     args = argparse.Namespace(**vars(args))
+    processes = distributed.from_environment()
+    with contextlib.ExitStack() as stack:
+        if not processes.is_main:  # one log, from rank 0
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+        resume = load_resume(args, processes) if args.resume else None
+        check_options(args)
+        device = resolve_device(args.device, processes)
+        check_amp(args, device)
+        if distributed.setup(processes, device):
+            stack.callback(distributed.teardown)
+        return _run(args, processes, device, resume)
+
+
+def _run(args: argparse.Namespace, processes: Processes, device: torch.device,
+         resume: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     started = time.time()
-    resume = None
-    if args.resume:
-        resume = torch_load(args.resume, "--resume")
-        if not isinstance(resume, dict) or "model" not in resume:
-            raise CLIError(f"--resume: {args.resume} is not a checkpoint written by main.py")
-        _restore_settings(args, resume)
-    check_options(args)
-    device = resolve_device(args.device)
     training = not (args.eval_only or args.benchmark)
     args.output_dir = args.output_dir or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else "output")
-    _prepare_output_dir(args.output_dir)
+    distributed.on_main(lambda: prepare_output_dir(args.output_dir), processes)
     seed_everything(args.seed)
 
     # data before the model, so a missing dataset is reported before weights are fetched; a benchmark
@@ -736,67 +805,110 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     input_shape = (spec.in_chans, img_size, img_size)
     baseline = copy.deepcopy(model) if args.benchmark else None
     compress(model, args).to(device)
+    if training:  # disk full: said now, not after the first epoch
+        distributed.on_main(lambda: check_free_space(args.output_dir, checkpoint_bytes(model)), processes)
 
     # every setting resolved (arch, sizes, learning rate, placement), as checkpoints and config.yaml keep it
     args.img_size, args.patch_size, args.reduce_at = img_size, patch_size, get_config(model).reduce_at
     args.augment = args.augment or spec.augment
     args.lr_base = args.lr_base or spec.lr_base
-    args.lr = args.lr or args.lr_base * args.batch_size / 512
+    args.lr = args.lr or args.lr_base * args.batch_size * processes.world_size / 512  # the global batch
     settings = dict(sorted(vars(args).items()))
-    with open(os.path.join(args.output_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump({k: v for k, v in settings.items() if k not in ("config", "resume")}, f)
+    if processes.is_main:
+        write_text_atomic(yaml.safe_dump({k: v for k, v in settings.items() if k not in ("config", "resume")}),
+                          os.path.join(args.output_dir, "config.yaml"))
 
     sizes = f"{len(splits.train)} train / {len(splits.test)} test" if splits else "no images needed"
+    where = f"{processes.world_size} processes ({device.type})" if processes.enabled else str(device)
     print(f"{args.arch}: {n_params / 1e6:.3f} M params, {img_size} px, patch {patch_size}, {len(model.blocks)} "
           f"blocks | {args.model} removing {args.reduce_token} tokens per block at {args.reduce_at} | "
-          f"{args.data_name}: {sizes} | {device}, {torch.get_num_threads()} threads")
+          f"{args.data_name}: {sizes} | {where}, {torch.get_num_threads()} threads")
 
     accuracy = best_accuracy = None
     if splits is not None:
         splits.set_transforms(img_size, args.augment)
-        loader_generator = torch.Generator().manual_seed(args.seed)
+        if processes.enabled:  # the same weights everywhere (DDP starts from rank 0's), other augmentations
+            seed_everything(args.seed + processes.rank)
+        loader_generator = torch.Generator().manual_seed(args.seed + processes.rank)
         loader_kwargs = dict(batch_size=args.batch_size, num_workers=args.num_workers,
-                             pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
-        test_loader = DataLoader(splits.test, shuffle=False, **loader_kwargs)
+                             pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
+                             worker_init_fn=ignore_stop_signals if args.num_workers > 0 else None)
+        test_sampler = ShardSampler(len(splits.test), processes.rank, processes.world_size) \
+            if processes.enabled else None
+        test_loader = DataLoader(splits.test, sampler=test_sampler, shuffle=False, **loader_kwargs)
+        eval_model = torch.compile(model) if args.compile else model
         if training:
-            train_loader = DataLoader(splits.train, shuffle=True, drop_last=len(splits.train) > args.batch_size,
-                                      generator=loader_generator, **loader_kwargs)
-            history = fit(args, model, train_loader, test_loader, loader_generator, device, resume, settings)
+            # from here on SIGINT/SIGTERM mean "stop after this step, with last.pt"; under torchrun every
+            # rank has its handler before the DDP constructor synchronises them
+            with StopSignal() as stop:
+                if processes.enabled:
+                    train_sampler = ResumableDistributedSampler(splits.train, processes.world_size, processes.rank,
+                                                                shuffle=True, seed=args.seed)
+                else:  # what DataLoader(shuffle=True, generator=...) builds, able to start an epoch part-way
+                    train_sampler = ResumableRandomSampler(splits.train, generator=loader_generator)
+                train_loader = DataLoader(splits.train, sampler=train_sampler, generator=loader_generator,
+                                          drop_last=len(train_sampler) > args.batch_size, **loader_kwargs)
+                train_model = eval_model
+                if processes.enabled:
+                    train_model = DistributedDataParallel(
+                        train_model, device_ids=[device] if device.type == "cuda" else None)
+                history = fit(args, model, train_model, eval_model, train_loader, test_loader, loader_generator,
+                              device, processes, resume, settings, stop)
             accuracy, best_accuracy = history[-1]["test_acc"], max(h["test_acc"] for h in history)
         elif args.eval_only:
-            accuracy = best_accuracy = evaluate(model, test_loader, device, args.amp)["test_acc"]
+            accuracy = best_accuracy = evaluate(eval_model, test_loader, device, amp_dtype(device, args),
+                                                processes)["test_acc"]
             print(f"eval: {args.model} on {args.data_name}: top-1 {accuracy:.2f}%")
 
-    figures = measure(args, model, baseline, input_shape, device)
     results: Dict[str, Any] = dict.fromkeys(RESULT_KEYS)
-    results.update({k: v for k, v in figures.items() if k in results})
     results.update(accuracy=accuracy, best_accuracy=best_accuracy, model=args.model, reduce_token=args.reduce_token,
                    arch=args.arch, data_name=args.data_name, epochs=args.epochs if training else 0, seed=args.seed,
-                   world_size=1)
+                   world_size=processes.world_size)
+    if not processes.is_main:  # rank 0 measures and writes; the others are done
+        return results
+    figures = measure(args, model, baseline, input_shape, device)
+    results.update({k: v for k, v in figures.items() if k in results})
     results_path = os.path.join(args.output_dir, "results.json")
     write_json_atomic(results, results_path)
     if args.visualize:
         print(f"visualization: {visualize(args, model, splits, device)}")
 
     ideal = f"{figures['baseline_gflops'] / figures['gflops']:.3f}x" if baseline is not None else "-"
+    amp = f", amp {amp_dtype(device, args)}".replace("torch.", "") if args.amp else ""
     print(_summary(results, {
         "reduce_at": args.reduce_at, "geometry": f"{img_size} px, patch {patch_size}, {len(model.blocks)} blocks",
         "sizes": sizes, "analytic": f"{figures['analytic_gflops']:.4g}", "ideal": ideal,
-        "bench": f"batch {args.bench_batch_size or args.batch_size}, {device.type}{', amp' if args.amp else ''}, "
-                 f"median of {args.bench_steps}",
+        "bench": f"batch {args.bench_batch_size or args.batch_size}, {device.type}{amp}"
+                 f"{', compiled' if args.compile else ''}, median of {args.bench_steps}",
         "time": f"{time.time() - started:.1f} s", "results": results_path}), flush=True)
     return results
 
 
+def _one_line(err: BaseException) -> str:
+    """The message of ``err`` as one line; an error re-raised from a DataLoader worker carries the worker's
+    traceback, of which the last line is the message."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        return re.sub(r"^[\w.]+: ", "", lines[-1].strip())
+    return " ".join(line.strip() for line in lines)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry: bad input ends as one line on stderr and exit code 2, never a traceback."""
+    """Command-line entry: bad input ends as one line on stderr and exit code 2, never a traceback;
+    a diverged run exits with 3, one stopped by SIGINT/SIGTERM (after writing last.pt) with 128 + signal."""
+    rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"
+    tag = f"[rank {rank}] " if rank != "0" else ""  # under torchrun every process reports its own error
     try:
         run(parse_args(argv))
     except (CLIError, data.DataError) as err:
-        print(f"main.py: error: {err}", file=sys.stderr)
-        return 2
+        print(f"main.py: error: {tag}{_one_line(err)}", file=sys.stderr)
+        return getattr(err, "exit_code", 2)
+    except Interrupted as err:
+        if not tag:  # every rank stops at the same step; one message is enough
+            print(f"main.py: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
-        print("main.py: interrupted", file=sys.stderr)
+        print(f"main.py: {tag}interrupted", file=sys.stderr)
         return 130
     return 0
 

@@ -169,12 +169,28 @@ def folder_split_dir(root: str, train: bool) -> str:
     return os.path.join(root, FOLDER_TEST_SPLITS[0])
 
 
+def load_image(path: str) -> Image.Image:
+    """An image file as RGB; a file that does not decode stops the run with its path (not a traceback
+    from deep inside the loader)."""
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            return image.convert("RGB")  # decodes the whole file: truncated data fails here
+    except Exception as err:
+        raise DataError(f"--data_name folder: cannot decode {path} ({_one_line(err)}); replace or delete the "
+                        f"file") from None
+
+
 def read_folder(root: str, train: bool, download: bool) -> Dataset:
     path = folder_split_dir(root, train)
     layout = "<data_root>/train/<class>/<image> and <data_root>/val/<class>/<image>"
     if not os.path.isdir(path):
         raise DataError(f"--data_name folder: {path} is not a folder; --data_root must hold {layout}")
     try:
-        return datasets.ImageFolder(path)
+        dataset = datasets.ImageFolder(path, loader=load_image)
     except (FileNotFoundError, OSError) as err:
         raise DataError(f"--data_name folder: {path}: {_one_line(err)}; --data_root must hold {layout}") from None
+    if len(dataset.classes) < 2:
+        raise DataError(f"--data_name folder: {path} has one class folder ({dataset.classes[0]}/); classification "
+                        f"needs at least two: --data_root must hold {layout}, one sub-folder per class")
+    return dataset

@@ -1,0 +1,230 @@
+"""Files of a run: safe loading of weights and checkpoints, atomic writing, random generator states,
+and the checks of ``--output_dir`` done before training starts.
+
+Nothing here unpickles arbitrary objects: ``torch.load(weights_only=True)`` accepts tensors and plain
+containers only, so a file from the internet cannot run code when it is loaded.
+"""
+import errno
+import json
+import os
+import pickle
+import random
+import shutil
+from typing import Any, Dict, Iterable, List
+
+import numpy as np
+import torch
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+from .errors import CLIError
+
+# What --resume needs from a checkpoint (main.py's training writes all of them).
+RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_accuracy", "history", "rng", "settings")
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def torch_load(path: str, option: str) -> Any:
+    """``torch.load`` of tensors and plain containers only (nothing in the file can run code)."""
+    if not os.path.isfile(path):
+        raise CLIError(f"{option}: {path} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CLIError(f"{option}: {path} holds more than tensors and plain data, so it is not loaded "
+                       f"(safe loading: {first_line(err)[:200]}); save its state_dict() instead") from None
+    except Exception as err:
+        raise CLIError(f"{option}: {path} cannot be read, it is damaged or not a PyTorch file "
+                       f"({first_line(err)[:200]})") from None
+
+
+def read_resume(path: str) -> Dict[str, Any]:
+    """A checkpoint that ``--resume`` can continue: a main.py training checkpoint, complete."""
+    checkpoint = torch_load(path, "--resume")
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise CLIError(f"--resume: {path} is not a checkpoint written by main.py; to start from its weights use "
+                       f"--checkpoint {path}")
+    missing = [key for key in RESUME_KEYS if key not in checkpoint]
+    if missing:
+        raise CLIError(f"--resume: {path} lacks {', '.join(missing)}, so the run cannot continue exactly; start "
+                       f"from its weights with --checkpoint {path} instead")
+    return checkpoint
+
+
+def load_weights(model: VisionTransformer, path: str, new_head_ok: bool = True) -> List[str]:
+    """Load a timm .pth/.safetensors file or a main.py checkpoint into ``model``.
+
+    Returns the keys left out: a classifier head of another size (another number of classes), which
+    is only allowed when ``new_head_ok`` (the head is then trained from scratch).
+    """
+    if path.endswith(".safetensors"):
+        if not os.path.isfile(path):
+            raise CLIError(f"--checkpoint: {path} not found")
+        from safetensors.torch import load_file
+        try:
+            state = load_file(path)
+        except Exception as err:
+            raise CLIError(f"--checkpoint: {path} cannot be read, it is damaged or not a safetensors file "
+                           f"({first_line(err)[:200]})") from None
+    else:
+        state = torch_load(path, "--checkpoint")
+    for key in ("model", "state_dict", "model_ema"):  # main.py / DeiT / other training scripts
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CLIError(f"--checkpoint: {path} holds no state_dict of tensors")
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    try:
+        state = checkpoint_filter_fn(state, model)  # timm: resamples position and patch embeddings to this model
+    except Exception as err:
+        raise CLIError(f"--checkpoint: {path} does not fit --arch {model.default_cfg.get('architecture', '')} "
+                       f"({first_line(err)[:200]}); use the --arch, --img_size and --patch_size it was "
+                       f"trained with") from None
+    own = model.state_dict()
+    left_out = [k for k in ("head.weight", "head.bias") if k in state and k in own and state[k].shape != own[k].shape]
+    if left_out and not new_head_ok:
+        raise CLIError(f"--checkpoint: {path} has a classifier head for {state['head.weight'].shape[0]} classes, "
+                       f"the dataset has {own['head.weight'].shape[0]}; evaluating needs the head trained on "
+                       f"this dataset: choose the matching --data_name, or fine-tune first (drop --eval_only)")
+    for key in left_out:
+        del state[key]
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:300]
+        raise CLIError(f"--checkpoint: {path} does not fit --arch {model.default_cfg.get('architecture', '')} "
+                       f"({detail}); use the --arch, --img_size and --patch_size it was trained with") from None
+    missing = [k for k in missing if k not in left_out]
+    if missing or unexpected:
+        raise CLIError(f"--checkpoint: {path} does not fit this model (missing {missing[:3]}, unexpected "
+                       f"{unexpected[:3]}); use the --arch, --img_size and --patch_size it was trained with")
+    return left_out
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+def _write_failed(path: str, err: OSError) -> CLIError:
+    full = " (the disk is full)" if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return CLIError(f"--output_dir: could not write {path}{full} ({err.strerror or err}); the previous "
+                    f"{os.path.basename(path)} is kept; free space or choose another --output_dir (continue with "
+                    f"--resume {os.path.join(os.path.dirname(path), 'last.pt')} if it exists)")
+
+
+def save_atomic(obj: Any, path: str) -> None:
+    """torch.save to a temporary file, then rename: a crash, a full disk or a second Ctrl-C never
+    leaves a half-written ``path`` (the previous file stays until the new one is complete)."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(err, OSError):
+            raise _write_failed(path, err) from None
+        raise
+
+
+def write_text_atomic(text: str, path: str) -> None:
+    """Write ``text`` to a temporary file, then rename; a failure is one line naming --output_dir."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise _write_failed(path, err) from None
+
+
+def write_json_atomic(obj: Any, path: str) -> None:
+    write_text_atomic(json.dumps(obj, indent=2) + "\n", path)
+
+
+def append_line(text: str, path: str) -> None:
+    """Append one line (a log record); a failure is one line naming --output_dir."""
+    try:
+        with open(path, "a") as f:
+            f.write(text + "\n")
+    except OSError as err:
+        raise _write_failed(path, err) from None
+
+
+def prepare_output_dir(path: str) -> None:
+    """Create ``path`` and check that a file can be written there (before any data or weights are read)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test.{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise CLIError(f"--output_dir: cannot write to {path} ({err.strerror or err}); choose another folder") \
+            from None
+
+
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """About the size of one training checkpoint: the weights and AdamW's two moments, plus some margin."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return 3 * weights + (1 << 20)
+
+
+def _megabytes(n: float) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def check_free_space(path: str, one_checkpoint: int, replaced: Iterable[str] = ("last.pt", "best.pt")) -> None:
+    """Refuse to train when ``path`` cannot hold ``last.pt``, ``best.pt`` and the temporary copy written
+    while one of them is replaced (files there that will be replaced count as free)."""
+    reusable = sum(os.path.getsize(os.path.join(path, name)) for name in replaced
+                   if os.path.isfile(os.path.join(path, name)))
+    need = 3 * one_checkpoint - reusable
+    free = shutil.disk_usage(path).free
+    if free < need:
+        raise CLIError(f"--output_dir: {path} has {_megabytes(free)} free, the checkpoints need about "
+                       f"{_megabytes(need)} (last.pt, best.pt and a temporary copy); free space or choose "
+                       f"another --output_dir")
+
+
+# ----------------------------------------------------------------------------------------------
+# random generators
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_states(loader_generator: torch.Generator) -> Dict[str, Any]:
+    """Every random number generator a run draws from, as tensors and plain data."""
+    np_state = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": [version, list(internal), gauss],
+        "loader": loader_generator.get_state(),
+    }
+
+
+def set_rng_states(states: Dict[str, Any], loader_generator: torch.Generator) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    n = states["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    loader_generator.set_state(states["loader"])

@@ -1,0 +1,57 @@
+"""A loss that becomes NaN or inf stops the run with one line naming the epoch, the step and the options
+likely responsible, and leaves the last good checkpoint as it was."""
+import math
+
+import pytest
+import torch
+
+import data
+import main
+
+TINY = ["--epochs", "2", "--train_subset", "64", "--test_subset", "40", "--batch_size", "16",
+        "--bench_steps", "1", "--bench_warmup", "0"]
+
+
+def diverges(capsys, *argv) -> str:
+    """main()'s one stderr line, after checking exit code 3 and the absence of a traceback."""
+    code = main.main(list(argv))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 3 and len(lines) == 1 and lines[0].startswith("main.py: error: training diverged"), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_bad_loss_in_epoch_2_keeps_epoch_1(capsys, tmp_path, monkeypatch, bad):
+    out = tmp_path / "out"
+    main.run(main.parse_args([*TINY, "--epochs", "1", "--output_dir", str(out / "epoch1")]))
+    epoch1 = torch.load(out / "epoch1" / "last.pt", weights_only=True)["model"]
+
+    reads = []
+    real = data.Digits.__getitem__
+
+    def getitem(self, index):  # a corrupt image (NaN or inf pixels) in epoch 2's third batch
+        image, label = real(self, index)
+        reads.append(index)
+        return (torch.full_like(image, bad) if len(reads) == 64 + 40 + 33 else image), label
+
+    monkeypatch.setattr(data.Digits, "__getitem__", getitem)
+    line = diverges(capsys, *TINY, "--output_dir", str(out))
+    assert "the loss is nan at step 3 of 4 in epoch 2/2" in line  # an inf pixel makes NaN too (inf - inf)
+    assert "last.pt is left as it was" in line and "--lr" in line and "--amp" not in line
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert last["epoch"] == 1 and not (out / "results.json").exists()
+    for name, tensor in last["model"].items():  # the good state after epoch 1, the same as a one-epoch run's
+        assert torch.equal(tensor, epoch1[name]), name
+
+
+def test_a_learning_rate_that_diverges(capsys, tmp_path):
+    line = diverges(capsys, *TINY, "--lr", "1000", "--warmup_epochs", "0", "--output_dir", str(tmp_path))
+    assert "epoch 1/2" in line and "no checkpoint was written yet" in line and "--lr (now 1e+03)" in line
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_amp_is_named_when_on(capsys, tmp_path):
+    line = diverges(capsys, *TINY, "--lr", "1000", "--warmup_epochs", "0", "--amp", "--output_dir", str(tmp_path))
+    assert "--lr" in line and "drop --amp" in line
