@@ -1,0 +1,299 @@
+"""tools/sweep.py: resume, summary arithmetic, plot, the commands it plans, and one tiny real sweep."""
+import csv
+import math
+import os
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import yaml
+
+from tools import sweep
+
+METHODS = ["none", "tk", "tk_n"]
+LEVELS = [{"name": "light", "reduce_token": 1}, {"name": "heavy", "reduce_token": 3}]
+
+
+def write_config(tmp_path: Path, **overrides) -> str:
+    config = {
+        "out_dir": str(tmp_path / "out"), "work_dir": str(tmp_path / "work"), "seeds": [0, 1],
+        "methods": METHODS, "levels": LEVELS, "protocols": ["offtheshelf", "finetune"],
+        "main_args": {"data_name": "digits"}, "baseline_args": {"epochs": 2}, "finetune_args": {"epochs": 1},
+        "offtheshelf_args": {"benchmark": True},
+    }
+    config.update(overrides)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+class FakeMain:
+    """Stands in for main.run: records each argv, writes the checkpoint a baseline leaves, returns
+    made-up results that depend on the method, reduce_token and seed."""
+
+    def __init__(self, fail_on: str = "", interrupt_after: int = -1):
+        self.calls: List[List[str]] = []
+        self.fail_on = fail_on
+        self.interrupt_after = interrupt_after
+
+    def __call__(self, argv: List[str]) -> Dict[str, float]:
+        if len(self.calls) == self.interrupt_after:
+            raise KeyboardInterrupt
+        self.calls.append(argv)
+        command = " ".join(argv)
+        if self.fail_on and self.fail_on in command:
+            raise ValueError("made-up failure")
+        out = Path(argv[argv.index("--output_dir") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "last.pt").write_text("weights")
+        k = int(argv[argv.index("--reduce_token") + 1])
+        seed = int(argv[argv.index("--seed") + 1])
+        results = {"accuracy": 90.0 - k - 0.5 * seed + (0.25 if "tk_n" in argv else 0.0),
+                   "best_accuracy": 90.0, "gflops": 0.01 * (10 - k), "throughput": 1000.0 + 100 * k,
+                   "gmacs_thop": 0.004, "params_m": 0.3}
+        if "--benchmark" in argv:
+            results["speedup"] = 1.0 + 0.1 * k
+        return results
+
+
+@pytest.fixture
+def no_plot(monkeypatch):
+    """The resume tests need runs.csv only: skip drawing pareto.png (slow) there."""
+    monkeypatch.setattr(sweep, "plot_pareto", lambda rows, path, levels: None)
+
+
+def run_sweep(config_path: str, fake: FakeMain, *extra: str) -> int:
+    return sweep.main(["--config", config_path, *extra], run_fn=fake, schedule=lambda method, level: level.reduce_token)
+
+
+def read_csv(path: Path) -> List[Dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# 2 seeds x (baseline + 2 protocols x (none + 2 methods x 2 levels))
+PLANNED = 2 * (1 + 2 * (1 + 2 * 2))
+
+
+# --- resume ---------------------------------------------------------------------------------------
+
+def test_a_finished_sweep_runs_nothing_again(tmp_path, no_plot):
+    config = write_config(tmp_path)
+    first = FakeMain()
+    assert run_sweep(config, first) == 0
+    rows = read_csv(tmp_path / "out" / "runs.csv")
+    assert len(first.calls) == len(rows) == PLANNED
+    assert len({sweep.row_key(r) for r in rows}) == PLANNED
+
+    again = FakeMain()
+    assert run_sweep(config, again) == 0
+    assert again.calls == []
+    assert read_csv(tmp_path / "out" / "runs.csv") == rows
+
+
+def test_an_interrupted_sweep_continues_where_it_stopped(tmp_path, no_plot):
+    config = write_config(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(config, FakeMain(interrupt_after=7))
+    saved = read_csv(tmp_path / "out" / "runs.csv")
+    assert len(saved) == 7
+
+    rest = FakeMain()
+    assert run_sweep(config, rest) == 0
+    rows = read_csv(tmp_path / "out" / "runs.csv")
+    assert len(rest.calls) == PLANNED - 7
+    assert rows[:7] == saved  # rows already there are kept as they were
+    assert len({sweep.row_key(r) for r in rows}) == len(rows) == PLANNED
+    done_before = {r["command"] for r in saved}
+    assert not any("python main.py " + " ".join(argv) in done_before for argv in rest.calls)
+
+
+def test_rows_present_are_skipped_and_missing_ones_run(tmp_path, no_plot):
+    config = write_config(tmp_path)
+    run_sweep(config, FakeMain())
+    csv_path = tmp_path / "out" / "runs.csv"
+    rows = read_csv(csv_path)
+    dropped = [r for r in rows if r["protocol"] == "finetune" and r["method"] == "tk_n"]
+    sweep.write_rows(csv_path, [r for r in rows if r not in dropped])
+
+    fake = FakeMain()
+    run_sweep(config, fake)
+    assert len(fake.calls) == len(dropped) == 4
+    assert all(argv[argv.index("--model") + 1] == "tk_n" and "--eval_only" not in argv for argv in fake.calls)
+    assert len(read_csv(csv_path)) == PLANNED
+
+
+def test_a_lost_baseline_checkpoint_is_retrained_once(tmp_path, no_plot):
+    config = write_config(tmp_path)
+    run_sweep(config, FakeMain())
+    csv_path = tmp_path / "out" / "runs.csv"
+    rows = read_csv(csv_path)
+    sweep.write_rows(csv_path, [r for r in rows if not (r["protocol"] == "finetune" and r["seed"] == "1")])
+    os.remove(tmp_path / "work" / "baseline" / "seed1" / "last.pt")
+
+    fake = FakeMain()
+    run_sweep(config, fake)
+    assert [argv[argv.index("--model") + 1] for argv in fake.calls][0] == "none"
+    assert "--checkpoint" not in fake.calls[0]  # the baseline of seed 1, trained again
+    assert len(fake.calls) == 1 + 5
+    rows = read_csv(csv_path)
+    assert len(rows) == PLANNED
+    assert sum(r["protocol"] == "baseline" for r in rows) == 2
+
+
+def test_a_failed_run_is_left_out_and_retried(tmp_path, no_plot):
+    config = write_config(tmp_path)
+    assert run_sweep(config, FakeMain(fail_on="--model tk --reduce_token 3 --seed 0")) == 1
+    rows = read_csv(tmp_path / "out" / "runs.csv")
+    assert len(rows) == PLANNED - 2  # the offtheshelf and finetune runs of tk heavy, seed 0
+
+    retry = FakeMain()
+    assert run_sweep(config, retry) == 0
+    assert len(retry.calls) == 2
+    assert len(read_csv(tmp_path / "out" / "runs.csv")) == PLANNED
+
+
+# --- summary arithmetic -----------------------------------------------------------------------------
+
+def row(protocol, method, level, reduce_token, seed, accuracy, gflops=0.02, throughput=1000.0, speedup=""):
+    return {"protocol": protocol, "method": method, "level": level, "reduce_token": str(reduce_token),
+            "seed": str(seed), "accuracy": str(accuracy), "gflops": str(gflops), "throughput": str(throughput),
+            "speedup": str(speedup), "command": "python main.py"}
+
+
+HAND_ROWS = [
+    row("baseline", "none", "-", 0, 0, 90.0, gflops=0.03, throughput=900),
+    row("baseline", "none", "-", 0, 1, 91.0, gflops=0.03, throughput=1000),
+    row("baseline", "none", "-", 0, 2, 92.0, gflops=0.03, throughput=1100),
+    row("finetune", "tk", "light", 2, 0, 80.0, speedup=1.1),
+    row("finetune", "tk", "light", 2, 1, 82.0, speedup=1.2),
+    row("finetune", "tk", "light", 2, 2, 87.0, speedup=1.3),
+    row("finetune", "tk_n", "light", 2, 0, 81.0),
+    row("finetune", "tk_n", "light", 2, 1, 85.0),
+    row("finetune", "tk_n", "light", 2, 2, 86.0),
+    row("offtheshelf", "tk_n", "light", 2, 0, 70.0),
+]
+
+
+def test_mean_and_sample_std():
+    mean, std = sweep.mean_std([80.0, 82.0, 87.0])
+    assert mean == pytest.approx(83.0)
+    assert std == pytest.approx(math.sqrt((9 + 1 + 16) / 2))  # 3.6056: n - 1 in the denominator
+    assert math.isnan(sweep.mean_std([70.0])[1])
+
+
+def test_summary_table_shows_mean_and_std_over_seeds(tmp_path):
+    path = tmp_path / "summary.md"
+    sweep.write_summary(HAND_ROWS, path, ["light"], [("tk_n", "tk")])
+    text = path.read_text()
+    assert "| baseline | none | - | 0 | 91.00 ± 1.00 | 0.0300 ± 0.0000 | 1000 ± 100 | – | 3 |" in text
+    assert "| finetune | tk | light | 2 | 83.00 ± 3.61 | 0.0200 ± 0.0000 | 1000 ± 0 | 1.20 ± 0.10 | 3 |" in text
+    assert "| finetune | tk_n | light | 2 | 84.00 ± 2.65 |" in text  # 81, 85, 86: std sqrt(7)
+    assert "| offtheshelf | tk_n | light | 2 | 70.00 |" in text  # one seed: no spread
+    # paired by seed: 81-80, 85-82, 86-87 = 1, 3, -1: mean 1, std 2; tk_n ahead in 2 of 3
+    assert "| finetune | light | tk_n − tk | 1.00 ± 2.00 | 0.9 | 2/3 seeds |" in text  # t = 1 / (2 / sqrt 3)
+    lines = text.splitlines()
+    assert lines.index(next(l for l in lines if l.startswith("| baseline"))) < \
+        lines.index(next(l for l in lines if l.startswith("| offtheshelf")))
+
+
+def test_finetune_speedup_comes_from_the_same_schedule_off_the_shelf(tmp_path, no_plot):
+    run_sweep(write_config(tmp_path, seeds=[0]), FakeMain())
+    rows = read_csv(tmp_path / "out" / "runs.csv")
+    pick = {(r["protocol"], r["method"], r["level"]): r for r in rows}
+    assert float(pick["offtheshelf", "tk", "heavy"]["speedup"]) == pytest.approx(1.3)  # main.py --benchmark's own
+    assert pick["finetune", "tk", "heavy"]["speedup"] == pick["offtheshelf", "tk", "heavy"]["speedup"]
+    assert pick["baseline", "none", "-"]["speedup"] == ""
+
+
+def test_finetune_speedup_without_off_the_shelf_runs_is_over_the_baseline(tmp_path, no_plot):
+    run_sweep(write_config(tmp_path, seeds=[0], protocols=["finetune"]), FakeMain())
+    rows = read_csv(tmp_path / "out" / "runs.csv")
+    heavy = next(r for r in rows if r["method"] == "tk" and r["level"] == "heavy")
+    assert float(heavy["speedup"]) == pytest.approx(1300.0 / 1000.0)  # fake throughput 1000 + 100 k
+
+
+# --- plot ---------------------------------------------------------------------------------------------
+
+def test_pareto_plot_is_written(tmp_path):
+    path = tmp_path / "pareto.png"
+    sweep.plot_pareto(HAND_ROWS, path, ["light"])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.stat().st_size > 10_000
+
+
+def test_sweep_writes_all_three_files(tmp_path):
+    run_sweep(write_config(tmp_path, seeds=[0]), FakeMain())
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {"runs.csv", "summary.md", "pareto.png"}
+
+
+# --- the plan -----------------------------------------------------------------------------------------
+
+def test_planned_commands_are_main_py_command_lines(tmp_path):
+    import main
+
+    config = sweep.load_config(write_config(tmp_path, seeds=[3]), {})
+    plan = sweep.plan_runs(config, lambda method, level: level.reduce_token)
+    assert [s.protocol for s in plan[:1]] == ["baseline"]
+    for spec in plan:
+        assert spec.command.startswith("python main.py ")
+        args = main.parse_args(list(spec.argv))
+        assert (args.model, args.seed, args.output_dir) == (spec.method, 3, spec.argv[-1])
+        assert args.eval_only == (spec.protocol == "offtheshelf")
+        assert args.benchmark == (spec.protocol == "offtheshelf")
+        if spec.protocol != "offtheshelf":
+            assert args.epochs == {"baseline": 2, "finetune": 1}[spec.protocol]
+        checkpoint = str(tmp_path / "work" / "baseline" / "seed3" / "last.pt")
+        assert args.checkpoint == (None if spec.protocol == "baseline" else checkpoint)
+
+
+def test_levels_keep_rate_and_matched_flops():
+    import copy
+
+    import timm
+
+    import pruning.models  # noqa: F401  (registers the small ViTs)
+    from pruning.flops import analytic_flops
+    from pruning.patch import apply_patch
+    from pruning.schedules import keep_rate_schedule
+
+    model = timm.create_model("vit_pico_patch4_28", num_classes=10)
+    resolver = sweep.LevelResolver(model)
+    assert resolver.schedule("tk", sweep.Level("k", reduce_token=[0, 1, 2, 3, 4, 5])) == [0, 1, 2, 3, 4, 5]
+    keep = sweep.Level.from_dict({"name": "r70", "keep_rate": 0.7, "at_blocks": [1, 3]})
+    assert resolver.schedule("evit", keep) == keep_rate_schedule(50, 6, 0.7, [1, 3])
+    matched = sweep.Level.from_dict({"name": "f70", "flops_ratio": 0.7})
+    base = analytic_flops(model)
+    for method in ("tk_n", "evit", "tome"):
+        schedule = resolver.schedule(method, matched)
+        patched = apply_patch(copy.deepcopy(model), method, schedule)
+        assert analytic_flops(patched) / base == pytest.approx(0.7, abs=0.02)
+    assert sweep.format_reduce_token([0, 12, 3]) == "0,12,3"
+
+
+def test_a_level_needs_exactly_one_mode():
+    with pytest.raises(ValueError, match="levels"):
+        sweep.Level.from_dict({"name": "x", "reduce_token": 2, "keep_rate": 0.5})
+    with pytest.raises(ValueError, match="at_blocks"):
+        sweep.Level.from_dict({"name": "x", "keep_rate": 0.5})
+
+
+# --- one tiny real sweep --------------------------------------------------------------------------------
+
+def test_tiny_real_sweep_on_digits(tmp_path):
+    config = write_config(
+        tmp_path, seeds=[0], methods=["none", "tk_n"], levels=[{"name": "k2", "reduce_token": 2}],
+        main_args={"data_name": "digits", "train_subset": 256, "test_subset": 128, "batch_size": 64,
+                   "bench_warmup": 0, "bench_steps": 1},
+        baseline_args={"epochs": 1}, finetune_args={"epochs": 1}, offtheshelf_args={"benchmark": True})
+    assert sweep.main(["--config", config]) == 0
+    rows = read_csv(tmp_path / "out" / "runs.csv")
+    assert [(r["protocol"], r["method"]) for r in rows] == [
+        ("baseline", "none"), ("offtheshelf", "none"), ("offtheshelf", "tk_n"), ("finetune", "none"),
+        ("finetune", "tk_n")]
+    by = {(r["protocol"], r["method"]): r for r in rows}
+    # evaluating the baseline without compression gives the baseline's own accuracy
+    assert float(by["offtheshelf", "none"]["accuracy"]) == pytest.approx(float(by["baseline", "none"]["accuracy"]))
+    assert float(by["offtheshelf", "tk_n"]["gflops"]) < float(by["baseline", "none"]["gflops"])
+    assert all(r["speedup"] for r in rows if r["protocol"] != "baseline")
+    assert (tmp_path / "out" / "pareto.png").exists()

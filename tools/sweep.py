@@ -1,0 +1,680 @@
+"""Sweep: compression methods × reduction levels × seeds through main.py, resumable.
+
+    python tools/sweep.py --config configs/sweep_fashionmnist.yaml
+
+For every seed the baseline (method ``none``) is trained first; its checkpoint is then
+- ``offtheshelf``: evaluated with each method and level, no training (``main.py --eval_only``), and
+- ``finetune``: trained further with each method and level in the loop.
+Each finished run becomes one row of ``<out_dir>/runs.csv`` (with the ``python main.py ...`` command
+that reproduces it); rows already there are skipped, so an interrupted sweep continues where it
+stopped. At the end ``summary.md`` (mean ± std over seeds) and ``pareto.png`` are rebuilt from
+runs.csv. Runs call ``main.run(main.parse_args(argv))`` in this process.
+
+A level says how many tokens each block removes, in one of three ways (YAML ``levels`` entries):
+- ``{name: light, reduce_token: 2}`` (or a list with one value per block): the same for every method;
+- ``{name: r70, keep_rate: 0.7, at_blocks: [3, 6, 9]}``: EViT-style, keep 70% of the patch tokens at
+  those blocks;
+- ``{name: f60, flops_ratio: 0.6}``: matched FLOPs, a per-method schedule landing at 60% of the
+  baseline's analytic FLOPs.
+"""
+import argparse
+import csv
+import math
+import os
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # ``python tools/sweep.py`` puts tools/ first on the path, not the repo
+    sys.path.insert(0, str(ROOT))
+
+from pruning import METHOD_NAMES  # noqa: E402
+
+PROTOCOLS = ("offtheshelf", "finetune")
+BASELINE = "baseline"
+NO_LEVEL = "-"  # the level of rows that compress nothing (the baseline, method none)
+CHECKPOINT_NAME = "last.pt"  # the baseline weights reused by the other protocols (not best.pt: no test-set choice)
+
+FIELDS = ("protocol", "method", "level", "reduce_token", "seed", "accuracy", "best_accuracy", "gflops",
+          "gmacs_thop", "throughput", "speedup", "params_m", "seconds", "command")
+KEY_FIELDS = ("protocol", "method", "level", "reduce_token", "seed")
+
+Results = Dict[str, Any]
+RunFn = Callable[[List[str]], Results]
+Schedule = Union[int, List[int]]
+Key = Tuple[str, ...]
+Options = Union[Dict[str, Any], List[str]]  # main.py options: {epochs: 3} or ["--epochs", "3"]
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+
+@dataclass(frozen=True)
+class Level:
+    """One reduction level; exactly one of ``reduce_token``, ``keep_rate`` or ``flops_ratio`` is set."""
+    name: str
+    reduce_token: Optional[Schedule] = None
+    keep_rate: Optional[float] = None
+    at_blocks: Tuple[int, ...] = ()
+    flops_ratio: Optional[float] = None
+
+    @classmethod
+    def from_dict(cls, entry: Dict[str, Any]) -> "Level":
+        modes = [m for m in ("reduce_token", "keep_rate", "flops_ratio") if entry.get(m) is not None]
+        if "name" not in entry or len(modes) != 1:
+            raise ValueError(f"levels: each entry needs a name and exactly one of reduce_token, keep_rate, "
+                             f"flops_ratio; got {entry}")
+        if "keep_rate" in modes and not entry.get("at_blocks"):
+            raise ValueError(f"levels: {entry['name']}: keep_rate needs at_blocks (the blocks that reduce)")
+        return cls(name=str(entry["name"]), reduce_token=entry.get("reduce_token"), keep_rate=entry.get("keep_rate"),
+                   at_blocks=tuple(entry.get("at_blocks") or ()), flops_ratio=entry.get("flops_ratio"))
+
+
+@dataclass
+class SweepConfig:
+    """What to run and where to write it."""
+    out_dir: Path
+    work_dir: Path  # run folders and checkpoints (not results)
+    seeds: List[int]
+    methods: List[str]
+    levels: List[Level]
+    protocols: List[str] = field(default_factory=lambda: list(PROTOCOLS))
+    main_args: Options = field(default_factory=dict)  # main.py options for every run
+    baseline_args: Options = field(default_factory=dict)  # ... for training the baseline (they win over main_args)
+    finetune_args: Options = field(default_factory=dict)  # ... for the finetune protocol
+    offtheshelf_args: Options = field(default_factory=dict)  # ... for the off-the-shelf protocol
+    compare: List[Tuple[str, str]] = field(default_factory=lambda: [("tk_n", "tk")])  # paired differences
+    threads: Optional[int] = None  # torch CPU threads (None: torch's default)
+
+    @property
+    def runs_csv(self) -> Path:
+        return self.out_dir / "runs.csv"
+
+
+def merge_options(*layers: Options) -> List[str]:
+    """main.py argv from option layers, later ones winning: mappings are merged key by key (so a
+    protocol's ``epochs`` replaces the common one), lists are appended (argparse keeps the last)."""
+    if all(isinstance(layer, dict) for layer in layers):
+        merged: Dict[str, Any] = {}
+        for layer in layers:
+            merged.update(layer)
+        return options_to_argv(merged)
+    return [token for layer in layers for token in options_to_argv(layer)]
+
+
+def options_to_argv(options: Optional[Options]) -> List[str]:
+    """main.py options from YAML: a list is taken as is; a mapping ``{epochs: 3, amp: true}`` becomes
+    ``--epochs 3 --amp`` (false/None are left out, lists are comma-joined)."""
+    if not options:
+        return []
+    if not isinstance(options, dict):
+        return [str(o) for o in options]
+    argv: List[str] = []
+    for name, value in options.items():
+        if value is None or value is False:
+            continue
+        argv.append(f"--{name}")
+        if value is not True:
+            argv.append(",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value))
+    return argv
+
+
+def load_config(path: Optional[str], overrides: Dict[str, Any]) -> SweepConfig:
+    """The YAML file at ``path`` (if any) with ``overrides`` (command-line values) on top."""
+    raw: Dict[str, Any] = {}
+    if path:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    for required in ("out_dir", "levels"):
+        if not raw.get(required):
+            raise ValueError(f"{required}: missing; give it in the --config YAML or on the command line")
+    out_dir = Path(raw["out_dir"])
+    methods = list(raw.get("methods") or METHOD_NAMES)
+    unknown = [m for m in methods if m not in METHOD_NAMES]
+    if unknown:
+        raise ValueError(f"methods: unknown {unknown}; choose from {', '.join(METHOD_NAMES)}")
+    protocols = list(raw.get("protocols") or PROTOCOLS)
+    if any(p not in PROTOCOLS for p in protocols):
+        raise ValueError(f"protocols: choose from {', '.join(PROTOCOLS)}, got {protocols}")
+    return SweepConfig(
+        out_dir=out_dir, work_dir=Path(raw.get("work_dir") or out_dir / "runs"),
+        seeds=[int(s) for s in raw.get("seeds", [0])], methods=methods,
+        levels=[Level.from_dict(entry) for entry in raw["levels"]], protocols=protocols,
+        main_args=raw.get("main_args") or {}, baseline_args=raw.get("baseline_args") or {},
+        finetune_args=raw.get("finetune_args") or {}, offtheshelf_args=raw.get("offtheshelf_args") or {},
+        compare=[tuple(pair) for pair in raw.get("compare", [("tk_n", "tk")])],
+        threads=raw.get("threads"))
+
+
+# ----------------------------------------------------------------------------------------------
+# levels -> per-block reduce_token
+
+class LevelResolver:
+    """Turns a :class:`Level` into main.py's ``--reduce_token`` for one method, for one model shape."""
+
+    def __init__(self, model, reduce_at: Optional[str] = None):
+        self.model = model
+        self.reduce_at = reduce_at  # None: each method's own placement, as main.py does
+        self.depth = len(model.blocks)
+        self.num_prefix = model.num_prefix_tokens
+        self.num_tokens = math.prod(model.patch_embed.grid_size) + self.num_prefix
+
+    def schedule(self, method: str, level: Level) -> Schedule:
+        from pruning import schedules
+        from pruning.flops import analytic_flops
+
+        if level.reduce_token is not None:
+            return level.reduce_token
+        if level.keep_rate is not None:
+            return schedules.keep_rate_schedule(self.num_tokens, self.depth, level.keep_rate, level.at_blocks,
+                                                num_prefix=self.num_prefix)
+        if not hasattr(schedules, "matched_flops_schedule"):
+            raise RuntimeError("levels: flops_ratio needs pruning.schedules.matched_flops_schedule, "
+                               "which this version of the library does not have")
+        target = level.flops_ratio * analytic_flops(self.model)  # the unpatched model's FLOPs
+        return schedules.matched_flops_schedule(self.model, method, target, reduce_at=self.reduce_at)
+
+
+def format_reduce_token(schedule: Schedule) -> str:
+    """``--reduce_token`` text: ``4`` or ``0,0,12,0,8,0``."""
+    if isinstance(schedule, int):
+        return str(schedule)
+    return ",".join(str(int(k)) for k in schedule)
+
+
+def reference_resolver(main_args: Options) -> LevelResolver:
+    """A resolver for the model the runs will build (only its shape matters), from main.py's settings."""
+    import data
+    import main
+
+    args = main.parse_args(merge_options(main_args))
+    spec = data.DATASETS[args.data_name]
+    args.arch = args.arch or spec.arch
+    model = main.create_model(args, spec.num_classes or 1000, spec.in_chans, pretrained=False)
+    return LevelResolver(model, reduce_at=args.reduce_at)
+
+
+# ----------------------------------------------------------------------------------------------
+# the plan: one RunSpec per row of runs.csv
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of main.py and the row it becomes."""
+    protocol: str
+    method: str
+    level: str
+    reduce_token: str
+    seed: int
+    argv: Tuple[str, ...]
+    needs: Optional[str] = None  # the checkpoint this run starts from
+
+    @property
+    def key(self) -> Key:
+        return (self.protocol, self.method, self.level, self.reduce_token, str(self.seed))
+
+    @property
+    def command(self) -> str:
+        return "python main.py " + shlex.join(self.argv)
+
+
+def baseline_dir(config: SweepConfig, seed: int) -> Path:
+    return config.work_dir / BASELINE / f"seed{seed}"
+
+
+def baseline_checkpoint(config: SweepConfig, seed: int) -> str:
+    return str(baseline_dir(config, seed) / CHECKPOINT_NAME)
+
+
+def baseline_checkpoint_of(spec: RunSpec) -> str:
+    """The checkpoint a baseline run writes (in its --output_dir)."""
+    return str(Path(spec.argv[spec.argv.index("--output_dir") + 1]) / CHECKPOINT_NAME)
+
+
+def _spec(config: SweepConfig, protocol: str, method: str, level: str, reduce_token: str, seed: int) -> RunSpec:
+    """The argv of one run: common options, the protocol's options, then what this run varies."""
+    needs = None if protocol == BASELINE else baseline_checkpoint(config, seed)
+    if protocol == BASELINE:
+        options, out = config.baseline_args, baseline_dir(config, seed)
+    else:
+        options = config.finetune_args if protocol == "finetune" else config.offtheshelf_args
+        out = config.work_dir / protocol / (method if level == NO_LEVEL else f"{method}-{level}") / f"seed{seed}"
+    argv = merge_options(config.main_args, options)
+    if needs:
+        argv += ["--checkpoint", needs] + (["--eval_only"] if protocol == "offtheshelf" else [])
+    argv += ["--model", method, "--reduce_token", reduce_token, "--seed", str(seed), "--output_dir", str(out)]
+    return RunSpec(protocol, method, level, reduce_token, seed, tuple(argv), needs)
+
+
+def plan_runs(config: SweepConfig, schedule: Callable[[str, Level], Schedule]) -> List[RunSpec]:
+    """Every run of the sweep: the baselines of all seeds first, then per protocol and seed each
+    method × level (so an interrupted sweep has whole seeds). ``schedule(method, level)`` gives the
+    per-block reduction; method ``none`` runs once per protocol and seed (level ``-``), the
+    uncompressed control.
+    """
+    plan = [_spec(config, BASELINE, "none", NO_LEVEL, "0", seed) for seed in config.seeds]
+    for protocol in config.protocols:
+        for seed in config.seeds:
+            for method in config.methods:
+                if method == "none":
+                    plan.append(_spec(config, protocol, method, NO_LEVEL, "0", seed))
+                    continue
+                for level in config.levels:
+                    reduce_token = format_reduce_token(schedule(method, level))
+                    plan.append(_spec(config, protocol, method, level.name, reduce_token, seed))
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------
+# runs.csv
+
+def read_rows(path: Path) -> List[Dict[str, str]]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_rows(path: Path, rows: Iterable[Dict[str, Any]]) -> None:
+    """Write all rows at once through a temporary file, so an interruption never leaves half a row."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def row_key(row: Dict[str, Any]) -> Key:
+    return tuple(str(row[k]) for k in KEY_FIELDS)
+
+
+def _number(value: Any, digits: int) -> Any:
+    return "" if value is None else round(float(value), digits)
+
+
+def make_row(spec: RunSpec, results: Results, seconds: float) -> Dict[str, Any]:
+    """A runs.csv row from main.run's results (``speedup`` only where main.py measured one:
+    ``--benchmark``, against the uncompressed model in the same run; see :func:`derive_speedups`)."""
+    return {
+        "protocol": spec.protocol, "method": spec.method, "level": spec.level, "reduce_token": spec.reduce_token,
+        "seed": spec.seed, "accuracy": _number(results.get("accuracy"), 3),
+        "best_accuracy": _number(results.get("best_accuracy"), 3), "gflops": _number(results.get("gflops"), 6),
+        "gmacs_thop": _number(results.get("gmacs_thop"), 6), "throughput": _number(results.get("throughput"), 1),
+        "speedup": _number(results.get("speedup"), 3), "params_m": _number(results.get("params_m"), 4),
+        "seconds": round(seconds, 1), "command": spec.command,
+    }
+
+
+def derive_speedups(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Fill ``speedup`` of the rows whose run could not measure it (training runs: main.py's
+    --benchmark does not train). Speed depends on the model's shape and token schedule, not on its
+    weights, so a finetune row takes the speedup of the off-the-shelf run with the same method,
+    level, reduce_token and seed (measured against the uncompressed model in that same run); without
+    one, its throughput over the baseline run's of its seed (measured at another time: less reliable).
+    """
+    measured = {row_key(r)[1:]: r["speedup"] for r in rows if r["protocol"] == "offtheshelf" and r["speedup"] != ""}
+    baseline = {str(r["seed"]): r["throughput"] for r in rows if r["protocol"] == BASELINE and r["throughput"] != ""}
+    filled = []
+    for row in rows:
+        row = dict(row)
+        if row["protocol"] == "finetune":
+            key, base = row_key(row)[1:], baseline.get(str(row["seed"]))
+            if key in measured:
+                row["speedup"] = measured[key]
+            elif base and row["throughput"] != "":
+                row["speedup"] = str(round(float(row["throughput"]) / float(base), 3))
+        filled.append(row)
+    return filled
+
+
+# ----------------------------------------------------------------------------------------------
+# running
+
+def run_main(argv: List[str]) -> Results:
+    """One main.py run in this process."""
+    import main
+
+    return main.run(main.parse_args(list(argv)))
+
+
+def pending_runs(plan: List[RunSpec], rows: List[Dict[str, str]]) -> List[RunSpec]:
+    """Runs not yet in runs.csv, plus any baseline whose checkpoint a pending run needs but is gone."""
+    done = {row_key(r) for r in rows}
+    todo = [spec for spec in plan if spec.key not in done]
+    missing = {spec.needs for spec in todo if spec.needs and not os.path.exists(spec.needs)}
+    retrain = [spec for spec in plan if spec.protocol == BASELINE and spec.key in done
+               and baseline_checkpoint_of(spec) in missing]
+    return [spec for spec in plan if spec in todo or spec in retrain]
+
+
+def execute(plan: List[RunSpec], runs_csv: Path, run_fn: RunFn = run_main,
+            log: Callable[[str], None] = print) -> List[RunSpec]:
+    """Run what runs.csv lacks, saving each row as soon as its run ends; returns the runs that failed.
+
+    A failed run is logged and left out of runs.csv (the next sweep retries it); runs that need a
+    checkpoint that failed to appear are skipped.
+    """
+    rows = read_rows(runs_csv)
+    todo = pending_runs(plan, rows)
+    log(f"sweep: {len(plan)} runs planned, {len(plan) - len(todo)} already in {runs_csv}, {len(todo)} to run")
+    failed: List[RunSpec] = []
+    for index, spec in enumerate(todo, 1):
+        if spec.needs and not os.path.exists(spec.needs):
+            log(f"[{index}/{len(todo)}] skipped, {spec.needs} is missing: {spec.command}")
+            failed.append(spec)
+            continue
+        log(f"[{index}/{len(todo)}] {spec.command}")
+        start = time.perf_counter()
+        try:
+            results = run_fn(list(spec.argv))
+        except (Exception, SystemExit) as err:  # main.py exits with a message on bad input
+            log(f"  failed: {type(err).__name__}: {err}")
+            failed.append(spec)
+            continue
+        row = make_row(spec, results, time.perf_counter() - start)
+        rows = derive_speedups([r for r in rows if row_key(r) != spec.key] + [row])
+        write_rows(runs_csv, rows)
+        log(f"  accuracy {row['accuracy']}  gflops {row['gflops']}  {row['seconds']} s")
+    return failed
+
+
+# ----------------------------------------------------------------------------------------------
+# summary.md
+
+@dataclass
+class Group:
+    """The rows of one (protocol, method, level) over seeds."""
+    protocol: str
+    method: str
+    level: str
+    reduce_token: str
+    accuracy: List[float]
+    gflops: List[float]
+    throughput: List[float]
+    speedup: List[float]
+
+    @property
+    def n(self) -> int:
+        return len(self.accuracy)
+
+
+def mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    """Mean and sample standard deviation (n - 1); the deviation of one value is NaN."""
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
+
+
+def _floats(rows: List[Dict[str, str]], name: str) -> List[float]:
+    return [float(r[name]) for r in rows if r.get(name) not in (None, "")]
+
+
+def group_rows(rows: List[Dict[str, str]]) -> List[Group]:
+    """Rows grouped by (protocol, method, level, reduce_token), in the order they first appear."""
+    groups: Dict[Key, List[Dict[str, str]]] = {}
+    for row in rows:
+        groups.setdefault((row["protocol"], row["method"], row["level"], row["reduce_token"]), []).append(row)
+    return [Group(*key, accuracy=_floats(members, "accuracy"), gflops=_floats(members, "gflops"),
+                  throughput=_floats(members, "throughput"), speedup=_floats(members, "speedup"))
+            for key, members in groups.items()]
+
+
+def sort_groups(groups: List[Group], level_order: Sequence[str]) -> List[Group]:
+    """Baseline first, then by protocol, level (as configured) and method (library order)."""
+    protocols = [BASELINE, *PROTOCOLS]
+    levels = [NO_LEVEL, *level_order]
+
+    def rank(g: Group) -> Tuple:
+        return (protocols.index(g.protocol) if g.protocol in protocols else len(protocols),
+                levels.index(g.level) if g.level in levels else len(levels),
+                METHOD_NAMES.index(g.method) if g.method in METHOD_NAMES else len(METHOD_NAMES), g.reduce_token)
+
+    return sorted(groups, key=rank)
+
+
+def fmt_mean_std(values: Sequence[float], digits: int) -> str:
+    mean, std = mean_std(values)
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def summary_table(groups: List[Group]) -> List[str]:
+    lines = ["| protocol | method | level | reduce_token | top-1 % | GFLOPs | img/s | speedup | seeds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for g in groups:
+        lines.append(f"| {g.protocol} | {g.method} | {g.level} | {g.reduce_token} | {fmt_mean_std(g.accuracy, 2)} "
+                     f"| {fmt_mean_std(g.gflops, 4)} | {fmt_mean_std(g.throughput, 0)} "
+                     f"| {fmt_mean_std(g.speedup, 2)} | {g.n} |")
+    return lines
+
+
+def pivot_table(groups: List[Group], level_order: Sequence[str], value: str = "accuracy", digits: int = 2,
+                protocols: Sequence[str] = PROTOCOLS, spread: bool = True) -> List[str]:
+    """Compact view: one line per method, one column per protocol × level: ``value`` mean (± std over
+    seeds with ``spread``). Method ``none`` (level ``-``) fills every column of its protocol."""
+    columns = [(p, level) for p in protocols for level in level_order
+               if any(g.protocol == p and g.level == level for g in groups)]
+    cell = {(g.protocol, g.method, g.level): g for g in groups}
+    lines = ["| method | " + " | ".join(f"{p} {level}".strip() for p, level in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for method in METHOD_NAMES:
+        found = [cell.get((p, method, level)) or cell.get((p, method, NO_LEVEL)) for p, level in columns]
+        if any(found):
+            lines.append(f"| {method} | " + " | ".join(_cell(g, value, digits, spread) for g in found) + " |")
+    return lines
+
+
+def _cell(group: Optional[Group], value: str, digits: int, spread: bool) -> str:
+    if group is None:
+        return ""
+    values = getattr(group, value)
+    return fmt_mean_std(values, digits) if spread else f"{mean_std(values)[0]:.{digits}f}"
+
+
+def paired_differences(rows: List[Dict[str, str]], method_a: str, method_b: str, protocol: str,
+                       level: str) -> List[float]:
+    """accuracy(a) - accuracy(b) for each seed that has both (same baseline, same training seed)."""
+    by_seed: Dict[Tuple[str, str], float] = {}
+    for r in rows:
+        if r["protocol"] == protocol and r["level"] == level and r["method"] in (method_a, method_b) and r["accuracy"]:
+            by_seed[(r["method"], r["seed"])] = float(r["accuracy"])
+    seeds = sorted({s for (_, s) in by_seed}, key=int)
+    return [by_seed[(method_a, s)] - by_seed[(method_b, s)] for s in seeds
+            if (method_a, s) in by_seed and (method_b, s) in by_seed]
+
+
+def paired_t(diffs: Sequence[float]) -> float:
+    """Paired t statistic: mean / (std / sqrt(n)); NaN for fewer than two values or no spread."""
+    mean, std = mean_std(diffs)
+    if math.isnan(std) or std == 0:
+        return math.nan
+    return mean / (std / math.sqrt(len(diffs)))
+
+
+def comparison_table(rows: List[Dict[str, str]], pairs: Sequence[Tuple[str, str]],
+                     level_order: Sequence[str]) -> List[str]:
+    """Per protocol and level: mean ± std over seeds of the paired accuracy difference, its paired t
+    statistic (n - 1 degrees of freedom) and how many seeds ``a`` was ahead."""
+    lines = ["| protocol | level | difference | mean ± std (points) | t | a ahead in |", "|---|---|---|---|---|---|"]
+    for protocol in PROTOCOLS:
+        for level in level_order:
+            for a, b in pairs:
+                diffs = paired_differences(rows, a, b, protocol, level)
+                if diffs:
+                    t = paired_t(diffs)
+                    t_text = "–" if math.isnan(t) else f"{t:.1f}"
+                    lines.append(f"| {protocol} | {level} | {a} − {b} | {fmt_mean_std(diffs, 2)} | {t_text} "
+                                 f"| {sum(d > 0 for d in diffs)}/{len(diffs)} seeds |")
+    return lines
+
+
+def timing_lines(rows: List[Dict[str, str]]) -> List[str]:
+    """Wall time of the runs per protocol (the ``seconds`` column: run time inside the sweep)."""
+    lines = []
+    for protocol in (BASELINE, *PROTOCOLS):
+        seconds = _floats([r for r in rows if r["protocol"] == protocol], "seconds")
+        if seconds:
+            lines.append(f"- {protocol}: {len(seconds)} runs, {sum(seconds) / 60:.1f} min in all, "
+                         f"{statistics.median(seconds):.0f} s median per run")
+    return lines
+
+
+def write_summary(rows: List[Dict[str, str]], path: Path, level_order: Sequence[str],
+                  pairs: Sequence[Tuple[str, str]]) -> None:
+    """summary.md: the mean ± std table and the paired comparisons."""
+    groups = sort_groups(group_rows(rows), level_order)
+    text = ["# Sweep summary", "",
+            f"Mean ± sample std over seeds, from {len(rows)} runs in runs.csv. `baseline`: the trained "
+            "uncompressed model; `offtheshelf`: the baseline evaluated with compression; `finetune`: the "
+            "baseline trained further with compression (method `none`: trained further without). "
+            "img/s: inference throughput measured in each run itself. speedup: measured by main.py --benchmark in the "
+            "off-the-shelf run, against the uncompressed model in the same run; finetune rows reuse the value of "
+            "the same schedule and seed (speed does not depend on the weights).", "",
+            *summary_table(groups), "",
+            "## Top-1 % by method and level", "",
+            "Mean ± std over seeds (method `none` compresses nothing: the same value in each level's column).", "",
+            *pivot_table(groups, level_order), "",
+            "## GFLOPs per image by method and level", "",
+            *pivot_table(groups, level_order, value="gflops", digits=4, protocols=PROTOCOLS[:1], spread=False), "",
+            "## Paired differences", "",
+            "Top-1 accuracy of a minus b, per seed (same baseline checkpoint and seed), then mean ± std and the "
+            "paired t statistic (with 3 seeds, |t| > 4.30 means p < 0.05, two-sided).", "",
+            *comparison_table(rows, pairs, level_order), "",
+            "## Run time", "", *timing_lines(rows), ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(text))
+
+
+# ----------------------------------------------------------------------------------------------
+# pareto.png
+
+# x axes of pareto.png: (Group field, axis label, title). Throughput is shown as the speedup measured
+# against the uncompressed model in the same run: raw img/s of runs made at different times on a
+# shared machine mix the machine's load into the comparison.
+PARETO_AXES = (("gflops", "GFLOPs / image", "GFLOPs"),
+               ("speedup", "throughput speedup over the uncompressed model (same run)", "throughput"))
+
+
+def plot_pareto(rows: List[Dict[str, str]], path: Path, level_order: Sequence[str]) -> None:
+    """Accuracy against GFLOPs (left) and throughput speedup (right), one row of plots per protocol,
+    one line per method through its levels (light to heavy, as configured); error bars are the std
+    over seeds, the star is the baseline (speedup 1 by definition)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sort_groups(group_rows(rows), level_order)
+    protocols = [p for p in PROTOCOLS if any(g.protocol == p for g in groups)] or [BASELINE]
+    baseline = [g for g in groups if g.protocol == BASELINE]
+    fig, axes = plt.subplots(len(protocols), 2, figsize=(11, 4.2 * len(protocols)), squeeze=False)
+    colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(METHOD_NAMES)}
+    for axes_row, protocol in zip(axes, protocols):
+        for ax, (x_name, x_label, title) in zip(axes_row, PARETO_AXES):
+            for method in METHOD_NAMES:
+                points = [g for g in groups if g.protocol == protocol and g.method == method]
+                _draw_line(ax, points, x_name, method, colors[method])
+            for g in baseline:
+                x = 1.0 if x_name == "speedup" else mean_std(getattr(g, x_name))[0]
+                y, y_std = mean_std(g.accuracy)
+                ax.errorbar([x], [y], yerr=None if math.isnan(y_std) else [y_std], marker="*", markersize=13,
+                            color="black", linestyle="none", label="baseline")
+            ax.set_xlabel(x_label)
+            ax.set_ylabel("top-1 accuracy (%)")
+            ax.set_title(f"{protocol}: top-1 accuracy vs {title}")
+            ax.grid(alpha=0.3)
+        axes_row[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _draw_line(ax, points: List[Group], x_name: str, label: str, color) -> None:
+    coords = []
+    for g in points:
+        x, _ = mean_std(getattr(g, x_name))
+        y, y_std = mean_std(g.accuracy)
+        if not (math.isnan(x) or math.isnan(y)):
+            coords.append((x, y, 0.0 if math.isnan(y_std) else y_std))
+    if not coords:
+        return
+    xs, ys, errs = zip(*coords)
+    ax.errorbar(xs, ys, yerr=errs, marker="o", markersize=4, capsize=2, label=label, color=color)
+
+
+def write_reports(config: SweepConfig) -> None:
+    """summary.md and pareto.png from runs.csv (whose derived speedups are brought up to date first)."""
+    rows = read_rows(config.runs_csv)
+    derived = derive_speedups(rows)
+    if derived != rows:
+        write_rows(config.runs_csv, derived)
+        rows = read_rows(config.runs_csv)
+    levels = [level.name for level in config.levels]
+    write_summary(rows, config.out_dir / "summary.md", levels, config.compare)
+    plot_pareto(rows, config.out_dir / "pareto.png", levels)
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+def parse_cli(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    def csv_list(cast):
+        return lambda text: [cast(item) for item in text.split(",") if item]
+
+    parser = argparse.ArgumentParser(prog="tools/sweep.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--config", help="sweep YAML (out_dir, work_dir, seeds, methods, levels, protocols, "
+                                         "main_args, baseline_args, finetune_args, offtheshelf_args, compare, "
+                                         "threads); the options below override it")
+    parser.add_argument("--out_dir", help="where runs.csv, summary.md and pareto.png go")
+    parser.add_argument("--work_dir", help="run folders and checkpoints (default <out_dir>/runs)")
+    parser.add_argument("--seeds", type=csv_list(int), help="e.g. 0,1,2")
+    parser.add_argument("--methods", type=csv_list(str), help="e.g. none,tk,tk_n")
+    parser.add_argument("--protocols", type=csv_list(str), help="finetune,offtheshelf")
+    parser.add_argument("--threads", type=int, help="torch CPU threads for the runs (default: torch's own)")
+    parser.add_argument("--dry_run", action="store_true", help="print the runs still to do, run nothing")
+    parser.add_argument("--report_only", action="store_true", help="rebuild summary.md and pareto.png only")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None, run_fn: RunFn = run_main,
+         schedule: Optional[Callable[[str, Level], Schedule]] = None) -> int:
+    """The sweep; ``run_fn`` and ``schedule`` stand in for main.py and the model's shape in tests.
+    Returns 1 if some runs failed (run the sweep again to retry them), else 0."""
+    opts = parse_cli(argv)
+    config = load_config(opts.config, {"out_dir": opts.out_dir, "work_dir": opts.work_dir, "seeds": opts.seeds,
+                                       "methods": opts.methods, "protocols": opts.protocols,
+                                       "threads": opts.threads})
+    failed: List[RunSpec] = []
+    if not opts.report_only:
+        if config.threads:
+            import torch
+
+            torch.set_num_threads(config.threads)
+        plan = plan_runs(config, schedule or reference_resolver(config.main_args).schedule)
+        if opts.dry_run:
+            for spec in pending_runs(plan, read_rows(config.runs_csv)):
+                print(spec.command)
+            return 0
+        failed = execute(plan, config.runs_csv, run_fn)
+        if failed:
+            print(f"sweep: {len(failed)} runs failed or were skipped; run the sweep again to retry them",
+                  file=sys.stderr)
+    write_reports(config)
+    print(f"sweep: wrote {config.out_dir / 'summary.md'} and {config.out_dir / 'pareto.png'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
