@@ -8,21 +8,11 @@ import pytest
 import torch
 
 import main
+from cli_helpers import fails
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--epochs", "1", "--train_subset", "32", "--test_subset", "16", "--batch_size", "16",
         "--bench_steps", "1", "--bench_warmup", "0"]
-
-
-def fails(capsys, *argv) -> str:
-    """Run main() and return its one stderr line, checking the exit code and the absence of a traceback."""
-    code = main.main(list(argv))
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("main.py: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 @pytest.mark.parametrize("argv, names", [

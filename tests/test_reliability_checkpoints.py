@@ -4,19 +4,10 @@ import pytest
 import torch
 
 import main
+from cli_helpers import fails
 
 TINY = ["--epochs", "1", "--train_subset", "32", "--test_subset", "16", "--batch_size", "16",
         "--bench_steps", "1", "--bench_warmup", "0"]
-
-
-def fails(capsys, *argv) -> str:
-    """main()'s one stderr line, after checking exit code 2 and the absence of a traceback."""
-    code = main.main(list(argv))
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("main.py: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

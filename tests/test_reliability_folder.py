@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 import main
+from cli_helpers import one_error_line
 
 RNG = np.random.default_rng(0)
 ARGV = ["--data_name", "folder", "--arch", "vit_pico_patch4_32", "--epochs", "1", "--batch_size", "4",
@@ -26,12 +27,7 @@ def write_folder(root, classes=("cat", "dog")) -> None:
 
 
 def fails(capsys, root, *argv) -> str:
-    code = main.main([*ARGV, "--data_root", str(root), "--output_dir", str(root / "out"), *argv])
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("main.py: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
+    return one_error_line(capsys, [*ARGV, "--data_root", str(root), "--output_dir", str(root / "out"), *argv])
 
 
 @pytest.mark.parametrize("workers", ["0", "2"])

@@ -7,19 +7,15 @@ import torch
 
 import data
 import main
+from cli_helpers import one_error_line
 
 TINY = ["--epochs", "2", "--train_subset", "64", "--test_subset", "40", "--batch_size", "16",
         "--bench_steps", "1", "--bench_warmup", "0"]
 
 
 def diverges(capsys, *argv) -> str:
-    """main()'s one stderr line, after checking exit code 3 and the absence of a traceback."""
-    code = main.main(list(argv))
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 3 and len(lines) == 1 and lines[0].startswith("main.py: error: training diverged"), err
-    assert "Traceback" not in err
-    return lines[0]
+    """main()'s one stderr line for a run stopped by a non-finite loss (exit code 3)."""
+    return one_error_line(capsys, argv, code=3, starts="main.py: error: training diverged")
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])

@@ -9,18 +9,10 @@ import torch
 
 import engine.checkpoint
 import main
+from cli_helpers import fails
 
 TINY = ["--epochs", "2", "--train_subset", "32", "--test_subset", "16", "--batch_size", "16",
         "--bench_steps", "1", "--bench_warmup", "0"]
-
-
-def fails(capsys, *argv) -> str:
-    code = main.main(list(argv))
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("main.py: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def test_too_little_space_is_reported_before_training(capsys, tmp_path, monkeypatch):
