@@ -29,7 +29,7 @@ from torch import Tensor
 from .methods import METHOD_NAMES, CompressionMethod, get_method
 from .patch import apply_patch, get_config, get_state, remove_patch
 from .reduction import tokens_kept
-from .schedules import PoolK, resolve_schedule, tokens_after
+from .schedules import PoolK, resolve_schedule, token_counts
 
 # What became of an original patch after a block.
 KEPT = 0  # still its own token
@@ -332,12 +332,10 @@ def tokens_per_block(method: str, num_tokens: int, depth: int, pool_k: PoolK,
 
     Where a block reduces (after attention or after the MLP) does not change how many tokens leave it.
     """
-    compression = get_method(method)
     schedule = resolve_schedule(pool_k, depth)
-    left = [num_tokens]
-    for k in schedule:
-        left.append(tokens_after(compression, left[-1], k, num_prefix_tokens))
-    return left
+    # placed between attention and MLP, the MLP sees exactly the tokens that leave the block
+    counts = token_counts(get_method(method), num_tokens, schedule, num_prefix_tokens, reduce_at="attn")
+    return [num_tokens] + [n_mlp for _, n_mlp in counts]
 
 
 def token_curves(num_tokens: int, depth: int, pool_k: PoolK, num_prefix_tokens: int = 1,
