@@ -42,12 +42,27 @@ def test_bad_loss_in_epoch_2_keeps_epoch_1(capsys, tmp_path, monkeypatch, bad):
         assert torch.equal(tensor, epoch1[name]), name
 
 
-def test_a_learning_rate_that_diverges(capsys, tmp_path):
-    line = diverges(capsys, *TINY, "--lr", "1000", "--warmup_epochs", "0", "--output_dir", str(tmp_path))
-    assert "epoch 1/2" in line and "no checkpoint was written yet" in line and "--lr (now 1e+03)" in line
+def poison_every_image(monkeypatch) -> None:
+    """Every training image becomes NaN pixels: the first loss is NaN whatever the release of torch,
+    the precision or the learning rate (a large --lr alone may or may not overflow)."""
+    real = data.Digits.__getitem__
+
+    def getitem(self, index):
+        image, label = real(self, index)
+        return torch.full_like(image, math.nan), label
+
+    monkeypatch.setattr(data.Digits, "__getitem__", getitem)
+
+
+def test_a_loss_that_is_nan_at_the_first_step(capsys, tmp_path, monkeypatch):
+    poison_every_image(monkeypatch)
+    line = diverges(capsys, *TINY, "--lr", "0.5", "--warmup_epochs", "0", "--output_dir", str(tmp_path))
+    assert "the loss is nan at step 1 of 4 in epoch 1/2" in line
+    assert "no checkpoint was written yet" in line and "--lr (now 0.5)" in line and "--amp" not in line
     assert not (tmp_path / "last.pt").exists()
 
 
-def test_amp_is_named_when_on(capsys, tmp_path):
-    line = diverges(capsys, *TINY, "--lr", "1000", "--warmup_epochs", "0", "--amp", "--output_dir", str(tmp_path))
-    assert "--lr" in line and "drop --amp" in line
+def test_amp_is_named_when_on(capsys, tmp_path, monkeypatch):
+    poison_every_image(monkeypatch)
+    line = diverges(capsys, *TINY, "--amp", "--output_dir", str(tmp_path))
+    assert "the loss is nan at step 1" in line and "--lr" in line and "drop --amp" in line
