@@ -16,9 +16,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets
 
+from engine.errors import CLIError, one_line
 
-class DataError(RuntimeError):
-    """A dataset that cannot be read: the message names the option to change and what to do."""
+
+class DataError(CLIError):
+    """A dataset that cannot be read (bad input like any other): the message names the option to change
+    and what to do."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,11 +95,6 @@ FASHION_MNIST_FILES = ["FashionMNIST/raw/" + f for f in
                         "t10k-labels-idx1-ubyte"]]
 
 
-def _one_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
-
-
 def _read_or_download(name: str, root: str, files: List[str], read: Callable[[], Dataset],
                       fetch: Callable[[], Dataset], download: bool, how: str) -> Dataset:
     """Read the dataset if all ``files`` are under ``root``; else download it; else explain."""
@@ -106,14 +104,15 @@ def _read_or_download(name: str, root: str, files: List[str], read: Callable[[],
             return read()
         except Exception as err:  # damaged or truncated files
             raise DataError(f"--data_name {name}: the files under {os.path.abspath(root)} cannot be read "
-                            f"({_one_line(err)}); delete them to download again, or replace them") from None
+                            f"({one_line(err, named=True, limit=200)}); delete them to download again, or "
+                            f"replace them") from None
     reason = "downloading is off"
     if download:
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # torchvision prints its download attempts
                 return fetch()
         except Exception as err:
-            reason = f"download failed: {_one_line(err)}"
+            reason = f"download failed: {one_line(err, named=True, limit=200)}"
     raise DataError(f"--data_name {name}: {missing[0]} not found under --data_root {os.path.abspath(root)} "
                     f"and {reason}; {how}, or point --data_root at the folder that holds {files[0].split('/')[0]}/")
 
@@ -177,8 +176,8 @@ def load_image(path: str) -> Image.Image:
             image = Image.open(f)
             return image.convert("RGB")  # decodes the whole file: truncated data fails here
     except Exception as err:
-        raise DataError(f"--data_name folder: cannot decode {path} ({_one_line(err)}); replace or delete the "
-                        f"file") from None
+        raise DataError(f"--data_name folder: cannot decode {path} ({one_line(err, named=True, limit=200)}); "
+                        f"replace or delete the file") from None
 
 
 def read_folder(root: str, train: bool, download: bool) -> Dataset:
@@ -189,7 +188,8 @@ def read_folder(root: str, train: bool, download: bool) -> Dataset:
     try:
         dataset = datasets.ImageFolder(path, loader=load_image)
     except (FileNotFoundError, OSError) as err:
-        raise DataError(f"--data_name folder: {path}: {_one_line(err)}; --data_root must hold {layout}") from None
+        raise DataError(f"--data_name folder: {path}: {one_line(err, named=True, limit=200)}; --data_root must "
+                        f"hold {layout}") from None
     if len(dataset.classes) < 2:
         raise DataError(f"--data_name folder: {path} has one class folder ({dataset.classes[0]}/); classification "
                         f"needs at least two: --data_root must hold {layout}, one sub-folder per class")

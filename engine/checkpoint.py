@@ -16,15 +16,10 @@ import numpy as np
 import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from .errors import CLIError
+from .errors import CLIError, one_line
 
 # What --resume needs from a checkpoint (main.py's training writes all of them).
 RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_accuracy", "history", "rng", "settings")
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
 def torch_load(path: str, option: str) -> Any:
@@ -35,10 +30,11 @@ def torch_load(path: str, option: str) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CLIError(f"{option}: {path} holds more than tensors and plain data, so it is not loaded "
-                       f"(safe loading: {first_line(err)[:200]}); save its state_dict() instead") from None
+                       f"(safe loading: {one_line(err, named=True, limit=200)}); save its state_dict() "
+                       f"instead") from None
     except Exception as err:
         raise CLIError(f"{option}: {path} cannot be read, it is damaged or not a PyTorch file "
-                       f"({first_line(err)[:200]})") from None
+                       f"({one_line(err, named=True, limit=200)})") from None
 
 
 def read_resume(path: str) -> Dict[str, Any]:
@@ -68,7 +64,7 @@ def load_weights(model: VisionTransformer, path: str, new_head_ok: bool = True) 
             state = load_file(path)
         except Exception as err:
             raise CLIError(f"--checkpoint: {path} cannot be read, it is damaged or not a safetensors file "
-                           f"({first_line(err)[:200]})") from None
+                           f"({one_line(err, named=True, limit=200)})") from None
     else:
         state = torch_load(path, "--checkpoint")
     for key in ("model", "state_dict", "model_ema"):  # main.py / DeiT / other training scripts
@@ -82,7 +78,7 @@ def load_weights(model: VisionTransformer, path: str, new_head_ok: bool = True) 
         state = checkpoint_filter_fn(state, model)  # timm: resamples position and patch embeddings to this model
     except Exception as err:
         raise CLIError(f"--checkpoint: {path} does not fit --arch {model.default_cfg.get('architecture', '')} "
-                       f"({first_line(err)[:200]}); use the --arch, --img_size and --patch_size it was "
+                       f"({one_line(err, named=True, limit=200)}); use the --arch, --img_size and --patch_size it was "
                        f"trained with") from None
     own = model.state_dict()
     left_out = [k for k in ("head.weight", "head.bias") if k in state and k in own and state[k].shape != own[k].shape]

@@ -123,8 +123,3 @@ def on_main(fn: Callable[[], T], processes: Processes) -> T:
     if shared[0] is not None:
         raise CLIError(shared[0])
     return result
-
-
-def barrier(processes: Processes) -> None:
-    if processes.enabled:
-        dist.barrier()

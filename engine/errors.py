@@ -1,14 +1,23 @@
-"""Exceptions that end a run with one clear line instead of a traceback (see ``main.main``)."""
-import signal
+"""How a run ends without a traceback (see ``main.main``): the exceptions, and the one formatter of their line.
+
+- :class:`CLIError`: bad input (an option, a file, a dataset); exit code 2.
+- :class:`TrainingDiverged`: a numerical failure (the loss became NaN or inf), not bad input; exit code 3.
+- :class:`Interrupted`: SIGINT/SIGTERM after ``last.pt`` was written; exit code 128 + the signal.
+"""
+import re
+from typing import Optional
 
 
 class CLIError(Exception):
-    """Bad input: the message names the option to change; ``main()`` prints it and exits with 2."""
+    """Bad input: the message names the option to change; ``main()`` prints it and exits with 2.
+
+    ``data.DataError`` (a dataset that cannot be read) is one of them.
+    """
 
     exit_code = 2
 
 
-class TrainingDiverged(CLIError):
+class TrainingDiverged(Exception):
     """The training loss became NaN or inf; the checkpoints on disk are the last good state (exit 3)."""
 
     exit_code = 3
@@ -28,6 +37,19 @@ class Interrupted(KeyboardInterrupt):
     def exit_code(self) -> int:
         return 128 + self.signum
 
-    @property
-    def signal_name(self) -> str:
-        return signal.Signals(self.signum).name
+
+def one_line(err: BaseException, *, named: bool = False, limit: Optional[int] = None) -> str:
+    """The message of ``err`` as one line.
+
+    An error re-raised from a DataLoader worker carries the worker's traceback, whose last line is
+    the message. ``named``: an error from a library quoted inside one of ours: its type and first
+    line (the lines after it are advice for another context). ``limit``: at most that many characters.
+    """
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        lines = [re.sub(r"^[\w.]+: ", "", lines[-1])]
+    if named:
+        text = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    else:
+        text = " ".join(lines)
+    return text[:limit] if limit else text

@@ -1,12 +1,13 @@
 """Throughput of compressed models against the uncompressed one, measured in the same run.
 
-    python -m pruning.benchmark --arch vit_small_patch16_224 --batch_size 32 --methods tk_n --pool_k 10
+The command line is ``tools/benchmark.py``:
+
+    python tools/benchmark.py --arch vit_small_patch16_224 --batch_size 32 --methods tk_n --pool_k 10
 
 Variants are timed in interleaved rounds (baseline, method, baseline, ...) so that drift in the
 machine's speed hits all of them alike; each figure is the median over rounds. The ideal speedup
 is the ratio of analytic FLOPs.
 """
-import argparse
 import copy
 import statistics
 import time
@@ -16,8 +17,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from .counting import PoolK
 from .flops import analytic_flops
-from .methods import METHOD_NAMES
 from .patch import apply_patch
 
 
@@ -76,62 +77,21 @@ def compare_speed(models: Dict[str, nn.Module], inputs: torch.Tensor, baseline: 
                         flops[baseline] / flops[name]) for name in models]
 
 
-def build_variants(model: nn.Module, methods: Sequence[str], pool_k, explicit: bool) -> Dict[str, nn.Module]:
-    """The uncompressed model and one patched copy per method; with ``explicit`` also the same pairs
-    running attention that materialises the N×N matrix."""
+def build_variants(model: nn.Module, method_names: Sequence[str], pool_k: PoolK,
+                   explicit: bool) -> Dict[str, nn.Module]:
+    """The uncompressed model and one patched copy per method name; with ``explicit`` also the same
+    pairs running attention that materialises the N×N matrix (``none/explicit``, ``tk_n/explicit``, ...).
+
+    The uncompressed variants are unpatched copies, so they run timm's own block: ``none`` as ``model``
+    is, ``none/explicit`` with timm's ``attn.fused_attn`` off in every block."""
     variants = {"none": model}
-    for method in methods:
-        variants[method] = apply_patch(copy.deepcopy(model), method, pool_k)
+    for name in method_names:
+        variants[name] = apply_patch(copy.deepcopy(model), name, pool_k)
     if explicit:
         plain = copy.deepcopy(model)
         for block in plain.blocks:
             block.attn.fused_attn = False
         variants["none/explicit"] = plain
-        for method in methods:
-            variants[f"{method}/explicit"] = apply_patch(copy.deepcopy(model), method, pool_k, fused_attn=False)
+        for name in method_names:
+            variants[f"{name}/explicit"] = apply_patch(copy.deepcopy(model), name, pool_k, fused_attn=False)
     return variants
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    import timm
-
-    from . import models as _registered  # noqa: F401  (the project's small ViTs, by name)
-
-    parser = argparse.ArgumentParser(description="Throughput of token compression methods vs the plain ViT.")
-    parser.add_argument("--arch", default="vit_small_patch16_224", help="timm model name")
-    parser.add_argument("--img_size", type=int, default=224)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--methods", default="tk_n", help=f"comma list from: {', '.join(METHOD_NAMES[1:])}")
-    parser.add_argument("--pool_k", type=int, default=10, help="tokens removed per block")
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved timed rounds (median reported)")
-    parser.add_argument("--explicit", action="store_true", help="also time attention that materialises N×N")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                        help="autocast dtype (float32: no autocast)")
-    args = parser.parse_args(argv)
-
-    methods = [m for m in args.methods.split(",") if m]
-    for m in methods:
-        if m not in METHOD_NAMES:
-            parser.error(f"--methods: unknown method {m!r}; choose from {', '.join(METHOD_NAMES)}")
-    device = torch.device(args.device)
-    model = timm.create_model(args.arch, img_size=args.img_size).to(device).eval()
-    inputs = torch.randn(args.batch_size, model.patch_embed.proj.in_channels, args.img_size, args.img_size,
-                         device=device)
-    dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
-    variants = build_variants(model, methods, args.pool_k, args.explicit)
-    groups = [("none", [v for v in variants if "/" not in v])]
-    if args.explicit:
-        groups.append(("none/explicit", [v for v in variants if v.endswith("/explicit")]))
-    print(f"{args.arch} @ {args.img_size}px, batch {args.batch_size}, {device}, {args.dtype}, "
-          f"pool_k={args.pool_k}, threads={torch.get_num_threads()}, {args.rounds} rounds")
-    print(f"{'variant':<18} {'img/s':>9} {'GFLOPs':>8} {'speedup':>8} {'ideal':>7} {'of ideal':>9}")
-    for baseline, names in groups:
-        for r in compare_speed({n: variants[n] for n in names}, inputs, baseline, rounds=args.rounds,
-                               autocast_dtype=dtype):
-            print(f"{r.name:<18} {r.images_per_s:9.1f} {r.gflops:8.3f} {r.speedup:8.3f} "
-                  f"{r.ideal_speedup:7.3f} {r.efficiency:9.3f}")
-
-
-if __name__ == "__main__":
-    main()

@@ -6,9 +6,9 @@ import torch
 from torch import Tensor
 
 
-def merges_allowed(num_tokens: int, r: int, num_prefix: int) -> int:
-    """r capped so that at most half of the non-prefix tokens merge: min(r, (t - prefix) // 2)."""
-    return max(0, min(r, (num_tokens - num_prefix) // 2))
+def merges_allowed(num_tokens: int, k: int, num_prefix: int) -> int:
+    """``k`` (ToMe's r) capped so that at most half of the non-prefix tokens merge: min(k, (N - prefix) // 2)."""
+    return max(0, min(k, (num_tokens - num_prefix) // 2))
 
 
 @dataclass
@@ -24,10 +24,10 @@ class Matching:
 
     dest: Tensor
     num_out: int
-    r: int
+    k: int  # tokens merged away (ToMe's r)
 
     def merge(self, x: Tensor, reduce: str = "sum") -> Tensor:
-        """(B, N, C) -> (B, N - r, C), reducing the tokens that share a slot (``sum``, ``amax``, ...)."""
+        """(B, N, C) -> (B, N - k, C), reducing the tokens that share a slot (``sum``, ``amax``, ...)."""
         index = self.dest.unsqueeze(-1).expand(-1, -1, x.shape[-1])
         out = x.new_zeros(x.shape[0], self.num_out, x.shape[-1])
         if reduce == "sum":
@@ -35,13 +35,13 @@ class Matching:
         return out.scatter_reduce_(1, index, x, reduce=reduce, include_self=False)
 
 
-def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> Matching:
+def bipartite_soft_matching(metric: Tensor, k: int, num_prefix: int) -> Matching:
     """Match each A token to its most similar B token (cosine similarity of ``metric`` (B, N, C)) and
-    merge the r best-matched A tokens into their partners. Prefix tokens (class, distillation,
+    merge the ``k`` best-matched A tokens into their partners. Prefix tokens (class, distillation,
     registers) are protected: they neither merge away nor receive merges.
     """
     batch, num_tokens, _ = metric.shape
-    r = merges_allowed(num_tokens, r, num_prefix)
+    k = merges_allowed(num_tokens, k, num_prefix)
     prefix_in_a, prefix_in_b = (num_prefix + 1) // 2, num_prefix // 2
     num_a, num_b = (num_tokens + 1) // 2, num_tokens // 2
     with torch.no_grad():
@@ -51,8 +51,8 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> Matching
         scores[:, :, :prefix_in_b] = -torch.inf  # prefix tokens in B receive nothing
         best_score, best_match = scores.max(dim=-1)
         ranked = best_score.argsort(dim=-1, descending=True)
-        src_idx = ranked[:, :r]
-        unmerged = ranked[:, r:].sort(dim=-1).values[:, prefix_in_a:]  # non-prefix A tokens kept, in order
+        src_idx = ranked[:, :k]
+        unmerged = ranked[:, k:].sort(dim=-1).values[:, prefix_in_a:]  # non-prefix A tokens kept, in order
 
         arange = torch.arange(num_tokens, device=metric.device)
         num_unmerged = unmerged.shape[1]
@@ -64,7 +64,7 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> Matching
         dest = torch.empty(batch, num_tokens, dtype=torch.long, device=metric.device)
         dest[:, ::2] = a_slot
         dest[:, 1::2] = b_slot
-    return Matching(dest, num_tokens - r, r)
+    return Matching(dest, num_tokens - k, k)
 
 
 def merge_wavg(matching: Matching, x: Tensor, size: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:

@@ -17,7 +17,14 @@ from timm.models import register_model
 from timm.models._registry import generate_default_cfgs
 from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer
 
-__all__ = ["vit_pico_patch2_8", "vit_pico_patch4_28", "vit_pico_patch4_32"]
+__all__ = ["vit_pico_patch2_8", "vit_pico_patch4_28", "vit_pico_patch4_32", "DIGITS_MEAN", "DIGITS_STD",
+           "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "CIFAR_MEAN", "CIFAR_STD"]
+
+# Per-channel mean and std of the training images (0..1 pixels) each small model is meant for: the
+# input normalisation of its pretrained cfg, and the one ``data/`` applies to those datasets.
+DIGITS_MEAN, DIGITS_STD = (0.3056,), (0.3761,)  # scikit-learn digits
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # CIFAR-10
 
 PICO_ARGS: Dict[str, Any] = dict(embed_dim=64, depth=6, num_heads=4, mlp_ratio=4.0)
 
@@ -33,9 +40,9 @@ def _cfg(in_chans: int, img_size: int, mean: tuple, std: tuple, **kwargs) -> Dic
 
 # Looked up by timm's ``register_model`` in this module, by model name.
 default_cfgs = generate_default_cfgs({
-    "vit_pico_patch2_8": _cfg(1, 8, mean=(0.3056,), std=(0.3761,)),
-    "vit_pico_patch4_28": _cfg(1, 28, mean=(0.2860,), std=(0.3530,)),
-    "vit_pico_patch4_32": _cfg(3, 32, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
+    "vit_pico_patch2_8": _cfg(1, 8, mean=DIGITS_MEAN, std=DIGITS_STD),
+    "vit_pico_patch4_28": _cfg(1, 28, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD),
+    "vit_pico_patch4_32": _cfg(3, 32, mean=CIFAR_MEAN, std=CIFAR_STD),
 })
 
 

@@ -1,11 +1,18 @@
-"""Per-forward state shared by the blocks of one patched model."""
+"""How a model is compressed, and the per-forward state its blocks share.
+
+The patch keeps one ``CompressionConfig`` on the model (and on each patched block) under
+``CONFIG_ATTR``; ``get_config`` reads it. Everything that asks "how is this model compressed"
+(the patch, the FLOPs arithmetic, the visualisation) goes through here.
+"""
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .methods import CompressionMethod
+
+CONFIG_ATTR = "_compression"  # the attribute holding the CompressionConfig of a patched model
 
 
 @dataclass
@@ -35,7 +42,11 @@ class CompressionState:
 
 @dataclass
 class CompressionConfig:
-    """How a model is compressed: one object shared by all its patched blocks."""
+    """How a model is compressed: one object shared by all its patched blocks.
+
+    method: the compression method; schedule: tokens removed by each block; fused_attn: whether
+    every block's attention runs through scaled_dot_product_attention (the one switch for it).
+    """
 
     method: CompressionMethod
     schedule: List[int]
@@ -45,3 +56,16 @@ class CompressionConfig:
     trace_source: bool = False
     fused_attn: bool = True
     state: CompressionState = field(default_factory=CompressionState)
+
+
+def get_config(model: nn.Module) -> Optional[CompressionConfig]:
+    """The compression a model was patched with, or None."""
+    return getattr(model, CONFIG_ATTR, None)
+
+
+def get_state(model: nn.Module) -> CompressionState:
+    """The state left by the last forward pass: sizes, source map, tokens per block."""
+    cfg = get_config(model)
+    if cfg is None:
+        raise ValueError("model: not patched; call pruning.patch.apply_patch first")
+    return cfg.state

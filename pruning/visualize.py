@@ -10,10 +10,11 @@ left after every block for all methods.
 Working out what became of each patch (``block_patch_maps``) is separate from drawing, so it can be
 checked without images. Drawing uses matplotlib's Agg canvas directly: no pyplot, no global backend.
 
-    python -m pruning.visualize tokens --arch vit_small_patch16_224 --pool_k 10 --out tokens.png
-    python -m pruning.visualize grid --checkpoint out_tk/best.pt --checkpoint out_tome/best.pt --out grid.png
+The command line (main.py checkpoints, test images) is ``tools/visualize.py``:
+
+    python tools/visualize.py tokens --arch vit_small_patch16_224 --pool_k 10 --out tokens.png
+    python tools/visualize.py grid --checkpoint out_tk/best.pt --checkpoint out_tome/best.pt --out grid.png
 """
-import argparse
 import contextlib
 import math
 from dataclasses import dataclass
@@ -26,10 +27,10 @@ from matplotlib.colors import hsv_to_rgb
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from .counting import PoolK, resolve_schedule, token_counts
 from .methods import METHOD_NAMES, CompressionMethod, get_method
 from .patch import apply_patch, get_config, get_state, remove_patch
 from .reduction import tokens_kept
-from .schedules import PoolK, resolve_schedule, token_counts
 
 # What became of an original patch after a block.
 KEPT = 0  # still its own token
@@ -139,8 +140,7 @@ def trace_patches(model: torch.nn.Module, images: Tensor) -> Tuple[str, List[Blo
         cfg = get_config(model)
         state = get_state(model)
         maps = block_patch_maps(state.block_sources, cfg.num_prefix_tokens, cfg.method, cfg.schedule)
-        name = cfg.method.name
-    return name, maps
+    return cfg.method.name, maps
 
 
 def default_blocks(depth: int, count: int = 4) -> List[int]:
@@ -250,8 +250,12 @@ class GridColumn:
 
 def patch_columns(model: torch.nn.Module, images: Tensor, shown: np.ndarray, blocks: Optional[Sequence[int]],
                   label: Optional[str] = None) -> List[GridColumn]:
-    """The grid columns for one model: one per chosen block (default: ``default_blocks``)."""
-    method, maps = trace_patches(model, images)
+    """The grid columns for one model: one per chosen block (default: ``default_blocks``).
+
+    Titles name the method; a ``label`` other than the method's name comes first, on its own line.
+    """
+    name, maps = trace_patches(model, images)
+    heading = name if label is None or label == name else f"{label}\n{name}"
     depth = len(maps)
     blocks = default_blocks(depth) if blocks is None else list(blocks)
     for block in blocks:
@@ -266,7 +270,7 @@ def patch_columns(model: torch.nn.Module, images: Tensor, shown: np.ndarray, blo
         if patches.owner.shape[1] != grid[0] * grid[1]:
             raise ValueError(f"images: a {images.shape[2]}x{images.shape[3]} image gives {grid[0] * grid[1]} "
                              f"patches, but the model traced {patches.owner.shape[1]}")
-        title = f"{label or method}\nblock {patches.block + 1}/{depth}\n{patches.tokens_left} tokens"
+        title = f"{heading}\nblock {patches.block + 1}/{depth}\n{patches.tokens_left} tokens"
         panels = [render_patches(shown[i], patches.owner[i].numpy(), patches.status[i].numpy(), grid, scale)
                   for i in range(shown.shape[0])]
         columns.append(GridColumn(title, panels))
@@ -326,31 +330,31 @@ def save_token_grid(model: torch.nn.Module, images: Tensor, path: str, *, blocks
 
 # --- tokens left per block -----------------------------------------------------------------------
 
-def tokens_per_block(method: str, num_tokens: int, depth: int, pool_k: PoolK,
+def tokens_per_block(select_method: str, num_tokens: int, depth: int, pool_k: PoolK,
                      num_prefix_tokens: int = 1) -> List[int]:
-    """Tokens entering the first block, then tokens leaving each block, for ``method`` and ``pool_k``.
+    """Tokens entering the first block, then tokens leaving each block, for ``select_method`` and ``pool_k``.
 
     Where a block reduces (after attention or after the MLP) does not change how many tokens leave it.
     """
     schedule = resolve_schedule(pool_k, depth)
     # placed between attention and MLP, the MLP sees exactly the tokens that leave the block
-    counts = token_counts(get_method(method), num_tokens, schedule, num_prefix_tokens, reduce_at="attn")
+    counts = token_counts(get_method(select_method), num_tokens, schedule, num_prefix_tokens, reduce_at="attn")
     return [num_tokens] + [n_mlp for _, n_mlp in counts]
 
 
 def token_curves(num_tokens: int, depth: int, pool_k: PoolK, num_prefix_tokens: int = 1,
-                 methods: Sequence[str] = METHOD_NAMES) -> Dict[str, List[int]]:
-    """``tokens_per_block`` for each method; methods with the same counts share one entry, labelled
+                 method_names: Sequence[str] = METHOD_NAMES) -> Dict[str, List[int]]:
+    """``tokens_per_block`` for each method name; methods with the same counts share one entry, labelled
     with their names joined by commas (so tk and tk_n, which always match, give one line)."""
     grouped: Dict[Tuple[int, ...], List[str]] = {}
-    for method in methods:
-        counts = tuple(tokens_per_block(method, num_tokens, depth, pool_k, num_prefix_tokens))
-        grouped.setdefault(counts, []).append(method)
+    for name in method_names:
+        counts = tuple(tokens_per_block(name, num_tokens, depth, pool_k, num_prefix_tokens))
+        grouped.setdefault(counts, []).append(name)
     return {", ".join(names): list(counts) for counts, names in grouped.items()}
 
 
 def save_tokens_per_block_plot(path: str, num_tokens: int, depth: int, pool_k: PoolK, *,
-                               num_prefix_tokens: int = 1, methods: Sequence[str] = METHOD_NAMES,
+                               num_prefix_tokens: int = 1, method_names: Sequence[str] = METHOD_NAMES,
                                title: Optional[str] = None) -> str:
     """Plot tokens left vs. block index for each method and return ``path``.
 
@@ -360,7 +364,7 @@ def save_tokens_per_block_plot(path: str, num_tokens: int, depth: int, pool_k: P
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
     markers = "osD^vP*X"
-    curves = token_curves(num_tokens, depth, pool_k, num_prefix_tokens, methods)
+    curves = token_curves(num_tokens, depth, pool_k, num_prefix_tokens, method_names)
     for index, (label, counts) in enumerate(curves.items()):
         ax.plot(range(depth + 1), counts, marker=markers[index % len(markers)], markersize=4, label=label)
     ax.set_xlabel("block (0 = tokens entering the first block)")
@@ -373,94 +377,3 @@ def save_tokens_per_block_plot(path: str, num_tokens: int, depth: int, pool_k: P
     figure.tight_layout()
     figure.savefig(path, dpi=DPI)
     return path
-
-
-# --- command line --------------------------------------------------------------------------------
-
-def _int_list(text: str) -> List[int]:
-    return [int(part) for part in text.split(",") if part.strip()]
-
-
-def load_trained(path: str) -> Tuple[torch.nn.Module, Dict]:
-    """A model from a main.py checkpoint (its ``settings`` say how it was built and compressed), patched
-    as it was trained; returns (model, settings)."""
-    import timm
-
-    from . import models  # noqa: F401  (registers the vit_pico_* archs)
-
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("settings"), dict):
-        raise ValueError(f"--checkpoint: {path} is not a checkpoint written by main.py (no settings)")
-    settings, state = checkpoint["settings"], checkpoint["model"]
-    depth = 1 + max(int(key.split(".")[1]) for key in state if key.startswith("blocks."))  # as trained
-    model = timm.create_model(settings["arch"], num_classes=state["head.weight"].shape[0],
-                              in_chans=state["patch_embed.proj.weight"].shape[1], img_size=settings["img_size"],
-                              patch_size=settings["patch_size"], depth=depth)
-    model.load_state_dict(state)
-    apply_patch(model, settings["model"], settings["reduce_token"], reduce_at=settings.get("reduce_at"))
-    return model.eval(), settings
-
-
-def load_test_images(settings: Dict, count: int, data_root: Optional[str] = None) -> Tuple[Tensor, Sequence, Sequence]:
-    """The first ``count`` test images of the checkpoint's dataset, as the model sees them; (images, mean, std)."""
-    import data
-
-    splits = data.build_dataset(settings["data_name"], data_root or settings["data_root"], download=False)
-    splits.set_transforms(settings["img_size"], settings.get("augment"))
-    images = torch.stack([splits.test[i][0] for i in range(min(count, len(splits.test)))])
-    return images, splits.spec.mean, splits.spec.std
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pruning.visualize", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    tokens = commands.add_parser("tokens", help="plot tokens left vs. block for every method")
-    tokens.add_argument("--arch", default=None, help="timm ViT to read the token count and depth from")
-    tokens.add_argument("--num_tokens", type=int, default=None, help="tokens entering block 0 (without --arch)")
-    tokens.add_argument("--depth", type=int, default=None, help="blocks (without --arch)")
-    tokens.add_argument("--num_prefix_tokens", type=int, default=1, help="(without --arch; default: 1)")
-    tokens.add_argument("--pool_k", type=_int_list, required=True, help="tokens removed per block: int or list")
-    tokens.add_argument("--out", required=True)
-    grid = commands.add_parser("grid", help="token grid of main.py checkpoints side by side")
-    grid.add_argument("--checkpoint", action="append", required=True, metavar="[LABEL=]FILE",
-                      help="a main.py checkpoint; repeat to compare (label default: its method)")
-    grid.add_argument("--images", type=int, default=4, help="first N test images (default: 4)")
-    grid.add_argument("--blocks", type=_int_list, default=None, help="0-based block indices (default: spread)")
-    grid.add_argument("--data_root", default=None, help="(default: the checkpoint's)")
-    grid.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
-
-    if args.command == "tokens":
-        pool_k = args.pool_k[0] if len(args.pool_k) == 1 else args.pool_k
-        if args.arch:
-            import timm
-
-            from . import models  # noqa: F401
-
-            model = timm.create_model(args.arch)
-            num_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
-            depth, prefix, name = len(model.blocks), model.num_prefix_tokens, f"{args.arch}: "
-        elif args.num_tokens and args.depth:
-            num_tokens, depth, prefix, name = args.num_tokens, args.depth, args.num_prefix_tokens, ""
-        else:
-            parser.error("tokens: give --arch, or --num_tokens and --depth")
-        title = f"{name}{num_tokens} tokens, {depth} blocks, pool_k={pool_k}"
-        print(save_tokens_per_block_plot(args.out, num_tokens, depth, pool_k, num_prefix_tokens=prefix, title=title))
-        return
-
-    trained: Dict[str, torch.nn.Module] = {}
-    first: Optional[Dict] = None
-    for spec in args.checkpoint:
-        label, _, path = spec.rpartition("=")
-        model, settings = load_trained(path)
-        if first is not None and any(settings[key] != first[key] for key in ("data_name", "img_size")):
-            parser.error(f"--checkpoint {path}: trained on {settings['data_name']} at {settings['img_size']} px, "
-                         f"unlike the first ({first['data_name']} at {first['img_size']} px)")
-        first = first or settings
-        trained[label or settings["model"]] = model
-    images, mean, std = load_test_images(first, args.images, args.data_root)
-    print(save_token_grid_comparison(trained, images, args.out, blocks=args.blocks, mean=mean, std=std))
-
-
-if __name__ == "__main__":
-    main()

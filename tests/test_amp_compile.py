@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import engine.measure
 import main
 
 TINY = ["--epochs", "1", "--train_subset", "32", "--test_subset", "16", "--batch_size", "16",
@@ -15,13 +16,13 @@ TINY = ["--epochs", "1", "--train_subset", "32", "--test_subset", "16", "--batch
 def record_throughput_calls(monkeypatch) -> list:
     """What main.py hands to pruning.benchmark.measure_throughput: the models and the autocast dtype."""
     calls = []
-    real = main.measure_throughput
+    real = engine.measure.measure_throughput
 
     def measure_throughput(models, inputs, warmup, rounds, autocast_dtype=None):
         calls.append(({name: model for name, model in models.items()}, autocast_dtype))
         return real(models, inputs, warmup, rounds, autocast_dtype)
 
-    monkeypatch.setattr(main, "measure_throughput", measure_throughput)
+    monkeypatch.setattr(engine.measure, "measure_throughput", measure_throughput)
     return calls
 
 

@@ -62,7 +62,7 @@ def write_folder(root, classes=("cat", "dog"), per_class: int = 3, test_split: s
 
 def test_digits_splits_and_transforms():
     splits = data.build_dataset("digits", "unused")
-    assert (len(splits.train), len(splits.test), splits.num_classes, splits.in_chans) == (1437, 360, 10, 1)
+    assert (len(splits.train), len(splits.test), splits.num_classes, splits.spec.in_chans) == (1437, 360, 10, 1)
     splits.set_transforms(8, "light")
     image, label = splits.train[0]
     assert image.shape == (1, 8, 8) and image.dtype == torch.float32 and 0 <= label < 10
@@ -84,9 +84,9 @@ def test_torchvision_formats_are_read_offline(tmp_path, name, writer, sizes, cla
     assert (len(splits.train), len(splits.test)) == sizes and splits.num_classes == classes
     splits.set_transforms(32, "paper")
     image, label = splits.train[0]
-    assert image.shape == (splits.in_chans, 32, 32) and 0 <= label < classes
+    assert image.shape == (splits.spec.in_chans, 32, 32) and 0 <= label < classes
     image, _ = splits.test[len(splits.test) - 1]
-    assert image.shape == (splits.in_chans, 32, 32)
+    assert image.shape == (splits.spec.in_chans, 32, 32)
 
 
 def test_folder_with_a_test_split(tmp_path):

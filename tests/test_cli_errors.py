@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-import main
+import engine.model
+from engine.model import create_model
 from cli_helpers import fails
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,7 +76,7 @@ def test_dataset_missing_offline(capsys, tmp_path):
 
 
 def test_hub_weights_that_cannot_be_fetched(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(main, "_hub_unreachable", lambda: "the hub cannot be reached (offline)")
+    monkeypatch.setattr(engine.model, "hub_unreachable", lambda: "the hub cannot be reached (offline)")
     line = fails(capsys, *TINY, "--output_dir", str(tmp_path / "out"), "--arch", "vit_tiny_patch16_224",
                  "--img_size", "32", "--pretrained")
     assert "--pretrained" in line and "--checkpoint" in line and "HF_HUB_OFFLINE" in line
@@ -102,7 +103,7 @@ def test_damaged_and_mismatched_checkpoints(capsys, tmp_path):
     line = fails(capsys, *TINY, "--output_dir", str(tmp_path / "out"), "--eval_only", "--checkpoint", str(damaged))
     assert "--checkpoint" in line and "damaged" in line
 
-    other = main.create_model(main.parse_args(["--arch", "vit_pico_patch4_28"]), 10, 1, pretrained=False)
+    other = create_model("vit_pico_patch4_28", 10, 1)
     wrong = tmp_path / "wrong.pt"
     torch.save({"model": other.state_dict()}, wrong)  # another embedding: does not fit the digits model
     line = fails(capsys, *TINY, "--output_dir", str(tmp_path / "out"), "--eval_only", "--checkpoint", str(wrong))
@@ -112,15 +113,6 @@ def test_damaged_and_mismatched_checkpoints(capsys, tmp_path):
 def test_resume_with_eval_only_is_refused(capsys, tmp_path):
     line = fails(capsys, *TINY, "--output_dir", str(tmp_path), "--resume", "x.pt", "--eval_only")
     assert "--resume" in line
-
-
-def test_visualize_without_the_module(capsys, tmp_path):
-    import importlib.util
-
-    if importlib.util.find_spec("pruning.visualize") is not None:
-        pytest.skip("pruning/visualize.py is present")
-    line = fails(capsys, *TINY, "--output_dir", str(tmp_path), "--visualize", "2")
-    assert "--visualize" in line
 
 
 def test_command_line_process_prints_one_line(tmp_path):

@@ -190,7 +190,7 @@ def test_remove_patch_restores_the_model(images):
         remove_patch(model)
         assert torch.equal(model(images), plain)
     assert not hasattr(model, "_compression")
-    assert all(type(b).__name__ == "Block" for b in model.blocks)
+    assert all(type(b).__name__ == "Block" and type(b.attn).__name__ == "Attention" for b in model.blocks)
 
 
 def test_patching_twice_replaces_the_first_patch(images):
@@ -237,6 +237,63 @@ def test_fused_and_explicit_attention_agree(method, reduce_at, images):
     explicit = apply_patch(make_vit(), method, 14, reduce_at=reduce_at, fused_attn=False)
     with torch.no_grad():
         torch.testing.assert_close(fused(images), explicit(images), atol=1e-5, rtol=0)
+
+
+def _sdpa_calls(model, images, monkeypatch):
+    """How many times a forward of ``model`` calls scaled_dot_product_attention (timm's path or the patch's)."""
+    calls = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
+        with torch.no_grad():
+            model(images)
+    return len(calls)
+
+
+@pytest.mark.parametrize("fused_attn", [True, False])
+@pytest.mark.parametrize("method", ["tk_n", "tome"])
+def test_one_switch_decides_fused_attention_in_every_block(method, fused_attn, images, monkeypatch):
+    # blocks 0 and 2 reduce nothing (timm's own forward), 1 and 3 reduce (the patch's attention);
+    # timm's own switch starts out the other way in every block
+    model = make_vit()
+    for block in model.blocks:
+        block.attn.fused_attn = not fused_attn
+    apply_patch(model, method, [0, 6, 0, 6], fused_attn=fused_attn)
+    assert all(block.attn.fused_attn is fused_attn for block in model.blocks)
+    assert _sdpa_calls(model, images, monkeypatch) == (DEPTH if fused_attn else 0)
+    with pytest.raises(AttributeError, match="apply_patch"):
+        model.blocks[0].attn.fused_attn = not fused_attn  # a second switch would let blocks disagree
+    remove_patch(model)
+    assert all(block.attn.fused_attn is (not fused_attn) for block in model.blocks)
+    assert _sdpa_calls(model, images, monkeypatch) == (0 if fused_attn else DEPTH)
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_k_zero_with_explicit_attention_is_bit_identical_to_timm_explicit(method, images):
+    model = make_vit()
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    with torch.no_grad():
+        plain = model(images)
+        apply_patch(model, method, 0, fused_attn=False)
+        assert torch.equal(model(images), plain)
+
+
+def test_remove_patch_restores_every_block_exactly(images):
+    model = make_vit()
+    model.blocks[1].attn.fused_attn = False  # mixed on purpose: each block gets its own value back
+    del model.blocks[2].attn.fused_attn  # timm's class annotation only: nothing in the instance
+    before = [(type(b), type(b.attn), dict(vars(b)), dict(vars(b.attn))) for b in model.blocks]
+    apply_patch(model, "evit", 5, fused_attn=True)
+    apply_patch(model, "tome", 3, fused_attn=False)
+    remove_patch(model)
+    after = [(type(b), type(b.attn), dict(vars(b)), dict(vars(b.attn))) for b in model.blocks]
+    assert after == before
 
 
 def test_model_without_class_token():

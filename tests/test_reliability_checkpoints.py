@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import main
+from engine.model import create_model
 from cli_helpers import fails
 
 TINY = ["--epochs", "1", "--train_subset", "32", "--test_subset", "16", "--batch_size", "16",
@@ -60,7 +61,7 @@ def test_truncated_safetensors(capsys, tmp_path, trained):
 
 
 def test_evaluating_a_head_for_other_classes_is_refused(capsys, tmp_path):
-    model = main.create_model(main.parse_args(["--arch", "vit_pico_patch2_8"]), 100, 1, pretrained=False)
+    model = create_model("vit_pico_patch2_8", 100, 1)
     path = tmp_path / "cifar100_head.pth"
     torch.save(model.state_dict(), path)
     line = fails(capsys, *TINY, "--output_dir", str(tmp_path / "out"), "--eval_only", "--checkpoint", str(path))
@@ -68,7 +69,7 @@ def test_evaluating_a_head_for_other_classes_is_refused(capsys, tmp_path):
 
 
 def test_wrong_arch_names_the_options(capsys, tmp_path):
-    other = main.create_model(main.parse_args(["--arch", "vit_pico_patch4_28"]), 10, 1, pretrained=False)
+    other = create_model("vit_pico_patch4_28", 10, 1)
     path = tmp_path / "fashion.pt"
     torch.save({"model": other.state_dict()}, path)
     for mode in (["--eval_only"], []):  # evaluating, and fine-tuning from it

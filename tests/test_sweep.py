@@ -3,7 +3,7 @@ import csv
 import math
 import os
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import pytest
 import yaml
@@ -28,30 +28,28 @@ def write_config(tmp_path: Path, **overrides) -> str:
 
 
 class FakeMain:
-    """Stands in for main.run: records each argv, writes the checkpoint a baseline leaves, returns
-    made-up results that depend on the method, reduce_token and seed."""
+    """Stands in for main.run: records each run's options (by dest), writes the checkpoint a baseline
+    leaves, returns made-up results that depend on the method, reduce_token and seed."""
 
     def __init__(self, fail_on: str = "", interrupt_after: int = -1):
-        self.calls: List[List[str]] = []
+        self.calls: List[Dict[str, Any]] = []
         self.fail_on = fail_on
         self.interrupt_after = interrupt_after
 
-    def __call__(self, argv: List[str]) -> Dict[str, float]:
+    def __call__(self, options: Dict[str, Any]) -> Dict[str, float]:
         if len(self.calls) == self.interrupt_after:
             raise KeyboardInterrupt
-        self.calls.append(argv)
-        command = " ".join(argv)
-        if self.fail_on and self.fail_on in command:
+        self.calls.append(options)
+        if self.fail_on and self.fail_on in sweep.command_line(options):
             raise ValueError("made-up failure")
-        out = Path(argv[argv.index("--output_dir") + 1])
+        out = Path(options["output_dir"])
         out.mkdir(parents=True, exist_ok=True)
         (out / "last.pt").write_text("weights")
-        k = int(argv[argv.index("--reduce_token") + 1])
-        seed = int(argv[argv.index("--seed") + 1])
-        results = {"accuracy": 90.0 - k - 0.5 * seed + (0.25 if "tk_n" in argv else 0.0),
+        k, seed = int(options["reduce_token"]), int(options["seed"])
+        results = {"accuracy": 90.0 - k - 0.5 * seed + (0.25 if options["method"] == "tk_n" else 0.0),
                    "best_accuracy": 90.0, "gflops": 0.01 * (10 - k), "throughput": 1000.0 + 100 * k,
                    "gmacs_thop": 0.004, "params_m": 0.3}
-        if "--benchmark" in argv:
+        if options.get("benchmark"):
             results["speedup"] = 1.0 + 0.1 * k
         return results
 
@@ -105,7 +103,7 @@ def test_an_interrupted_sweep_continues_where_it_stopped(tmp_path, no_plot):
     assert rows[:7] == saved  # rows already there are kept as they were
     assert len({sweep.row_key(r) for r in rows}) == len(rows) == PLANNED
     done_before = {r["command"] for r in saved}
-    assert not any("python main.py " + " ".join(argv) in done_before for argv in rest.calls)
+    assert not any(sweep.command_line(options) in done_before for options in rest.calls)
 
 
 def test_rows_present_are_skipped_and_missing_ones_run(tmp_path, no_plot):
@@ -119,7 +117,7 @@ def test_rows_present_are_skipped_and_missing_ones_run(tmp_path, no_plot):
     fake = FakeMain()
     run_sweep(config, fake)
     assert len(fake.calls) == len(dropped) == 4
-    assert all(argv[argv.index("--model") + 1] == "tk_n" and "--eval_only" not in argv for argv in fake.calls)
+    assert all(options["method"] == "tk_n" and not options.get("eval_only") for options in fake.calls)
     assert len(read_csv(csv_path)) == PLANNED
 
 
@@ -133,8 +131,8 @@ def test_a_lost_baseline_checkpoint_is_retrained_once(tmp_path, no_plot):
 
     fake = FakeMain()
     run_sweep(config, fake)
-    assert [argv[argv.index("--model") + 1] for argv in fake.calls][0] == "none"
-    assert "--checkpoint" not in fake.calls[0]  # the baseline of seed 1, trained again
+    assert fake.calls[0]["method"] == "none"
+    assert "checkpoint" not in fake.calls[0]  # the baseline of seed 1, trained again
     assert len(fake.calls) == 1 + 5
     rows = read_csv(csv_path)
     assert len(rows) == PLANNED
@@ -229,16 +227,19 @@ def test_sweep_writes_all_three_files(tmp_path):
 
 # --- the plan -----------------------------------------------------------------------------------------
 
-def test_planned_commands_are_main_py_command_lines(tmp_path):
+def test_planned_options_and_their_command_lines(tmp_path):
+    import shlex
+
     import main
 
     config = sweep.load_config(write_config(tmp_path, seeds=[3]), {})
     plan = sweep.plan_runs(config, lambda method, level: level.reduce_token)
     assert [s.protocol for s in plan[:1]] == ["baseline"]
     for spec in plan:
+        args = main.parse_args([], settings=spec.options)  # what the sweep runs
         assert spec.command.startswith("python main.py ")
-        args = main.parse_args(list(spec.argv))
-        assert (args.model, args.seed, args.output_dir) == (spec.method, 3, spec.argv[-1])
+        assert vars(main.parse_args(shlex.split(spec.command)[2:])) == vars(args)  # what runs.csv says
+        assert (args.method, args.seed, args.output_dir) == (spec.method, 3, spec.options["output_dir"])
         assert args.eval_only == (spec.protocol == "offtheshelf")
         assert args.benchmark == (spec.protocol == "offtheshelf")
         if spec.protocol != "offtheshelf":

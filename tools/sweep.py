@@ -8,7 +8,9 @@ For every seed the baseline (method ``none``) is trained first; its checkpoint i
 Each finished run becomes one row of ``<out_dir>/runs.csv`` (with the ``python main.py ...`` command
 that reproduces it); rows already there are skipped, so an interrupted sweep continues where it
 stopped. At the end ``summary.md`` (mean ± std over seeds) and ``pareto.png`` are rebuilt from
-runs.csv. Runs call ``main.run(main.parse_args(argv))`` in this process.
+runs.csv. Each run's options are data (``{dest: value}``) handed to
+``main.run(main.parse_args([], settings=options))`` in this process; the sweep, as their caller, sets
+the CPU threads (``threads``, else main.py's own rule for the model).
 
 A level says how many tokens each block removes, in one of three ways (YAML ``levels`` entries):
 - ``{name: light, reduce_token: 2}`` (or a list with one value per block): the same for every method;
@@ -47,10 +49,10 @@ FIELDS = ("protocol", "method", "level", "reduce_token", "seed", "accuracy", "be
 KEY_FIELDS = ("protocol", "method", "level", "reduce_token", "seed")
 
 Results = Dict[str, Any]
-RunFn = Callable[[List[str]], Results]
+RunFn = Callable[[Dict[str, Any]], Results]  # main.py options by dest -> results
 Schedule = Union[int, List[int]]
 Key = Tuple[str, ...]
-Options = Union[Dict[str, Any], List[str]]  # main.py options: {epochs: 3} or ["--epochs", "3"]
+Options = Union[Dict[str, Any], List[str]]  # main.py options in YAML: {epochs: 3} or ["--epochs", "3"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,39 +93,46 @@ class SweepConfig:
     finetune_args: Options = field(default_factory=dict)  # ... for the finetune protocol
     offtheshelf_args: Options = field(default_factory=dict)  # ... for the off-the-shelf protocol
     compare: List[Tuple[str, str]] = field(default_factory=lambda: [("tk_n", "tk")])  # paired differences
-    threads: Optional[int] = None  # torch CPU threads (None: torch's default)
+    threads: Optional[int] = None  # torch CPU threads (None: main.py's rule, 1 for models under 5 M parameters)
 
     @property
     def runs_csv(self) -> Path:
         return self.out_dir / "runs.csv"
 
 
-def merge_options(*layers: Options) -> List[str]:
-    """main.py argv from option layers, later ones winning: mappings are merged key by key (so a
-    protocol's ``epochs`` replaces the common one), lists are appended (argparse keeps the last)."""
-    if all(isinstance(layer, dict) for layer in layers):
-        merged: Dict[str, Any] = {}
-        for layer in layers:
-            merged.update(layer)
-        return options_to_argv(merged)
-    return [token for layer in layers for token in options_to_argv(layer)]
+def merge_options(*layers: Options) -> Dict[str, Any]:
+    """main.py options by dest (``model`` is ``method``) from YAML layers, later ones winning key by key
+    (so a protocol's ``epochs`` replaces the common one). A list layer is taken as command-line tokens."""
+    import main
+    from engine import options
+
+    merged: Dict[str, Any] = {}
+    for layer in layers:
+        if isinstance(layer, dict):
+            merged.update(options.dests({str(k).lstrip("-").replace("-", "_"): v for k, v in layer.items()}))
+        elif layer:
+            merged.update(options.given(main.build_parser(), [str(token) for token in layer]))
+    return merged
 
 
-def options_to_argv(options: Optional[Options]) -> List[str]:
-    """main.py options from YAML: a list is taken as is; a mapping ``{epochs: 3, amp: true}`` becomes
-    ``--epochs 3 --amp`` (false/None are left out, lists are comma-joined)."""
-    if not options:
-        return []
-    if not isinstance(options, dict):
-        return [str(o) for o in options]
+def options_to_argv(values: Dict[str, Any]) -> List[str]:
+    """main.py command-line tokens of options by dest: ``{epochs: 3, amp: True, download: False}`` ->
+    ``--epochs 3 --amp --no-download`` (None is left out, lists are comma-joined)."""
+    from engine import options
+
     argv: List[str] = []
-    for name, value in options.items():
-        if value is None or value is False:
+    for name, value in options.option_names(values).items():
+        if value is None:
             continue
-        argv.append(f"--{name}")
-        if value is not True:
+        argv.append(f"--{name}" if value is not False else f"--no-{name}")
+        if not isinstance(value, bool):
             argv.append(",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value))
     return argv
+
+
+def command_line(values: Dict[str, Any]) -> str:
+    """The ``python main.py ...`` command of a run's options (the runs.csv ``command`` column)."""
+    return "python main.py " + shlex.join(options_to_argv(values))
 
 
 def load_config(path: Optional[str], overrides: Dict[str, Any]) -> SweepConfig:
@@ -190,16 +199,19 @@ def format_reduce_token(schedule: Schedule) -> str:
     return ",".join(str(int(k)) for k in schedule)
 
 
-def reference_resolver(main_args: Options) -> LevelResolver:
-    """A resolver for the model the runs will build (only its shape matters), from main.py's settings."""
-    import data
+def reference_args(main_args: Options) -> argparse.Namespace:
+    """main.py's options of the runs, as far as every run shares them."""
     import main
 
-    args = main.parse_args(merge_options(main_args))
-    spec = data.DATASETS[args.data_name]
-    args.arch = args.arch or spec.arch
-    model = main.create_model(args, spec.num_classes or 1000, spec.in_chans, pretrained=False)
-    return LevelResolver(model, reduce_at=args.reduce_at)
+    return main.parse_args([], settings=merge_options(main_args))
+
+
+def reference_resolver(main_args: Options) -> LevelResolver:
+    """A resolver for the model the runs will build (only its shape matters), from main.py's settings."""
+    import main
+
+    args = reference_args(main_args)
+    return LevelResolver(main.reference_model(args), reduce_at=args.reduce_at)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,7 +225,7 @@ class RunSpec:
     level: str
     reduce_token: str
     seed: int
-    argv: Tuple[str, ...]
+    options: Dict[str, Any]  # main.py options by dest, handed to main.run
     needs: Optional[str] = None  # the checkpoint this run starts from
 
     @property
@@ -222,7 +234,7 @@ class RunSpec:
 
     @property
     def command(self) -> str:
-        return "python main.py " + shlex.join(self.argv)
+        return command_line(self.options)
 
 
 def baseline_dir(config: SweepConfig, seed: int) -> Path:
@@ -235,22 +247,22 @@ def baseline_checkpoint(config: SweepConfig, seed: int) -> str:
 
 def baseline_checkpoint_of(spec: RunSpec) -> str:
     """The checkpoint a baseline run writes (in its --output_dir)."""
-    return str(Path(spec.argv[spec.argv.index("--output_dir") + 1]) / CHECKPOINT_NAME)
+    return str(Path(spec.options["output_dir"]) / CHECKPOINT_NAME)
 
 
 def _spec(config: SweepConfig, protocol: str, method: str, level: str, reduce_token: str, seed: int) -> RunSpec:
-    """The argv of one run: common options, the protocol's options, then what this run varies."""
+    """The options of one run: common options, the protocol's options, then what this run varies."""
     needs = None if protocol == BASELINE else baseline_checkpoint(config, seed)
     if protocol == BASELINE:
         options, out = config.baseline_args, baseline_dir(config, seed)
     else:
         options = config.finetune_args if protocol == "finetune" else config.offtheshelf_args
         out = config.work_dir / protocol / (method if level == NO_LEVEL else f"{method}-{level}") / f"seed{seed}"
-    argv = merge_options(config.main_args, options)
+    values = merge_options(config.main_args, options)
     if needs:
-        argv += ["--checkpoint", needs] + (["--eval_only"] if protocol == "offtheshelf" else [])
-    argv += ["--model", method, "--reduce_token", reduce_token, "--seed", str(seed), "--output_dir", str(out)]
-    return RunSpec(protocol, method, level, reduce_token, seed, tuple(argv), needs)
+        values.update(checkpoint=needs, **({"eval_only": True} if protocol == "offtheshelf" else {}))
+    values.update(method=method, reduce_token=reduce_token, seed=seed, output_dir=str(out))
+    return RunSpec(protocol, method, level, reduce_token, seed, values, needs)
 
 
 def plan_runs(config: SweepConfig, schedule: Callable[[str, Level], Schedule]) -> List[RunSpec]:
@@ -339,11 +351,11 @@ def derive_speedups(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------
 # running
 
-def run_main(argv: List[str]) -> Results:
-    """One main.py run in this process."""
+def run_main(options: Dict[str, Any]) -> Results:
+    """One main.py run in this process (the threads as the sweep set them)."""
     import main
 
-    return main.run(main.parse_args(list(argv)))
+    return main.run(main.parse_args([], settings=options))
 
 
 def pending_runs(plan: List[RunSpec], rows: List[Dict[str, str]]) -> List[RunSpec]:
@@ -375,7 +387,7 @@ def execute(plan: List[RunSpec], runs_csv: Path, run_fn: RunFn = run_main,
         log(f"[{index}/{len(todo)}] {spec.command}")
         start = time.perf_counter()
         try:
-            results = run_fn(list(spec.argv))
+            results = run_fn(dict(spec.options))
         except (Exception, SystemExit) as err:  # main.py exits with a message on bad input
             log(f"  failed: {type(err).__name__}: {err}")
             failed.append(spec)
@@ -642,7 +654,8 @@ def parse_cli(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=csv_list(int), help="e.g. 0,1,2")
     parser.add_argument("--methods", type=csv_list(str), help="e.g. none,tk,tk_n")
     parser.add_argument("--protocols", type=csv_list(str), help="finetune,offtheshelf")
-    parser.add_argument("--threads", type=int, help="torch CPU threads for the runs (default: torch's own)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads for the runs (default: main.py's rule: 1 "
+                                                    "for models under 5 M parameters, else torch's own)")
     parser.add_argument("--dry_run", action="store_true", help="print the runs still to do, run nothing")
     parser.add_argument("--report_only", action="store_true", help="rebuild summary.md and pareto.png only")
     return parser.parse_args(argv)
@@ -658,10 +671,10 @@ def main(argv: Optional[List[str]] = None, run_fn: RunFn = run_main,
                                        "threads": opts.threads})
     failed: List[RunSpec] = []
     if not opts.report_only:
-        if config.threads:
-            import torch
+        import main
+        import torch
 
-            torch.set_num_threads(config.threads)
+        torch.set_num_threads(config.threads or main.choose_threads(reference_args(config.main_args)))
         plan = plan_runs(config, schedule or reference_resolver(config.main_args).schedule)
         if opts.dry_run:
             for spec in pending_runs(plan, read_rows(config.runs_csv)):

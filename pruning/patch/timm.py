@@ -1,7 +1,9 @@
 """The timm-specific part: patching ``VisionTransformer`` blocks so that each one reduces tokens.
 
-Blocks (and their attention) are given a subclass of their own class, as ToMe does, so the
+Blocks and their attention are given a subclass of their own class, as ToMe does, so the
 weights, hooks and ``state_dict`` are untouched and ``remove_patch`` restores the plain model.
+While a model is patched, one switch decides whether its attention is fused: the config's
+``fused_attn``, which every block's ``attn.fused_attn`` reads (timm's own path at k = 0 included).
 """
 from typing import Optional, Tuple
 
@@ -11,12 +13,15 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor
 
+from ..counting import PoolK, resolve_schedule
 from ..merging import bipartite_soft_matching, merge_source, merge_wavg
 from ..methods import PLACEMENTS, get_method
 from ..reduction import prune_tokens, select_tokens, tokens_kept
-from ..schedules import PoolK, resolve_schedule
 from ..scoring import class_attention, fusion_weights, token_norm
-from ..state import CompressionConfig, CompressionState
+from ..state import CONFIG_ATTR, CompressionConfig, get_config, get_state
+
+__all__ = ["apply_patch", "remove_patch", "get_config", "get_state", "attend", "reduce_tokens",
+           "CompressedBlock", "CompressedAttention"]
 
 
 def attend(attn: Attention, x: Tensor, *, size: Optional[Tensor], want_cls_attn: bool, want_keys: bool,
@@ -31,31 +36,31 @@ def attend(attn: Attention, x: Tensor, *, size: Optional[Tensor], want_cls_attn:
     gate = getattr(attn, "gate", None)
     gate = gate(x).sigmoid() if gate is not None else None
     qkv = attn.qkv(x).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    bias = None if size is None else size.log()[:, None, None, :, 0].to(q.dtype)
+    queries, keys, values = qkv.unbind(0)
+    queries, keys = attn.q_norm(queries), attn.k_norm(keys)
+    bias = None if size is None else size.log()[:, None, None, :, 0].to(queries.dtype)
 
     cls_attn = None
     if fused:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=bias,
                                              dropout_p=attn.attn_drop.p if attn.training else 0.0)
         if want_cls_attn:
-            cls_attn = class_attention(q, k, attn.scale, bias)
+            cls_attn = class_attention(queries, keys, attn.scale, bias)
     else:
-        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        logits = (queries * attn.scale) @ keys.transpose(-2, -1)
         if bias is not None:
             logits = logits + bias
         weights = logits.softmax(dim=-1)
         if want_cls_attn:
             cls_attn = weights[:, :, 0].mean(dim=1)
-        out = attn.attn_drop(weights) @ v
+        out = attn.attn_drop(weights) @ values
 
     out = out.transpose(1, 2).reshape(batch, num_tokens, attn_dim)
     out = getattr(attn, "norm", torch.nn.Identity())(out)
     if gate is not None:
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
-    return out, cls_attn, (k.mean(dim=1) if want_keys else None)
+    return out, cls_attn, (keys.mean(dim=1) if want_keys else None)
 
 
 def reduce_tokens(cfg: CompressionConfig, x: Tensor, k: int, cls_attn: Optional[Tensor],
@@ -64,7 +69,7 @@ def reduce_tokens(cfg: CompressionConfig, x: Tensor, k: int, cls_attn: Optional[
     method, state, num_prefix = cfg.method, cfg.state, cfg.num_prefix_tokens
     if method.reduction == "merge":
         matching = bipartite_soft_matching(keys, k, num_prefix)
-        if matching.r == 0:
+        if matching.k == 0:
             return x
         if state.source is not None:
             state.source = merge_source(matching, state.source)
@@ -87,16 +92,28 @@ def reduce_tokens(cfg: CompressionConfig, x: Tensor, k: int, cls_attn: Optional[
     return prune_tokens(x, keep_idx, drop_idx, weights)
 
 
+class CompressedAttention(Attention):
+    """A timm ``Attention`` in a patched block: ``fused_attn`` is the model's config, the one switch."""
+
+    @property
+    def fused_attn(self) -> bool:  # read by timm's own forward too
+        return get_config(self).fused_attn
+
+    @fused_attn.setter
+    def fused_attn(self, value: bool) -> None:
+        raise AttributeError("fused_attn: the blocks of a patched model share one attention switch; "
+                             "set it with pruning.patch.apply_patch(model, ..., fused_attn=...)")
+
+
 class CompressedBlock(Block):
     """A timm ``Block`` that reduces its tokens after attention or after the MLP."""
 
-    _compression: CompressionConfig
     _compression_index: int
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
             raise ValueError("attn_mask: token compression changes the token set, so masks are not supported")
-        cfg, index = self._compression, self._compression_index
+        cfg, index = get_config(self), self._compression_index
         state = cfg.state
         if index == 0:  # the first block starts a new forward pass (works for forward_features and friends)
             state.reset(x, cfg.trace_source)
@@ -125,14 +142,16 @@ class CompressedBlock(Block):
         return x
 
 
-def _compressed_class(cls: type) -> type:
-    """A subclass of ``cls`` with the compressed forward (cached, so isinstance checks keep working)."""
+def _compressed_class(cls: type, compressed: type) -> type:
+    """A subclass of ``cls`` (a Block or an Attention class) with the behaviour of ``compressed`` (cached,
+    so that isinstance checks keep working)."""
     if cls not in _SUBCLASSES:
-        _SUBCLASSES[cls] = type(f"Compressed{cls.__name__}", (CompressedBlock, cls), {})
+        _SUBCLASSES[cls] = type(f"Compressed{cls.__name__}", (compressed, cls), {})
     return _SUBCLASSES[cls]
 
 
-_SUBCLASSES: dict = {Block: CompressedBlock}
+_SUBCLASSES: dict = {Block: CompressedBlock, Attention: CompressedAttention}
+_NOT_SET = object()  # an attribute that was not in the module's __dict__ before patching
 
 
 def apply_patch(model: VisionTransformer, select_method: str = "tk_n", pool_k: PoolK = 10, *,
@@ -148,7 +167,8 @@ def apply_patch(model: VisionTransformer, select_method: str = "tk_n", pool_k: P
         prop_attn: ToMe's proportional attention (log of token sizes added to the attention logits).
         trace_source: record which original tokens every token carries (``get_state(model).source``).
         fused_attn: run attention through scaled_dot_product_attention; False materialises the N×N
-            attention matrix (the plain reference implementation).
+            attention matrix (the plain reference implementation). It holds for every block, whether it
+            reduces or not, in place of timm's own ``attn.fused_attn`` (which ``remove_patch`` restores).
     """
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"model: expected a timm VisionTransformer, got {type(model).__name__}")
@@ -177,35 +197,33 @@ def apply_patch(model: VisionTransformer, select_method: str = "tk_n", pool_k: P
     remove_patch(model)
     cfg = CompressionConfig(method=method, schedule=schedule, reduce_at=reduce_at,
                             num_prefix_tokens=model.num_prefix_tokens, prop_attn=prop_attn,
-                            trace_source=trace_source, fused_attn=fused_attn)
-    model._compression = cfg
+                            trace_source=trace_source, fused_attn=bool(fused_attn))
+    setattr(model, CONFIG_ATTR, cfg)
     for index, block in enumerate(model.blocks):
-        block._original_class = block.__class__
-        block.__class__ = _compressed_class(block.__class__)
-        block._compression = cfg
+        attn = block.attn
+        attn._original_fused_attn = attn.__dict__.pop("fused_attn", _NOT_SET)
+        for module, compressed in ((block, CompressedBlock), (attn, CompressedAttention)):
+            module._original_class = module.__class__
+            module.__class__ = _compressed_class(module.__class__, compressed)
+            setattr(module, CONFIG_ATTR, cfg)
         block._compression_index = index
     return model
 
 
 def remove_patch(model: VisionTransformer) -> VisionTransformer:
-    """Undo ``apply_patch``: the model runs exactly as before it was patched."""
+    """Undo ``apply_patch``: the model runs exactly as before it was patched, its attention switches included."""
     for block in model.blocks:
         original = block.__dict__.pop("_original_class", None)
-        if original is not None:
-            block.__class__ = original
-            del block._compression, block._compression_index
-    model.__dict__.pop("_compression", None)
+        if original is None:
+            continue
+        block.__class__ = original
+        del block._compression_index
+        block.__dict__.pop(CONFIG_ATTR)
+        attn = block.attn
+        attn.__class__ = attn.__dict__.pop("_original_class")
+        attn.__dict__.pop(CONFIG_ATTR)
+        fused = attn.__dict__.pop("_original_fused_attn")
+        if fused is not _NOT_SET:
+            attn.__dict__["fused_attn"] = fused
+    model.__dict__.pop(CONFIG_ATTR, None)
     return model
-
-
-def get_config(model: VisionTransformer) -> Optional[CompressionConfig]:
-    """The compression a model was patched with, or None."""
-    return getattr(model, "_compression", None)
-
-
-def get_state(model: VisionTransformer) -> CompressionState:
-    """The state left by the last forward pass: sizes, source map, tokens per block."""
-    cfg = get_config(model)
-    if cfg is None:
-        raise ValueError("model: not patched; call pruning.patch.apply_patch first")
-    return cfg.state

@@ -1,0 +1,389 @@
+"""main.py's options: the parser and its value parsers, YAML config files, the settings that
+checkpoints keep (and ``--resume`` restores), and the checks of options that need each other.
+
+Defaults come from the caller (``main.DEFAULTS`` and ``main.RECIPES``), then ``--config FILE.yaml``
+(its keys checked, then applied with ``parser.set_defaults``), then the command line.
+
+Inside the code the compression method is ``args.method``; users name it ``--model`` (command line,
+YAML files, config.yaml, the settings in checkpoints): :data:`OPTION_NAMES` translates.
+"""
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+import yaml
+
+import data
+from pruning import METHOD_NAMES
+
+from . import distributed
+from .checkpoint import read_resume
+from .distributed import Processes
+from .errors import CLIError
+
+MAX_LR = 1e6  # far beyond any useful rate; larger ones overflow float32 inside the optimiser
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+# Options that may differ when a run is resumed: where and how it runs, not what it computes.
+RESUME_FREE = ("resume", "config", "output_dir", "device", "threads", "num_workers", "data_root", "visualize",
+               "bench_batch_size", "bench_warmup", "bench_steps", "compile")
+# dest in the code -> option name users write, where they differ
+OPTION_NAMES = {"method": "model"}
+DESTS = {name: dest for dest, name in OPTION_NAMES.items()}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to train on a dataset when --arch, --augment and --lr_base are not given."""
+    arch: str  # timm model name
+    augment: str  # training augmentation: paper, light or none (data/transforms.py)
+    lr_base: float  # learning rate at batch size 512, scaled linearly to the batch size
+
+
+# ----------------------------------------------------------------------------------------------
+# value parsers
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _float_at_least(minimum: float, strict: bool = False, maximum: float = math.inf):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum}, got {text}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum:g}, got {text}")
+        return value
+    return parse
+
+
+def reduce_token_type(text: str) -> Union[int, List[int]]:
+    """``10`` (every block) or ``0,2,2,2,2,2`` (one value per block)."""
+    try:
+        values = [int(v) for v in str(text).split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or a comma list of ints (one per block), got {text!r}") \
+            from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"tokens removed per block must be >= 0, got {text!r}")
+    return values if "," in str(text) else values[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# the parser
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises :class:`CLIError` instead of printing usage and exiting."""
+
+    def error(self, message: str):
+        raise CLIError(message)
+
+
+def _per_dataset(recipes: Mapping[str, Recipe], field: str) -> str:
+    """``digits a, FashionMNIST b, ...``: a recipe field for each dataset."""
+    return ", ".join(f"{name} {getattr(recipe, field):g}" if field == "lr_base" else f"{name} {getattr(recipe, field)}"
+                     for name, recipe in recipes.items())
+
+
+def build_parser(defaults: Mapping[str, Any], recipes: Mapping[str, Recipe]) -> ArgumentParser:
+    """The parser of main.py; ``defaults`` (by dest) replace the parser's own, ``recipes`` are named in --help."""
+    start = recipes[defaults["data_name"]]
+    parser = ArgumentParser(
+        prog="main.py", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train, evaluate and benchmark token compression in timm Vision Transformers.",
+        epilog=f"Defaults < --config FILE.yaml < command line. With no options: {start.arch} on "
+               f"{defaults['data_name']}, {defaults['method']} removing {defaults['reduce_token']} tokens per block, "
+               f"{defaults['epochs']} epochs. Several GPUs: torchrun --nproc_per_node N main.py ... (--batch_size "
+               f"is per process).")
+    bool_flag = dict(action=argparse.BooleanOptionalAction, default=False)
+
+    group = parser.add_argument_group("compression")
+    group.add_argument("--model", dest="method", choices=METHOD_NAMES, metavar="METHOD",
+                       help=f"compression method: {', '.join(METHOD_NAMES)} (default: %(default)s)")
+    group.add_argument("--reduce_token", type=reduce_token_type, metavar="K",
+                       help="tokens removed per block: an int, or a comma list with one value per block "
+                            "(default: %(default)s)")
+    group.add_argument("--reduce_at", default=None, choices=("block", "attn"),
+                       help="reduce after the whole block, or between attention and MLP (default: the "
+                            "method's own: block; attn for tome)")
+
+    group = parser.add_argument_group("model")
+    group.add_argument("--arch", metavar="NAME", default=None,
+                       help="timm ViT name, e.g. vit_small_patch16_224.augreg_in21k (default: per dataset: "
+                            f"{_per_dataset(recipes, 'arch')})")
+    group.add_argument("--img_size", metavar="PX", type=_int_at_least(1), default=None,
+                       help="input size in pixels; images are resized to it (default: the arch's)")
+    group.add_argument("--patch_size", metavar="PX", type=_int_at_least(1), default=None,
+                       help="patch size (default: the arch's)")
+    group.add_argument("--pretrained", **bool_flag, help="start from timm hub weights (needs the internet "
+                                                         "or the Hugging Face cache) (default: off)")
+    group.add_argument("--checkpoint", default=None, metavar="FILE",
+                       help="weights to start from or to evaluate: timm .pth/.safetensors or a main.py "
+                            "checkpoint; a classifier head of another size is left out for training, refused "
+                            "by --eval_only (default: none)")
+
+    group = parser.add_argument_group("data")
+    group.add_argument("--data_name", choices=tuple(data.DATASETS),
+                       help=f"dataset: {', '.join(data.DATASETS)} (default: %(default)s)")
+    group.add_argument("--data_root", metavar="DIR",
+                       help="where datasets are read from and downloaded to; for folder: the folder with "
+                            "train/<class>/ and val/<class>/ (default: %(default)s)")
+    group.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                       help="download a torchvision dataset into --data_root when it is not there "
+                            "(default: on)")
+    group.add_argument("--augment", default=None, choices=data.AUGMENTATIONS,
+                       help="training augmentation: paper (RandomResizedCrop, flip, RandAugment, "
+                            "RandomErasing), light (random shift, flip), none (default: per dataset: "
+                            f"{_per_dataset(recipes, 'augment')})")
+    group.add_argument("--train_subset", type=_int_at_least(0), default=0, metavar="N",
+                       help="train on a fixed random subset of N images, 0 = all (default: %(default)s)")
+    group.add_argument("--test_subset", type=_int_at_least(0), default=0, metavar="N",
+                       help="test on a fixed random subset of N images, 0 = all (default: %(default)s)")
+    group.add_argument("--num_workers", metavar="N", type=_int_at_least(0), default=0,
+                       help="data loading processes (default: %(default)s)")
+
+    group = parser.add_argument_group("training")
+    group.add_argument("--batch_size", metavar="N", type=_int_at_least(1), help="(default: %(default)s)")
+    group.add_argument("--epochs", metavar="N", type=_int_at_least(1), help="(default: %(default)s)")
+    group.add_argument("--lr", metavar="LR", type=_float_at_least(0.0, strict=True, maximum=MAX_LR), default=None,
+                       help="AdamW peak learning rate, cosine decay per step (default: --lr_base * batch_size / 512)")
+    group.add_argument("--lr_base", metavar="LR", type=_float_at_least(0.0, strict=True, maximum=MAX_LR),
+                       default=None,
+                       help="learning rate at batch size 512, scaled linearly to the batch size when --lr is "
+                            f"not given (default: per dataset: {_per_dataset(recipes, 'lr_base')})")
+    group.add_argument("--weight_decay", metavar="WD", type=_float_at_least(0.0),
+                       help="AdamW weight decay, not applied to norms, biases and embeddings "
+                            "(default: %(default)s)")
+    group.add_argument("--warmup_epochs", metavar="N", type=_float_at_least(0.0),
+                       help="linear learning-rate warm-up (default: %(default)s)")
+    group.add_argument("--seed", metavar="N", type=int, help="(default: %(default)s)")
+    group.add_argument("--device", metavar="DEVICE", default="auto",
+                       help="auto (cuda if there is one, else cpu), cpu, cuda, cuda:N (default: %(default)s)")
+    group.add_argument("--threads", metavar="N", type=_int_at_least(0), default=0,
+                       help="CPU threads for PyTorch; 0 = auto: 1 for models under 5 M parameters (their "
+                            "matrices are too small to split, and spare cores stay free), else one per core "
+                            "(default: %(default)s)")
+    group.add_argument("--amp", **bool_flag, help="mixed precision (autocast): bf16 on CPU, --amp_dtype on CUDA "
+                                                  "(default: off)")
+    group.add_argument("--amp_dtype", default="auto", choices=("auto", "float16", "bfloat16"),
+                       help="--amp's type: auto = float16 (with loss scaling) on CUDA, bfloat16 on CPU; bfloat16 "
+                            "on CUDA needs no loss scaling (Ampere or newer) (default: %(default)s)")
+    group.add_argument("--compile", **bool_flag, help="torch.compile the model for training, evaluation and the "
+                                                      "throughput measurement (default: off)")
+
+    group = parser.add_argument_group("run")
+    group.add_argument("--output_dir", metavar="DIR", default=None,
+                       help="results.json, checkpoints and logs (default: output, or the folder of --resume)")
+    group.add_argument("--config", default=None, metavar="FILE.yaml",
+                       help="YAML file of options (keys as above, without --); the command line overrides it "
+                            "(default: none)")
+    group.add_argument("--resume", default=None, metavar="FILE",
+                       help="continue an interrupted run from its last.pt, exactly, with its settings (default: none)")
+    group.add_argument("--eval_only", **bool_flag, help="evaluate --checkpoint (or --pretrained) with the "
+                                                        "chosen compression, no training (default: off)")
+    group.add_argument("--benchmark", **bool_flag, help="no training: throughput and FLOPs of the chosen method "
+                                                        "and of the uncompressed model (default: off)")
+    group.add_argument("--visualize", type=_int_at_least(0), default=0, metavar="N",
+                       help="write <output_dir>/visualization.png for the first N test images, 0 = off "
+                            "(default: %(default)s)")
+
+    group = parser.add_argument_group("throughput measurement")
+    group.add_argument("--bench_batch_size", metavar="N", type=_int_at_least(1), default=None,
+                       help="images per timed forward (default: --batch_size)")
+    group.add_argument("--bench_warmup", metavar="N", type=_int_at_least(0), default=5,
+                       help="untimed forwards first (default: %(default)s)")
+    group.add_argument("--bench_steps", metavar="N", type=_int_at_least(1), default=20,
+                       help="timed forwards; the median is reported (default: %(default)s)")
+
+    unknown = set(defaults) - {action.dest for action in parser._actions}
+    if unknown:
+        raise ValueError(f"defaults: no option has the dest {sorted(unknown)}")
+    parser.set_defaults(**defaults)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+# option names (as users write them) and dests (as the code reads them)
+
+def option_names(values: Mapping[str, Any]) -> Dict[str, Any]:
+    """``{dest: value}`` keyed by the option names users write (``method`` -> ``model``)."""
+    return {OPTION_NAMES.get(key, key): value for key, value in values.items()}
+
+
+def dests(values: Mapping[str, Any]) -> Dict[str, Any]:
+    """``{option name: value}`` keyed by dest (``model`` -> ``method``); the inverse of :func:`option_names`."""
+    return {DESTS.get(key, key): value for key, value in values.items()}
+
+
+def settings_of(args: argparse.Namespace) -> Dict[str, Any]:
+    """Every option of a run by option name, sorted: what config.yaml and checkpoints keep."""
+    return dict(sorted(option_names(vars(args)).items()))
+
+
+def _tokens(parser: ArgumentParser, values: Mapping[str, Any], where: str) -> List[str]:
+    """``{option name: value}`` (a YAML mapping) as command-line tokens; unknown names and non-boolean
+    values of on/off options are refused, naming ``where``."""
+    actions = {action.option_strings[0][2:]: action for action in parser._actions
+               if action.option_strings and action.option_strings[0].startswith("--")}
+    tokens: List[str] = []
+    for key, value in values.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        if name not in actions or name in ("help", "config"):
+            raise CLIError(f"{where}: unknown option {key!r}; see python main.py --help")
+        if value is None:
+            continue
+        if isinstance(actions[name], argparse.BooleanOptionalAction):
+            if not isinstance(value, bool):
+                raise CLIError(f"{where}: {key} must be true or false, got {value!r}")
+            tokens.append(f"--{name}" if value else f"--no-{name}")
+        else:
+            tokens += [f"--{name}", ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
+    return tokens
+
+
+def given(parser: ArgumentParser, argv: Sequence[str]) -> Dict[str, Any]:
+    """The options ``argv`` gives (none of the defaults), checked and converted as on the command line, by dest."""
+    parsed = parser.parse_args(list(argv))
+    named = {token.split("=", 1)[0] for token in argv if token.startswith("--")}
+    return {action.dest: getattr(parsed, action.dest) for action in parser._actions
+            if named & set(action.option_strings)}
+
+
+def read_config(parser: ArgumentParser, path: str) -> Dict[str, Any]:
+    """The options of a YAML file, checked as the command line would be, by dest."""
+    if not os.path.isfile(path):
+        raise CLIError(f"--config: {path} not found")
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        raise CLIError(f"--config: {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(config, dict):
+        raise CLIError(f"--config: {path} must hold a mapping of option: value")
+    tokens = _tokens(parser, config, f"--config: {path}")
+    try:
+        return given(parser, tokens)
+    except CLIError as err:
+        raise CLIError(f"--config {path}: {err}") from None
+
+
+def parse_args(argv: Optional[Sequence[str]], defaults: Mapping[str, Any], recipes: Mapping[str, Recipe],
+               options: Optional[Mapping[str, Any]] = None) -> argparse.Namespace:
+    """Options from ``defaults``, then ``--config``, then ``options`` (by dest: a caller's settings as
+    data), then ``argv`` (default: sys.argv[1:])."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(defaults, recipes)
+    pre = ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", default=None)
+    config = pre.parse_known_args(argv)[0].config
+    if config:
+        parser.set_defaults(**read_config(parser, config))
+    if options:
+        parser.set_defaults(**given(parser, _tokens(parser, option_names(options), "options")))
+    return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# resume
+
+def restore_settings(args: argparse.Namespace, checkpoint: Dict[str, Any], parser: ArgumentParser) -> None:
+    """Take the resumed run's settings (all but RESUME_FREE) and say which command-line values lose."""
+    saved = checkpoint.get("settings")
+    if not isinstance(saved, dict):
+        raise CLIError(f"--resume: {args.resume} is not a checkpoint written by main.py (no settings)")
+    saved = dests(saved)
+    kept = {key: value for key, value in saved.items() if key not in RESUME_FREE and hasattr(args, key)}
+    changed = [OPTION_NAMES.get(key, key) for key, value in kept.items()
+               if getattr(args, key) not in (value, parser.get_default(key))]  # given, and lost
+    for key, value in kept.items():
+        setattr(args, key, value)
+    if changed:
+        print(f"resume: using the checkpoint's {', '.join(changed)} (a resumed run keeps its settings)")
+
+
+def load_resume(args: argparse.Namespace, processes: Processes, parser: ArgumentParser) -> Dict[str, Any]:
+    """The ``--resume`` checkpoint, its settings taken into ``args``; the number of processes must match.
+    ``parser``: the one that parsed ``args`` (its defaults tell given values from default ones)."""
+    checkpoint = read_resume(args.resume)
+    restore_settings(args, checkpoint, parser)
+    trained_by = checkpoint.get("world_size", 1)
+    if trained_by != processes.world_size:
+        raise CLIError(f"--resume: {args.resume} was written by a run of {trained_by} process(es), this one has "
+                       f"{processes.world_size}; resume with as many (torchrun --nproc_per_node, or python main.py "
+                       f"for 1): the data order and the learning-rate schedule depend on it")
+    return checkpoint
+
+
+def saved_settings(path: str) -> Dict[str, Any]:
+    """The settings of a main.py checkpoint by dest, its tensors left on disk (mmap); {} if it has none."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    settings = checkpoint.get("settings") if isinstance(checkpoint, dict) else None
+    return dests(settings) if isinstance(settings, dict) else {}
+
+
+# ----------------------------------------------------------------------------------------------
+# options that need each other, or the machine
+
+def check_options(args: argparse.Namespace) -> None:
+    """Combinations of options that cannot work."""
+    if args.resume and (args.eval_only or args.benchmark):
+        raise CLIError("--resume continues training; to evaluate or benchmark a checkpoint use "
+                       "--eval_only/--benchmark with --checkpoint FILE")
+    if args.eval_only and not (args.checkpoint or args.pretrained):
+        raise CLIError("--eval_only needs weights to evaluate: --checkpoint FILE (e.g. output/best.pt) or "
+                       "--pretrained")
+    if args.checkpoint and not args.resume and not os.path.isfile(args.checkpoint):
+        raise CLIError(f"--checkpoint: {args.checkpoint} not found")
+    if args.visualize and args.benchmark and not args.eval_only:
+        raise CLIError("--visualize needs test images: use it when training or with --eval_only, not with "
+                       "--benchmark alone")
+
+
+def resolve_device(name: str, processes: Processes = distributed.SINGLE) -> torch.device:
+    """``--device``; under torchrun, each process's own GPU (its LOCAL_RANK)."""
+    if name == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise CLIError(f"--device: unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: no CUDA device is available; use --device cpu (or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CLIError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
+    return distributed.device_for(processes, device, name)
+
+
+def amp_dtype(args: argparse.Namespace, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of ``--amp``/``--amp_dtype`` on ``device``: None when --amp is off."""
+    if not args.amp:
+        return None
+    if args.amp_dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    return AMP_DTYPES[args.amp_dtype]
+
+
+def check_amp(args: argparse.Namespace, device: torch.device) -> None:
+    if args.amp and device.type == "cpu" and args.amp_dtype == "float16":
+        raise CLIError("--amp_dtype float16: autocast on CPU runs bfloat16; use --amp_dtype bfloat16 (or auto), "
+                       "or --device cuda")
+    if args.amp and device.type == "cuda" and amp_dtype(args, device) == torch.bfloat16 \
+            and not torch.cuda.is_bf16_supported():
+        raise CLIError(f"--amp_dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16; use "
+                       f"--amp_dtype float16 (or auto)")

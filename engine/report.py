@@ -1,0 +1,52 @@
+"""What a finished run shows: the end-of-run summary table, and (``--visualize``) the tokens the
+compressed model keeps of a few test images."""
+import argparse
+import copy
+import os
+from typing import Any, Dict, Optional
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+import data
+from pruning.patch import remove_patch
+
+from .model import compress
+
+def summary(results: Dict[str, Any], extra: Dict[str, str]) -> str:
+    """The end-of-run table of ``results``; ``extra`` says how they came about (keys: reduce_at, geometry,
+    sizes, bench, analytic, ideal, time, results)."""
+    def num(value: Optional[float], fmt: str, unit: str = "") -> str:
+        return "-" if value is None else f"{value:{fmt}}{unit}"
+
+    rows = [
+        ("method", f"{results['model']} (reduce_token {results['reduce_token']}, at {extra['reduce_at']})"),
+        ("arch", f"{results['arch']} ({extra['geometry']})"),
+        ("data", f"{results['data_name']} ({extra['sizes']})"),
+        ("epochs", str(results["epochs"])),
+        ("accuracy", f"{num(results['accuracy'], '.2f', ' %')} (best {num(results['best_accuracy'], '.2f', ' %')})"),
+        ("throughput", f"{num(results['throughput'], ',.0f', ' img/s')} ({extra['bench']})"),
+        ("GFLOPs / image", f"{num(results['gflops'], '.4g')} (analytic {extra['analytic']})"),
+        ("GMACs (thop)", num(results["gmacs_thop"], ".4g")),
+        ("params", num(results["params_m"], ".3f", " M")),
+    ]
+    if results["speedup"] is not None:
+        rows += [("baseline", f"{num(results['baseline_throughput'], ',.0f', ' img/s')}, "
+                              f"{num(results['baseline_gflops'], '.4g')} GFLOPs (method none)"),
+                 ("speedup", f"{results['speedup']:.3f}x (ideal by FLOPs {extra['ideal']})")]
+    rows += [("time", extra["time"]), ("results", extra["results"])]
+    width = max(len(name) for name, _ in rows)
+    line = "-" * (width + 2 + max(len(value) for _, value in rows))
+    return "\n".join(["Summary", line] + [f"{name:<{width}}  {value}" for name, value in rows] + [line])
+
+
+def save_visualization(model: VisionTransformer, args: argparse.Namespace, splits: data.Splits,
+                       device: torch.device) -> str:
+    """``<output_dir>/visualization.png``: what the compressed model keeps of the first ``--visualize``
+    test images; returns its path."""
+    from pruning.visualize import save_token_grid  # matplotlib: imported only when asked for
+
+    traced = compress(remove_patch(copy.deepcopy(model)), args, trace_source=True)
+    images = torch.stack([splits.test[i][0] for i in range(min(args.visualize, len(splits.test)))]).to(device)
+    return save_token_grid(traced, images, os.path.join(args.output_dir, "visualization.png"),
+                           mean=splits.spec.mean, std=splits.spec.std)

@@ -1,0 +1,55 @@
+"""Analytic FLOPs arithmetic for a ViT of a given shape: the matrix products, one multiply-add = 2 FLOPs.
+
+For a plain block with N tokens, width d and MLP ratio 4 this is 24·N·d² + 4·N²·d; token
+compression lowers N block by block, which is where the ideal speedup comes from. No model objects
+here: ``flops`` reads a model's ``ViTShape`` and compression, the family adapters build ``ViTShape``.
+"""
+from dataclasses import dataclass
+from typing import Sequence
+
+from .counting import token_counts
+from .methods import CompressionMethod
+
+
+@dataclass(frozen=True)
+class ViTShape:
+    """The sizes of a ViT that its FLOPs depend on."""
+
+    num_tokens: int
+    num_prefix: int
+    dim: int
+    attn_dim: int
+    head_dim: int
+    hidden: int
+    depth: int
+    embed_flops: float
+    head_flops: float
+
+
+def block_flops(n_attn: int, n_mlp: int, dim: int, attn_dim: int, hidden: int) -> float:
+    """One block: qkv and output projections and the two attention products at ``n_attn`` tokens, MLP at ``n_mlp``."""
+    projections = 2 * n_attn * dim * 3 * attn_dim + 2 * n_attn * attn_dim * dim
+    attention = 2 * 2 * n_attn * n_attn * attn_dim
+    mlp = 2 * 2 * n_mlp * dim * hidden
+    return float(projections + attention + mlp)
+
+
+def reduction_flops(method: CompressionMethod, n: int, attn_dim: int, head_dim: int) -> float:
+    """Products a reduction adds: the class-token attention row, or ToMe's A×B similarities of the
+    head-averaged keys."""
+    if method.reduction == "merge":
+        return float(2 * ((n + 1) // 2) * (n // 2) * head_dim)
+    if method.needs_cls_attention:
+        return float(2 * n * attn_dim)
+    return 0.0
+
+
+def schedule_flops(shape: ViTShape, method: CompressionMethod, schedule: Sequence[int], reduce_at: str) -> float:
+    """Forward FLOPs per image of a ViT of ``shape`` compressed by ``method`` with per-block ``schedule``."""
+    flops = shape.embed_flops + shape.head_flops
+    counts = token_counts(method, shape.num_tokens, schedule, shape.num_prefix, reduce_at)
+    for k, (n_attn, n_mlp) in zip(schedule, counts):
+        flops += block_flops(n_attn, n_mlp, shape.dim, shape.attn_dim, shape.hidden)
+        if k > 0:
+            flops += reduction_flops(method, n_attn, shape.attn_dim, shape.head_dim)
+    return flops

@@ -1,0 +1,411 @@
+"""The Hugging Face transformers part: every method on ViT, DeiT, DINOv2 (with or without registers) and CLIP's
+vision tower.
+
+This is the only module that knows transformers' classes. It patches the way ``timm.py`` does: each encoder
+layer (and, for the DINOv2 classifiers, the model itself) is given a subclass of its own class, so weights,
+hooks and ``state_dict`` are untouched and ``remove_patch`` restores the plain model.
+
+Attention: a layer that reduces nothing runs transformers' own forward, with whatever attention implementation
+the model was loaded with (``config._attn_implementation``), so ``pool_k=0`` is bit-identical. A layer that
+reduces runs the projections itself: with ``eager`` it materialises the N×N attention matrix, as transformers'
+eager path does; with any other implementation (``sdpa``, ...) it calls ``scaled_dot_product_attention`` and
+computes the class-token attention row on its own (O(N·d)), so the N×N matrix is never formed.
+``fused_attn=False`` makes the reducing layers materialise it whatever the implementation.
+
+Pooling: the class token (and the distillation token, the registers) stay first, so the heads that read
+``[:, 0]`` (and DeiT's ``[:, 1]``) are unchanged. The DINOv2 classifiers concatenate the class token with the
+mean of the patch tokens; under compression that mean is ``patch_token_mean``: each remaining token weighted
+by the original patches it holds (ToMe's sizes, so a merged token counts as many times as the patches in it
+and the mean equals the mean over the original patches' slots), and every other token, a fused EViT-style
+token included, counted once (a fused token is a weighted sum, not an average, of the tokens it replaced;
+no patch count is kept for it).
+
+The family-agnostic pieces (``LayerLayout``, ``CompressedLayer``, ``attend_heads``, ``build_config``,
+``patch_layers``, ``unpatch_layers``) are shared with ``open_clip.py``; transformers itself is imported only
+inside the functions that need its classes.
+"""
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..cost import ViTShape
+from ..counting import PoolK, resolve_schedule
+from ..methods import PLACEMENTS, get_method
+from ..scoring import class_attention
+from ..state import CONFIG_ATTR, CompressionConfig, get_config
+from .timm import reduce_tokens
+
+__all__ = ["apply_patch", "remove_patch", "supports", "model_shape", "patch_token_mean", "SUPPORTED",
+           "LayerLayout", "CompressedLayer", "attend_heads", "build_config", "patch_layers", "unpatch_layers"]
+
+SUPPORTED = ("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification",
+             "DeiTForImageClassificationWithTeacher", "Dinov2Model", "Dinov2ForImageClassification",
+             "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification", "CLIPVisionModel",
+             "CLIPVisionModelWithProjection")
+
+
+# --- family-agnostic: one layer, its attention, the patching ------------------------------------------
+
+class LayerLayout:
+    """Where a family's pre-norm layer keeps its parts, by attribute name.
+
+    The layer computes ``x + attn_post(out_proj(attention(norm1(x))))`` and then
+    ``x + mlp_post(mlp(norm2(x)))``; ``attn_post``/``mlp_post`` are the modules applied to each branch in
+    order (dropout, layer scale, drop path). Attention modules with separate q/k/v projections are read
+    here; a family whose attention differs overrides ``project``, ``scale_of`` and ``dropout_of``.
+    """
+
+    def __init__(self, name: str, norm1: str, attn: str, norm2: str, mlp: str, out_proj: str = "o_proj",
+                 scale: str = "scaling", dropout: str = "attention_dropout",
+                 attn_post: Tuple[str, ...] = (), mlp_post: Tuple[str, ...] = ()):
+        self.name, self.norm1, self.attn, self.norm2, self.mlp = name, norm1, attn, norm2, mlp
+        self.out_proj, self.scale, self.dropout = out_proj, scale, dropout
+        self.attn_post, self.mlp_post = attn_post, mlp_post
+
+    def project(self, attn: nn.Module, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys, values as (B, H, N, D)."""
+        shape = (*x.shape[:-1], -1, attn.head_dim)
+        return tuple(proj(x).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+
+    def scale_of(self, attn: nn.Module) -> float:
+        return getattr(attn, self.scale)
+
+    def dropout_of(self, attn: nn.Module) -> float:
+        return getattr(attn, self.dropout)
+
+    def branch(self, layer: nn.Module, names: Tuple[str, ...], x: Tensor) -> Tensor:
+        for name in names:
+            x = getattr(layer, name)(x)
+        return x
+
+
+def attend_heads(queries: Tensor, keys: Tensor, values: Tensor, *, scale: float, size: Optional[Tensor],
+                 dropout_p: float, fused: bool, want_cls_attn: bool,
+                 want_keys: bool) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Multi-head attention of (B, H, N, D) inputs: (output (B, N, H·D), class-token attention row (B, N) averaged
+    over heads, keys averaged over heads (B, N, D)).
+
+    ``size`` adds log(size) to the logits (ToMe's proportional attention). ``fused`` runs
+    scaled_dot_product_attention and computes the class-token row separately, never forming N×N.
+    """
+    batch, heads, num_tokens, head_dim = queries.shape
+    bias = None if size is None else size.log()[:, None, None, :, 0].to(queries.dtype)
+    cls_attn = None
+    if fused:
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=bias, dropout_p=dropout_p,
+                                             scale=scale)
+        if want_cls_attn:
+            cls_attn = class_attention(queries, keys, scale, bias)
+    else:
+        logits = (queries @ keys.transpose(-2, -1)) * scale
+        if bias is not None:
+            logits = logits + bias
+        weights = logits.softmax(dim=-1)
+        if want_cls_attn:
+            cls_attn = weights[:, :, 0].mean(dim=1)
+        out = F.dropout(weights, dropout_p) @ values if dropout_p > 0 else weights @ values
+    out = out.transpose(1, 2).reshape(batch, num_tokens, heads * head_dim)
+    return out, cls_attn, (keys.mean(dim=1) if want_keys else None)
+
+
+class CompressedLayer:
+    """Mixed into a family's layer class: reduces tokens after attention or after the MLP.
+
+    A layer that reduces nothing (and carries no ToMe sizes) runs the family's own forward, bit for bit.
+    """
+
+    _compression_index: int
+    _layout: LayerLayout
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+        cfg, index = get_config(self), self._compression_index
+        state = cfg.state
+        if index == 0:  # the first layer starts a new forward pass
+            state.reset(hidden_states, cfg.trace_source)
+        k = cfg.schedule[index]
+        size = state.size if cfg.prop_attn else None
+        if (k == 0 or cfg.method.reduction == "none") and size is None:
+            x = super().forward(hidden_states, *args, **kwargs)
+        else:
+            if any(isinstance(a, Tensor) for a in (*args, *kwargs.values())):
+                raise ValueError("attention_mask: token compression changes the token set, so attention masks "
+                                 "and separate key/value inputs are not supported")
+            x = self._compressed_forward(cfg, hidden_states, k, size)
+        if cfg.trace_source:
+            state.block_sources.append(state.source)
+        state.tokens_per_block.append(x.shape[1])
+        return x
+
+    def _compressed_forward(self, cfg: CompressionConfig, x: Tensor, k: int, size: Optional[Tensor]) -> Tensor:
+        layout, method = self._layout, cfg.method
+        attn = getattr(self, layout.attn)
+        queries, keys, values = layout.project(attn, getattr(self, layout.norm1)(x))
+        out, cls_attn, keys = attend_heads(
+            queries, keys, values, scale=layout.scale_of(attn), size=size,
+            dropout_p=layout.dropout_of(attn) if self.training else 0.0, fused=cfg.fused_attn,
+            want_cls_attn=k > 0 and method.needs_cls_attention, want_keys=k > 0 and method.reduction == "merge")
+        x = x + layout.branch(self, layout.attn_post, getattr(attn, layout.out_proj)(out))
+        if cfg.reduce_at == "attn" and k > 0:
+            x = reduce_tokens(cfg, x, k, cls_attn, keys)
+        mlp_out = getattr(self, layout.mlp)(getattr(self, layout.norm2)(x))
+        x = x + layout.branch(self, layout.mlp_post, mlp_out)
+        if cfg.reduce_at == "block" and k > 0:
+            x = reduce_tokens(cfg, x, k, cls_attn, keys)
+        return x
+
+
+_SUBCLASSES: Dict[Tuple[type, type, str], type] = {}
+
+
+def compressed_class(cls: type, mixin: type, tag: str = "", **attrs) -> type:
+    """A cached subclass of ``cls`` with ``mixin`` first in its bases (isinstance checks keep working)."""
+    key = (cls, mixin, tag)
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = type(f"Compressed{cls.__name__}", (mixin, cls), dict(attrs))
+    return _SUBCLASSES[key]
+
+
+def build_config(select_method: str, pool_k: PoolK, depth: int, num_prefix: int, *, reduce_at: Optional[str],
+                 prop_attn: bool, trace_source: bool, fused_attn: bool) -> CompressionConfig:
+    """The CompressionConfig for these arguments; ValueError naming the bad argument."""
+    method = get_method(select_method)
+    reduce_at = method.default_reduce_at if reduce_at is None else reduce_at
+    if reduce_at not in PLACEMENTS:
+        raise ValueError(f"reduce_at: expected one of {', '.join(PLACEMENTS)}, got {reduce_at!r}")
+    schedule = resolve_schedule(pool_k, depth)
+    if method.reduction == "none":
+        schedule = [0] * depth
+    return CompressionConfig(method=method, schedule=schedule, reduce_at=reduce_at, num_prefix_tokens=num_prefix,
+                             prop_attn=prop_attn, trace_source=trace_source, fused_attn=bool(fused_attn))
+
+
+def patch_layers(model: nn.Module, layers: Sequence[nn.Module], layout: LayerLayout, cfg: CompressionConfig) -> None:
+    """Give every layer the compressed subclass of its class and the shared config."""
+    setattr(model, CONFIG_ATTR, cfg)
+    for index, layer in enumerate(layers):
+        layer._original_class = layer.__class__
+        layer.__class__ = compressed_class(layer.__class__, CompressedLayer, layout.name, _layout=layout)
+        setattr(layer, CONFIG_ATTR, cfg)
+        layer._compression_index = index
+
+
+def unpatch_layers(model: nn.Module, layers: Sequence[nn.Module]) -> None:
+    """Undo ``patch_layers`` (and a swapped model class); a model never patched is left as it is."""
+    for layer in layers:
+        original = layer.__dict__.pop("_original_class", None)
+        if original is None:
+            continue
+        layer.__class__ = original
+        del layer._compression_index
+        layer.__dict__.pop(CONFIG_ATTR)
+    original = model.__dict__.pop("_original_class", None)
+    if original is not None:
+        model.__class__ = original
+    model.__dict__.pop(CONFIG_ATTR, None)
+
+
+def linear_flops(*modules: Optional[nn.Module]) -> float:
+    """2·in·out for each Linear given (None and other modules count 0)."""
+    return float(sum(2 * m.in_features * m.out_features for m in modules if isinstance(m, nn.Linear)))
+
+
+def mlp_hidden(mlp: nn.Module) -> float:
+    """The MLP width in fc1/fc2 units (``block_flops`` counts 4·N·d·hidden): SwiGLU's three products count 1.5×."""
+    if hasattr(mlp, "gate_proj"):
+        return 1.5 * mlp.gate_proj.out_features
+    first = getattr(mlp, "fc1", None) or getattr(mlp, "c_fc")
+    return first.out_features
+
+
+def grid_of(image_size, patch_size, img_size: Optional[Sequence[int]]) -> Tuple[int, int, int, int]:
+    """(grid_h, grid_w, patch_h, patch_w) for the model's own image size or ``img_size``."""
+    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+    (patch_h, patch_w), (height, width) = pair(patch_size), pair(image_size if img_size is None else img_size)
+    return height // patch_h, width // patch_w, patch_h, patch_w
+
+
+# --- transformers' families -------------------------------------------------------------------------------
+
+_VIT = LayerLayout("hf_vit", "layernorm_before", "attention", "layernorm_after", "mlp",
+                   attn_post=("dropout",), mlp_post=("dropout",))
+_DINOV2 = LayerLayout("hf_dinov2", "norm1", "attention", "norm2", "mlp",
+                      attn_post=("layer_scale1", "drop_path"), mlp_post=("layer_scale2", "drop_path"))
+_CLIP = LayerLayout("hf_clip", "layer_norm1", "self_attn", "layer_norm2", "mlp", out_proj="out_proj",
+                    scale="scale", dropout="dropout")
+
+
+@dataclass(frozen=True)
+class _Family:
+    """One supported transformers class: where its encoder layers and its parts are."""
+
+    class_name: str
+    backbone: str  # attribute holding the vision model ("" for the model itself)
+    layers: str  # dotted path from the backbone to the ModuleList of layers
+    layout: LayerLayout
+    patch_conv: str  # dotted path from the backbone to the patch-embedding Conv2d
+    heads: Tuple[str, ...] = ()  # dotted paths from the model to the Linear heads (for FLOPs)
+    mean_pool: bool = False  # the classifier reads class token + mean of the patch tokens (DINOv2)
+
+    def backbone_of(self, model: nn.Module) -> nn.Module:
+        return _get(model, self.backbone) if self.backbone else model
+
+    def layers_of(self, model: nn.Module) -> nn.ModuleList:
+        return _get(self.backbone_of(model), self.layers)
+
+    def num_prefix(self, model: nn.Module) -> int:
+        name = self.class_name
+        if name.startswith("DeiT"):
+            return 2  # class and distillation tokens
+        if name.startswith("Dinov2WithRegisters"):
+            return 1 + model.config.num_register_tokens
+        return 1
+
+
+def _get(module: nn.Module, path: str):
+    for name in path.split("."):
+        module = getattr(module, name, None) if module is not None else None
+    return module
+
+
+_FAMILIES = {f.class_name: f for f in (
+    _Family("ViTModel", "", "layers", _VIT, "embeddings.patch_embeddings.projection", heads=("pooler.dense",)),
+    _Family("ViTForImageClassification", "vit", "layers", _VIT, "embeddings.patch_embeddings.projection",
+            heads=("classifier",)),
+    _Family("DeiTModel", "", "layers", _VIT, "embeddings.patch_embeddings.projection", heads=("pooler.dense",)),
+    _Family("DeiTForImageClassification", "deit", "layers", _VIT, "embeddings.patch_embeddings.projection",
+            heads=("classifier",)),
+    _Family("DeiTForImageClassificationWithTeacher", "deit", "layers", _VIT,
+            "embeddings.patch_embeddings.projection", heads=("cls_classifier", "distillation_classifier")),
+    _Family("Dinov2Model", "", "encoder.layer", _DINOV2, "embeddings.patch_embeddings.projection"),
+    _Family("Dinov2ForImageClassification", "dinov2", "encoder.layer", _DINOV2,
+            "embeddings.patch_embeddings.projection", heads=("classifier",), mean_pool=True),
+    _Family("Dinov2WithRegistersModel", "", "encoder.layer", _DINOV2, "embeddings.patch_embeddings.projection"),
+    _Family("Dinov2WithRegistersForImageClassification", "dinov2_with_registers", "encoder.layer", _DINOV2,
+            "embeddings.patch_embeddings.projection", heads=("classifier",), mean_pool=True),
+    _Family("CLIPVisionModel", "", "encoder.layers", _CLIP, "embeddings.patch_embedding"),
+    _Family("CLIPVisionModelWithProjection", "vision_model", "encoder.layers", _CLIP, "embeddings.patch_embedding",
+            heads=("visual_projection",)),
+)}
+assert tuple(_FAMILIES) == SUPPORTED
+
+
+def _family(model: nn.Module) -> Optional[_Family]:
+    """The family of ``model`` (its class or the nearest supported base class), or None."""
+    import transformers
+
+    for cls in type(model).__mro__:
+        family = _FAMILIES.get(cls.__name__)
+        if family is not None and getattr(transformers, cls.__name__, None) is cls:
+            return family
+    return None
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether ``model`` is one of the transformers classes this adapter patches."""
+    return _family(model) is not None
+
+
+def _require_family(model: nn.Module) -> _Family:
+    family = _family(model)
+    if family is None:
+        raise ValueError(f"model: transformers class {type(model).__name__} is not supported; "
+                         f"supported: {', '.join(SUPPORTED)} (a CLIPModel: patch its vision_model)")
+    return family
+
+
+def apply_patch(model: nn.Module, select_method: str = "tk_n", pool_k: PoolK = 10, *,
+                reduce_at: Optional[str] = None, prop_attn: bool = True, trace_source: bool = False,
+                fused_attn: bool = True) -> nn.Module:
+    """Make every encoder layer of a transformers ViT / DeiT / DINOv2 / CLIP vision model remove tokens.
+
+    The arguments are those of ``pruning.patch.apply_patch``. ``fused_attn``: reducing layers use
+    scaled_dot_product_attention unless the model was loaded with ``attn_implementation="eager"`` or this is
+    False; layers that reduce nothing always run transformers' own attention.
+    """
+    family = _require_family(model)
+    checkpointing = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"
+    if getattr(model, checkpointing, False):
+        raise ValueError("model: gradient checkpointing re-runs layers and would corrupt the token state; "
+                         "call model.gradient_checkpointing_disable() before apply_patch")
+    layers = family.layers_of(model)
+    fused = bool(fused_attn) and getattr(model.config, "_attn_implementation", "eager") != "eager"
+    cfg = build_config(select_method, pool_k, len(layers), family.num_prefix(model), reduce_at=reduce_at,
+                       prop_attn=prop_attn, trace_source=trace_source, fused_attn=fused)
+    remove_patch(model)
+    patch_layers(model, layers, family.layout, cfg)
+    if family.mean_pool:
+        model._original_class = model.__class__
+        model.__class__ = _mean_pooled_class(model.__class__, family.backbone)
+    return model
+
+
+def remove_patch(model: nn.Module) -> nn.Module:
+    """Undo ``apply_patch``: the model runs exactly as before it was patched."""
+    unpatch_layers(model, _require_family(model).layers_of(model))
+    return model
+
+
+def model_shape(model: nn.Module, img_size: Optional[Sequence[int]] = None) -> ViTShape:
+    """The sizes ``pruning.flops`` needs, read from the model and its config."""
+    family = _require_family(model)
+    backbone, layers = family.backbone_of(model), family.layers_of(model)
+    config = backbone.config
+    grid_h, grid_w, patch_h, patch_w = grid_of(config.image_size, config.patch_size, img_size)
+    conv = _get(backbone, family.patch_conv)
+    attn = getattr(layers[0], family.layout.attn)
+    prefix = family.num_prefix(model)
+    return ViTShape(
+        num_tokens=grid_h * grid_w + prefix, num_prefix=prefix, dim=config.hidden_size,
+        attn_dim=config.num_attention_heads * attn.head_dim, head_dim=attn.head_dim,
+        hidden=mlp_hidden(getattr(layers[0], family.layout.mlp)), depth=len(layers),
+        embed_flops=2.0 * grid_h * grid_w * conv.in_channels * patch_h * patch_w * conv.out_channels,
+        head_flops=linear_flops(*(_get(model, path) for path in family.heads)),
+    )
+
+
+def patch_token_mean(model: nn.Module, tokens: Tensor) -> Tensor:
+    """Mean of the non-prefix tokens of ``tokens`` (B, N, C) as the patched ``model`` left them: weighted by the
+    patches each holds when ToMe merged (so it is the mean over the original patches), else each token once.
+    Without compression it is exactly ``tokens[:, num_prefix:].mean(dim=1)``."""
+    cfg = get_config(model)
+    num_prefix = cfg.num_prefix_tokens if cfg is not None else _require_family(model).num_prefix(model)
+    patches = tokens[:, num_prefix:]
+    size = cfg.state.size if cfg is not None else None
+    if size is None or size.shape[1] != tokens.shape[1]:
+        return patches.mean(dim=1)
+    weights = size[:, num_prefix:].to(patches.dtype)
+    return (patches * weights).sum(dim=1) / weights.sum(dim=1)
+
+
+class _MeanPooledClassifier:
+    """A DINOv2 classifier whose patch-token mean is ``patch_token_mean`` (see the module docstring)."""
+
+    _backbone: str
+
+    def forward(self, pixel_values: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                attention_mask: Optional[Tensor] = None, **kwargs):
+        from transformers.modeling_outputs import ImageClassifierOutput
+
+        outputs = getattr(self, self._backbone)(pixel_values, attention_mask=attention_mask, **kwargs)
+        sequence_output = outputs.last_hidden_state
+        linear_input = torch.cat([sequence_output[:, 0], patch_token_mean(self, sequence_output)], dim=1)
+        logits = self.classifier(linear_input)
+        loss = None if labels is None else self.loss_function(labels, logits, self.config, **kwargs)
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                     attentions=outputs.attentions)
+
+
+def _mean_pooled_class(cls: type, backbone: str) -> type:
+    key = (cls, _MeanPooledClassifier, backbone)
+    if key not in _SUBCLASSES:
+        from transformers.utils.generic import can_return_tuple
+
+        forward = can_return_tuple(_MeanPooledClassifier.forward)
+        _SUBCLASSES[key] = type(f"Compressed{cls.__name__}", (_MeanPooledClassifier, cls),
+                                {"_backbone": backbone, "forward": forward})
+    return _SUBCLASSES[key]
+

@@ -1,0 +1,193 @@
+"""tools/benchmark.py and tools/visualize.py: the command lines around the library's benchmark and pictures."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import pruning.models  # noqa: F401  (registers the vit_pico_* models)
+from pruning.visualize import CAPTION_INCHES, DPI, PANEL_INCHES, TITLE_INCHES, display_images, patch_columns
+from tools import benchmark as bench_tool
+from tools import visualize as vis_tool
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one_error_line(capsys, main, argv, prog):
+    """Run a tool's ``main(argv)``: exit code 2 and one line on stderr, ``<prog>: error: ...``; return the line."""
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def run_script(*argv, cwd):
+    env = dict(os.environ, PYTHONPATH="")  # the tool itself must find the repository
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+# --- tools/benchmark.py -------------------------------------------------------------------------
+
+def test_benchmark_help_shows_every_default():
+    parser = bench_tool.build_parser()
+    help_text = parser.format_help()
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert "default" in action.help, action.dest
+        if action.default not in (None, False):
+            assert f"default: {action.default}" in " ".join(help_text.split()), action.dest
+
+
+@pytest.mark.parametrize("arch, shape", [("vit_pico_patch4_28", (1, 28, 28)), ("vit_pico_patch4_32", (3, 32, 32)),
+                                         ("vit_tiny_patch16_224", (3, 224, 224))])
+def test_benchmark_inputs_have_the_models_own_size_and_channels(arch, shape):
+    model = bench_tool.create_model(arch)
+    assert tuple(bench_tool.benchmark_inputs(model, 2, torch.device("cpu")).shape) == (2, *shape)
+
+
+def test_benchmark_times_a_small_model_on_its_own_tokens(capsys):
+    # vit_pico_patch4_28 at its own 28x28: 49 patches + the class token (at 224 px it would be 3,137)
+    assert bench_tool.main(["--arch", "vit_pico_patch4_28", "--batch_size", "2", "--rounds", "1",
+                            "--methods", "tk_n,tome", "--pool_k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "28x28 px, 1 channel(s), 50 tokens" in out
+    rows = [line.split()[0] for line in out.splitlines()[2:]]
+    assert rows == ["none", "tk_n", "tome"]
+
+
+def test_benchmark_img_size_overrides_the_models_own(capsys):
+    assert bench_tool.main(["--arch", "vit_pico_patch4_28", "--img_size", "16", "--batch_size", "1",
+                            "--rounds", "1", "--pool_k", "1"]) == 0
+    assert "16x16 px, 1 channel(s), 17 tokens" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--arch", "vit_no_such_model"], "--arch"),
+    (["--arch", "resnet18"], "--arch"),
+    (["--arch", "vit_pico_patch2_8", "--methods", "tk,topk"], "--methods"),
+    (["--arch", "vit_pico_patch2_8", "--pool_k", "1,2"], "--pool_k"),
+    (["--arch", "vit_pico_patch2_8", "--pool_k", "-3"], "--pool_k"),
+    (["--arch", "vit_pico_patch2_8", "--batch_size", "0"], "--batch_size"),
+    (["--arch", "vit_pico_patch2_8", "--device", "nodevice"], "--device"),
+    (["--no_such_option"], "--no_such_option"),
+])
+def test_benchmark_bad_input_is_one_line(capsys, argv, names):
+    assert names in one_error_line(capsys, bench_tool.main, argv, "benchmark.py")
+
+
+def test_benchmark_runs_as_a_script_from_anywhere(tmp_path):
+    done = run_script(ROOT / "tools" / "benchmark.py", "--arch", "vit_pico_patch2_8", "--batch_size", "2",
+                      "--rounds", "1", "--methods", "tk", "--pool_k", "2", "--explicit", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert [line.split()[0] for line in done.stdout.splitlines()[2:]] == ["none", "tk", "none/explicit",
+                                                                          "tk/explicit"]
+    bad = run_script("tools/benchmark.py", "--arch", "nope", cwd=ROOT)
+    assert bad.returncode == 2 and bad.stderr.strip() == "benchmark.py: error: --arch: unknown timm model 'nope'"
+
+
+# --- tools/visualize.py -------------------------------------------------------------------------
+
+def write_checkpoint(path: Path, method: str, seed: int, **settings) -> str:
+    """A checkpoint like main.py's: the model's state and the settings it was trained with."""
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_pico_patch2_8")
+    settings = dict(dict(arch="vit_pico_patch2_8", img_size=8, patch_size=2, model=method, reduce_token=2,
+                         reduce_at=None, data_name="digits", data_root=str(path.parent / "data"), augment=None),
+                    **settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "settings": settings}, path)
+    return str(path)
+
+
+def grid_width(columns: int) -> int:
+    return round((1 + columns) * PANEL_INCHES * DPI)
+
+
+def test_two_checkpoints_of_the_same_method_each_get_their_columns(tmp_path, capsys):
+    first = write_checkpoint(tmp_path / "run_a" / "best.pt", "tk", seed=0)
+    second = write_checkpoint(tmp_path / "run_b" / "best.pt", "tk", seed=1)
+    out = tmp_path / "grid.png"
+    assert vis_tool.main(["grid", "--checkpoint", first, "--checkpoint", second, "--images", "2",
+                          "--blocks", "0,3", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    width, height = Image.open(out).size
+    assert width == grid_width(2 * 2)  # the image, then 2 blocks for each checkpoint
+    assert height == round((2 * PANEL_INCHES + TITLE_INCHES + CAPTION_INCHES) * DPI)
+
+
+def test_checkpoint_labels_tell_the_checkpoints_apart(tmp_path):
+    labels = vis_tool.checkpoint_labels(["out/run_a/best.pt", "out/run_b/best.pt", "out/run_b/last.pt"])
+    assert labels == [("run_a/best.pt", "out/run_a/best.pt"), ("run_b/best.pt", "out/run_b/best.pt"),
+                      ("run_b/last.pt", "out/run_b/last.pt")]
+    assert vis_tool.checkpoint_labels(["a.pt", "x/b.pt"]) == [("a.pt", "a.pt"), ("b.pt", "x/b.pt")]
+    assert vis_tool.checkpoint_labels(["small=out/a/best.pt", "out/b/best.pt"]) == [
+        ("small", "out/a/best.pt"), ("best.pt", "out/b/best.pt")]
+    odd = tmp_path / "lr=0.1.pt"  # an existing file whose name holds "=" is a path, not LABEL=PATH
+    odd.write_bytes(b"")
+    assert vis_tool.checkpoint_labels([str(odd)]) == [("lr=0.1.pt", str(odd))]
+
+
+def test_grid_titles_carry_the_labels_and_the_method(tmp_path):
+    first = write_checkpoint(tmp_path / "a" / "best.pt", "tk", seed=0)
+    second = write_checkpoint(tmp_path / "b" / "best.pt", "tk", seed=1)
+    models = {label: vis_tool.load_trained(path)[0] for label, path in vis_tool.checkpoint_labels([first, second])}
+    assert set(models) == {"a/best.pt", "b/best.pt"}
+    images, _, _ = vis_tool.load_test_images(vis_tool.load_trained(first)[1], 2)
+    shown = display_images(images)
+    titles = [column.title for label, model in models.items()
+              for column in patch_columns(model, images, shown, [3], label)]
+    assert titles[0].splitlines()[:2] == ["a/best.pt", "tk"] and titles[1].splitlines()[:2] == ["b/best.pt", "tk"]
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage", "truncated", "no_settings", "same_label", "bad_arch",
+                                    "wrong_weights"])
+def test_a_bad_checkpoint_is_one_line(tmp_path, capsys, damage):
+    good = write_checkpoint(tmp_path / "good" / "best.pt", "tk", seed=0)
+    bad = tmp_path / "bad.pt"
+    argv = ["grid", "--out", str(tmp_path / "x.png"), "--checkpoint", str(bad)]
+    if damage == "garbage":
+        bad.write_text("not a checkpoint\n")
+    elif damage == "truncated":
+        bad.write_bytes(Path(good).read_bytes()[:500])
+    elif damage == "no_settings":
+        torch.save({"model": {}}, bad)
+    elif damage == "same_label":
+        argv = ["grid", "--out", str(tmp_path / "x.png"), "--checkpoint", f"x={good}", "--checkpoint", f"x={good}"]
+    elif damage == "bad_arch":
+        write_checkpoint(bad, "tk", seed=0, arch="vit_no_such_model")
+    elif damage == "wrong_weights":
+        write_checkpoint(bad, "tk", seed=0, patch_size=4)
+    line = one_error_line(capsys, vis_tool.main, argv, "visualize.py")
+    assert "--checkpoint" in line
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_visualize_bad_options_are_one_line(tmp_path, capsys):
+    good = write_checkpoint(tmp_path / "good" / "best.pt", "tk", seed=0)
+    out = str(tmp_path / "x.png")
+    assert "--blocks" in one_error_line(capsys, vis_tool.main, ["grid", "--checkpoint", good, "--blocks", "9",
+                                                                "--out", out], "visualize.py")
+    assert "--arch" in one_error_line(capsys, vis_tool.main, ["tokens", "--arch", "vit_no_such_model",
+                                                              "--pool_k", "2", "--out", out], "visualize.py")
+    one_error_line(capsys, vis_tool.main, ["tokens", "--pool_k", "2", "--out", out], "visualize.py")
+    one_error_line(capsys, vis_tool.main, [], "visualize.py")
+
+
+def test_visualize_runs_as_a_script(tmp_path):
+    out = tmp_path / "tokens.png"
+    done = run_script("tools/visualize.py", "tokens", "--arch", "vit_pico_patch4_28", "--pool_k", "3",
+                      "--out", out, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(out) and Image.open(out).size == (640, 400)
+    missing = run_script(ROOT / "tools" / "visualize.py", "grid", "--checkpoint", "nowhere/best.pt", "--out",
+                         tmp_path / "g.png", cwd=tmp_path)
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == "visualize.py: error: --checkpoint: nowhere/best.pt: no such file"

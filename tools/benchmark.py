@@ -1,0 +1,175 @@
+"""Throughput of token compression methods against the plain ViT, measured in one run.
+
+    python tools/benchmark.py --arch vit_small_patch16_224 --batch_size 32 --methods tk_n --pool_k 10
+
+The model is timed at its own input size and channels (``vit_pico_patch4_28``: 1 x 28 x 28) unless
+``--img_size`` says otherwise. Variants are timed in interleaved rounds so that drift in the
+machine's speed hits all of them alike (``pruning.benchmark``); each figure is the median over
+rounds, and the ideal speedup is the ratio of analytic FLOPs. Bad input ends as one line on stderr
+(``benchmark.py: error: ...``) and exit code 2.
+"""
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # ``python tools/benchmark.py`` puts tools/ first on the path, not the repo
+    sys.path.insert(0, str(ROOT))
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+
+import pruning.models  # noqa: E402,F401  (registers the vit_pico_* models in timm's registry)
+from pruning import METHOD_NAMES  # noqa: E402
+from pruning.benchmark import build_variants, compare_speed  # noqa: E402
+from pruning.flops import vit_shape  # noqa: E402
+from pruning.schedules import resolve_schedule  # noqa: E402
+
+PROG = "benchmark.py"
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class ToolError(Exception):
+    """Bad input: reported as one line on stderr, exit code 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises :class:`ToolError` instead of printing the usage and exiting."""
+
+    def error(self, message: str):
+        raise ToolError(message)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError(text)
+    return value
+
+
+def _pool_k(text: str) -> Union[int, List[int]]:
+    """One int for every block, or a comma list with one int per block."""
+    values = [int(part) for part in text.split(",") if part.strip()]
+    if not values:
+        raise ValueError(text)
+    return values[0] if len(values) == 1 else values
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog=PROG, description="Throughput of token compression methods vs the plain ViT.")
+    parser.add_argument("--arch", default="vit_small_patch16_224",
+                        help="timm VisionTransformer name, vit_pico_* included (default: %(default)s)")
+    parser.add_argument("--img_size", type=_positive_int, default=None,
+                        help="input height and width in pixels (default: the model's own input size)")
+    parser.add_argument("--batch_size", type=_positive_int, default=32,
+                        help="images per forward (default: %(default)s)")
+    parser.add_argument("--methods", default="tk_n",
+                        help=f"comma list from: {', '.join(METHOD_NAMES[1:])} (default: %(default)s)")
+    parser.add_argument("--pool_k", type=_pool_k, default=10,
+                        help="tokens removed per block: an int, or a comma list with one per block "
+                             "(default: %(default)s)")
+    parser.add_argument("--rounds", type=_positive_int, default=7,
+                        help="interleaved timed rounds, the median reported (default: %(default)s)")
+    parser.add_argument("--explicit", action="store_true",
+                        help="also time attention that materialises the N×N matrix (default: off)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES,
+                        help="autocast dtype; float32 runs without autocast (default: %(default)s)")
+    return parser
+
+
+def parse_methods(text: str) -> List[str]:
+    """The method names of ``--methods``; ToolError naming the option for an unknown one."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ToolError("--methods: give at least one method")
+    for name in names:
+        if name not in METHOD_NAMES:
+            raise ToolError(f"--methods: unknown method {name!r}; choose from {', '.join(METHOD_NAMES)}")
+    return names
+
+
+def create_model(arch: str, img_size: Optional[int] = None) -> VisionTransformer:
+    """The timm model ``arch`` (at ``img_size`` if given, else at its own size), in eval mode."""
+    if not timm.is_model(arch):
+        raise ToolError(f"--arch: unknown timm model {arch!r}")
+    try:
+        model = timm.create_model(arch, **({} if img_size is None else {"img_size": img_size}))
+    except (TypeError, ValueError, RuntimeError, AssertionError) as err:
+        raise ToolError(f"--arch {arch}: cannot be built{'' if img_size is None else f' at {img_size} px'}: "
+                        f"{_first_line(err)}") from None
+    if not isinstance(model, VisionTransformer):
+        raise ToolError(f"--arch {arch}: token compression needs a timm VisionTransformer, "
+                        f"not a {type(model).__name__}")
+    return model.eval()
+
+
+def input_shape(model: VisionTransformer) -> Tuple[int, int, int]:
+    """(channels, height, width) the model was built for."""
+    height, width = model.patch_embed.img_size
+    return model.patch_embed.proj.in_channels, height, width
+
+
+def benchmark_inputs(model: VisionTransformer, batch_size: int, device: torch.device) -> torch.Tensor:
+    """A random batch of the model's own input shape."""
+    return torch.randn(batch_size, *input_shape(model), device=device)
+
+
+def resolve_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ToolError(f"--device: unknown device {name!r}; e.g. cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ToolError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def run(args: argparse.Namespace) -> None:
+    names = parse_methods(args.methods)
+    device = resolve_device(args.device)
+    model = create_model(args.arch, args.img_size)
+    try:
+        resolve_schedule(args.pool_k, len(model.blocks))
+        variants = build_variants(model.to(device), names, args.pool_k, args.explicit)
+    except ValueError as err:  # the library names the argument: pool_k, select_method or model
+        message = str(err)
+        if message.startswith("model: "):
+            message = f"arch {args.arch}: {message[len('model: '):]}"
+        raise ToolError(f"--{message}") from None
+    inputs = benchmark_inputs(model, args.batch_size, device)
+    dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
+    groups = [("none", [v for v in variants if "/" not in v])]
+    if args.explicit:
+        groups.append(("none/explicit", [v for v in variants if v.endswith("/explicit")]))
+    channels, height, width = input_shape(model)
+    print(f"{args.arch} @ {height}x{width} px, {channels} channel(s), {vit_shape(model).num_tokens} tokens, "
+          f"batch {args.batch_size}, {device}, {args.dtype}, pool_k={args.pool_k}, "
+          f"threads={torch.get_num_threads()}, {args.rounds} rounds")
+    print(f"{'variant':<18} {'img/s':>9} {'GFLOPs':>8} {'speedup':>8} {'ideal':>7} {'of ideal':>9}")
+    for baseline, group in groups:
+        for result in compare_speed({n: variants[n] for n in group}, inputs, baseline, rounds=args.rounds,
+                                    autocast_dtype=dtype):
+            print(f"{result.name:<18} {result.images_per_s:9.1f} {result.gflops:8.3f} {result.speedup:8.3f} "
+                  f"{result.ideal_speedup:7.3f} {result.efficiency:9.3f}")
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry: bad input ends as one line on stderr and exit code 2, never a traceback."""
+    try:
+        run(build_parser().parse_args(argv))
+    except ToolError as err:
+        print(f"{PROG}: error: {_first_line(err)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
