@@ -1,0 +1,128 @@
+"""Family × method table: conformance with the one-image-at-a-time reference and measured speedup / ideal.
+
+    python tools/families_table.py                     # the table of docs/families.md
+    python tools/families_table.py --size base --families vit --methods tk_n --batch 32 --rounds 7 --no-conformance
+
+Conformance: the small test models of ``tests/reference_families.py`` (random weights, 32 px, patch 8,
+4 layers, schedule 3, 5, 2, 4), max |Δ| of the patched model's output against the reference over the fused
+(sdpa) and the explicit (eager, other placement) paths; pass within 1e-4. Speed: one model per family of
+``--size`` (tiny: width 192, 12 layers, 3 heads, 224 px, patch 16; base: width 768, 12 heads) with random
+weights, every method at ``--pool_k`` tokens per block, timed with ``pruning.benchmark.compare_speed``
+(interleaved rounds, median); ideal = ratio of analytic FLOPs.
+"""
+import argparse
+import copy
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for path in (ROOT, os.path.join(ROOT, "tests")):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import transformers as T  # noqa: E402
+from open_clip.transformer import QuickGELU, VisionTransformer  # noqa: E402
+
+from pruning import METHOD_NAMES  # noqa: E402
+from pruning.benchmark import compare_speed  # noqa: E402
+from pruning.patch import apply_patch  # noqa: E402
+from reference_families import make_model, output, reference_outputs  # noqa: E402
+
+FAMILIES = {  # table row: (test family, description)
+    "vit": ("vit", "transformers ViTForImageClassification"),
+    "deit": ("deit", "transformers DeiTForImageClassificationWithTeacher (cls + distillation)"),
+    "dinov2": ("dinov2", "transformers Dinov2ForImageClassification (cls + patch mean)"),
+    "dinov2_reg": ("dinov2_reg", "transformers Dinov2WithRegistersForImageClassification (3 registers, SwiGLU)"),
+    "clip": ("clip", "transformers CLIPVisionModel (pooled output)"),
+    "open_clip": ("open_clip", "OpenCLIP VisionTransformer (image features)"),
+}
+SCHEDULE = [3, 5, 2, 4]
+TOLERANCE = 1e-4
+
+
+def conformance(family: str, method: str) -> float:
+    """Max |Δ| against the reference over the fused and the explicit path."""
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    worst = 0.0
+    for attn, reduce_at in (("sdpa", None), ("eager", "block" if method == "tome" else "attn")):
+        model = make_model(family, attn)
+        expected = reference_outputs(model, images, method, SCHEDULE, reduce_at)
+        apply_patch(model, method, SCHEDULE, reduce_at=reduce_at, fused_attn=attn == "sdpa")
+        with torch.no_grad():
+            worst = max(worst, (output(model, images) - expected).abs().max().item())
+    return worst
+
+
+def speed_model(family: str, size: str) -> torch.nn.Module:
+    """A 224 px, patch 16, 12-layer model of ``family`` with random weights (sdpa attention)."""
+    width, heads = (192, 3) if size == "tiny" else (768, 12)
+    common = dict(hidden_size=width, num_hidden_layers=12, num_attention_heads=heads, image_size=224, patch_size=16)
+    torch.manual_seed(0)
+    if family == "open_clip":
+        model = VisionTransformer(image_size=224, patch_size=16, width=width, layers=12, heads=heads, mlp_ratio=4,
+                                  output_dim=512, act_layer=QuickGELU)
+    else:
+        cls, config = {
+            "vit": (T.ViTForImageClassification, lambda: T.ViTConfig(intermediate_size=4 * width, **common)),
+            "deit": (T.DeiTForImageClassificationWithTeacher,
+                     lambda: T.DeiTConfig(intermediate_size=4 * width, **common)),
+            "dinov2": (T.Dinov2ForImageClassification, lambda: T.Dinov2Config(**common)),
+            "dinov2_reg": (T.Dinov2WithRegistersForImageClassification,
+                           lambda: T.Dinov2WithRegistersConfig(num_register_tokens=3, use_swiglu_ffn=True, **common)),
+            "clip": (T.CLIPVisionModel, lambda: T.CLIPVisionConfig(intermediate_size=4 * width, **common)),
+        }[family]
+        model = cls._from_config(config(), attn_implementation="sdpa")
+    return model.eval()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--methods", default=",".join(m for m in METHOD_NAMES if m != "none"))
+    parser.add_argument("--size", default="tiny", choices=["tiny", "base"])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--pool_k", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-conformance", dest="conformance", action="store_false")
+    parser.add_argument("--no-speed", dest="speed", action="store_false")
+    args = parser.parse_args(argv)
+    families, methods = args.families.split(","), args.methods.split(",")
+    for name in families:
+        if name not in FAMILIES:
+            parser.error(f"--families: unknown family {name!r}; choose from {', '.join(FAMILIES)}")
+    for name in methods:
+        if name not in METHOD_NAMES:
+            parser.error(f"--methods: unknown method {name!r}; choose from {', '.join(METHOD_NAMES)}")
+
+    print(f"speed: {args.size} models (224 px, patch 16, 12 layers), batch {args.batch}, pool_k {args.pool_k}, "
+          f"{args.rounds} interleaved rounds, {torch.get_num_threads()} threads; "
+          f"load before: {open('/proc/loadavg').read().split()[:3]}")
+    print()
+    print("| family | method | max abs diff | conforms (1e-4) | speedup | ideal | of ideal |")
+    print("|---|---|---|---|---|---|---|")
+    start = time.time()
+    for family in families:
+        results = {}
+        if args.speed:
+            model = speed_model(FAMILIES[family][0], args.size)
+            variants = {"none": model}
+            for method in methods:
+                variants[method] = apply_patch(copy.deepcopy(model), method, args.pool_k)
+            inputs = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+            results = {r.name: r for r in compare_speed(variants, inputs, "none", warmup=1, rounds=args.rounds)}
+        for method in methods:
+            diff = conformance(FAMILIES[family][0], method) if args.conformance else float("nan")
+            verdict = "-" if not args.conformance else ("yes" if diff <= TOLERANCE else "NO")
+            speed = results.get(method)
+            cells = ["-", "-", "-"] if speed is None else [f"{speed.speedup:.3f}", f"{speed.ideal_speedup:.3f}",
+                                                         f"{speed.efficiency:.3f}"]
+            print(f"| {family} | {method} | {diff:.1e} | {verdict} | " + " | ".join(cells) + " |", flush=True)
+    print()
+    print(f"load after: {open('/proc/loadavg').read().split()[:3]}; {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
