@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..cost import ViTShape
 from ..counting import PoolK
-from .hf import LayerLayout, build_config, grid_of, mlp_hidden, patch_layers, unpatch_layers
+from .layers import LayerLayout, build_config, grid_of, mlp_hidden, patch_layers, unpatch_layers
 
 __all__ = ["apply_patch", "remove_patch", "supports", "model_shape"]
 

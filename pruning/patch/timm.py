@@ -13,14 +13,13 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor
 
+from ..compress import reduce_tokens
 from ..counting import PoolK, resolve_schedule
-from ..merging import bipartite_soft_matching, merge_source, merge_wavg
 from ..methods import PLACEMENTS, get_method
-from ..reduction import prune_tokens, select_tokens, tokens_kept
-from ..scoring import class_attention, fusion_weights, token_norm
+from ..scoring import class_attention
 from ..state import CONFIG_ATTR, CompressionConfig, get_config, get_state
 
-__all__ = ["apply_patch", "remove_patch", "get_config", "get_state", "attend", "reduce_tokens",
+__all__ = ["apply_patch", "remove_patch", "get_config", "get_state", "attend",
            "CompressedBlock", "CompressedAttention"]
 
 
@@ -61,35 +60,6 @@ def attend(attn: Attention, x: Tensor, *, size: Optional[Tensor], want_cls_attn:
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
     return out, cls_attn, (keys.mean(dim=1) if want_keys else None)
-
-
-def reduce_tokens(cfg: CompressionConfig, x: Tensor, k: int, cls_attn: Optional[Tensor],
-                  keys: Optional[Tensor]) -> Tensor:
-    """Apply the method's reduction (prune, prune + fuse, or merge) to x, updating the state."""
-    method, state, num_prefix = cfg.method, cfg.state, cfg.num_prefix_tokens
-    if method.reduction == "merge":
-        matching = bipartite_soft_matching(keys, k, num_prefix)
-        if matching.k == 0:
-            return x
-        if state.source is not None:
-            state.source = merge_source(matching, state.source)
-        x, state.size = merge_wavg(matching, x, state.size)
-        return x
-
-    keep = tokens_kept(x.shape[1], k, num_prefix)
-    if keep == x.shape[1]:
-        return x
-    norms = token_norm(x) if "norm" in (method.keep_by, method.fuse_by) else None
-    scores = cls_attn if method.keep_by == "attn" else norms
-    keep_idx, drop_idx = select_tokens(scores, keep, num_prefix, want_dropped=method.fuses)
-    weights = None
-    if method.fuses:
-        pick = lambda s: None if s is None else s.gather(1, drop_idx)  # noqa: E731
-        weights = fusion_weights(method.fuse_by, pick(cls_attn), pick(norms))
-    if state.source is not None:
-        state.source = prune_tokens(state.source, keep_idx, drop_idx,
-                                    None if weights is None else torch.ones_like(weights))
-    return prune_tokens(x, keep_idx, drop_idx, weights)
 
 
 class CompressedAttention(Attention):

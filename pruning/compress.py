@@ -1,0 +1,46 @@
+"""One compression step, whatever the model family: a method's reduction applied to the tokens.
+
+Pruning keeps the best-scored tokens (by class-token attention or by norm) and may fuse the dropped ones
+into one token; merging is ToMe's bipartite soft matching. The per-forward state (token sizes, source
+maps) is updated on the way.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .merging import bipartite_soft_matching, merge_source, merge_wavg
+from .reduction import prune_tokens, select_tokens, tokens_kept
+from .scoring import fusion_weights, token_norm
+from .state import CompressionConfig
+
+__all__ = ["reduce_tokens"]
+
+
+def reduce_tokens(cfg: CompressionConfig, x: Tensor, k: int, cls_attn: Optional[Tensor],
+                  keys: Optional[Tensor]) -> Tensor:
+    """Apply the method's reduction (prune, prune + fuse, or merge) to x, updating the state."""
+    method, state, num_prefix = cfg.method, cfg.state, cfg.num_prefix_tokens
+    if method.reduction == "merge":
+        matching = bipartite_soft_matching(keys, k, num_prefix)
+        if matching.k == 0:
+            return x
+        if state.source is not None:
+            state.source = merge_source(matching, state.source)
+        x, state.size = merge_wavg(matching, x, state.size)
+        return x
+
+    keep = tokens_kept(x.shape[1], k, num_prefix)
+    if keep == x.shape[1]:
+        return x
+    norms = token_norm(x) if "norm" in (method.keep_by, method.fuse_by) else None
+    scores = cls_attn if method.keep_by == "attn" else norms
+    keep_idx, drop_idx = select_tokens(scores, keep, num_prefix, want_dropped=method.fuses)
+    weights = None
+    if method.fuses:
+        pick = lambda s: None if s is None else s.gather(1, drop_idx)  # noqa: E731
+        weights = fusion_weights(method.fuse_by, pick(cls_attn), pick(norms))
+    if state.source is not None:
+        state.source = prune_tokens(state.source, keep_idx, drop_idx,
+                                    None if weights is None else torch.ones_like(weights))
+    return prune_tokens(x, keep_idx, drop_idx, weights)
