@@ -10,6 +10,7 @@ pretrained weights for them.
 | ``vit_pico_patch2_8``  | 8     | 2     | 16 + 1 | 64    | 4     | 4     | digits (8x8)   |
 | ``vit_pico_patch4_28`` | 28    | 4     | 49 + 1 | 64    | 6     | 4     | Fashion-MNIST  |
 | ``vit_pico_patch4_32`` | 32    | 4     | 64 + 1 | 64    | 6     | 4     | CIFAR-10/100   |
+| ``vit_nano_patch4_28`` | 28    | 4     | 49 + 1 | 128   | 6     | 4     | Fashion-MNIST  |
 """
 from typing import Any, Dict
 
@@ -17,7 +18,7 @@ from timm.models import register_model
 from timm.models._registry import generate_default_cfgs
 from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer
 
-__all__ = ["vit_pico_patch2_8", "vit_pico_patch4_28", "vit_pico_patch4_32", "DIGITS_MEAN", "DIGITS_STD",
+__all__ = ["vit_pico_patch2_8", "vit_pico_patch4_28", "vit_pico_patch4_32", "vit_nano_patch4_28", "DIGITS_MEAN", "DIGITS_STD",
            "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "CIFAR_MEAN", "CIFAR_STD"]
 
 # Per-channel mean and std of the training images (0..1 pixels) each small model is meant for: the
@@ -43,6 +44,7 @@ default_cfgs = generate_default_cfgs({
     "vit_pico_patch2_8": _cfg(1, 8, mean=DIGITS_MEAN, std=DIGITS_STD),
     "vit_pico_patch4_28": _cfg(1, 28, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD),
     "vit_pico_patch4_32": _cfg(3, 32, mean=CIFAR_MEAN, std=CIFAR_STD),
+    "vit_nano_patch4_28": _cfg(1, 28, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD),
 })
 
 
@@ -72,3 +74,11 @@ def vit_pico_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """ViT-Pico/4 for 32x32 RGB images (CIFAR-10/100): 64 patches + class token."""
     return _create("vit_pico_patch4_32", pretrained, dict(PICO_ARGS, img_size=32, patch_size=4, in_chans=3,
                                                           num_classes=10), **kwargs)
+
+
+@register_model
+def vit_nano_patch4_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """ViT-Nano/4 for 28x28 grayscale images: ViT-Pico/4 at width 128 (at width 64 Pico stays near 87% on
+    Fashion-MNIST, capacity-bound); the experiment's baseline."""
+    return _create("vit_nano_patch4_28", pretrained, dict(PICO_ARGS, embed_dim=128, img_size=28, patch_size=4,
+                                                          in_chans=1, num_classes=10), **kwargs)
