@@ -2,14 +2,15 @@
 
     python main.py                                   # ViT-Pico/2 on scikit-learn digits with tk_n
     python main.py --config configs/fashionmnist.yaml --model tk --reduce_token 4
-    python main.py --eval_only --checkpoint output/best.pt --model tome --reduce_token 3
+    python main.py --eval_only --checkpoint output/latest/best.pt --model tome --reduce_token 3
     python main.py --benchmark --arch vit_small_patch16_224 --reduce_token 10
-    python main.py --resume output/last.pt           # continue an interrupted (Ctrl-C, SIGTERM) run
+    python main.py --resume output/latest/last.pt    # continue an interrupted (Ctrl-C, SIGTERM) run
     torchrun --nproc_per_node 4 main.py --config configs/paper_cifar10.yaml   # DDP, one process per GPU
 
 Options come from DEFAULTS and RECIPES below, then ``--config FILE.yaml``, then the command line (each
-overrides the one before). Every run writes ``<output_dir>/results.json``; training runs also write
-the checkpoints ``last.pt`` and ``best.pt``. ``python main.py --help`` lists every option and default.
+overrides the one before). Every run writes ``results.json`` into a folder of its own (without
+``--output_dir``: ``output/<time>_<arch>_<method>_k<tokens>``, ``output/latest`` pointing to the newest);
+training runs also write the checkpoints ``last.pt`` and ``best.pt``. ``python main.py --help`` lists every option and default.
 
 A run: load data -> build the model and compress it -> train or evaluate -> measure -> write results ->
 summary; ``engine/`` does the work. In-process use (the sweep): ``run(parse_args([...]))`` returns the
@@ -19,6 +20,7 @@ import argparse
 import contextlib
 import copy
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -31,12 +33,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 import data
 from engine import distributed, options, report, train
-from engine.checkpoint import (check_free_space, checkpoint_bytes, prepare_output_dir, seed_everything,
-                               write_json_atomic, write_text_atomic)
+from engine.checkpoint import (RunFolder, check_free_space, check_output_dir, checkpoint_bytes, refuse_another_run,
+                               seed_everything, write_json_atomic, write_text_atomic)
 from engine.distributed import Processes
 from engine.errors import CLIError, Interrupted, TrainingDiverged, one_line
 from engine.measure import Bench, measure
-from engine.model import build_model, compress, create_model
+from engine.model import build_model, compress, create_model, tokens_per_block, unmet_reductions
 from engine.options import Recipe
 from engine.signals import StopSignal
 from pruning.patch import get_config
@@ -71,8 +73,9 @@ RECIPES = {
 SMALL_MODEL_PARAMS = 5_000_000  # --threads 0: one thread below this size
 DEFAULT_THREADS = torch.get_num_threads()  # PyTorch's own default: one per physical core
 RESULT_KEYS = ("accuracy", "best_accuracy", "throughput", "gflops", "gmacs_thop", "params_m", "model",
-               "reduce_token", "arch", "data_name", "epochs", "seed", "world_size", "baseline_throughput",
+               "reduce_token", "tokens_per_block", "arch", "data_name", "epochs", "seed", "world_size", "baseline_throughput",
                "baseline_gflops", "speedup")
+OUTPUT_ROOT = "output"  # without --output_dir every run gets a folder of its own here; OUTPUT_ROOT/latest: the newest
 # results.json fields that are measured times, so differ between two runs of the same command
 TIMING_KEYS = ("throughput", "baseline_throughput", "speedup")
 
@@ -119,7 +122,9 @@ class Run:
     device: torch.device
     resume: Optional[Dict[str, Any]] = None  # the --resume checkpoint
     splits: Optional[data.Splits] = None  # None: a benchmark alone needs no images
+    folder: Optional[RunFolder] = None  # the output folder, created when training or evaluating starts
     model: Optional[VisionTransformer] = None  # compressed, on the device
+    tokens: Optional[list] = None  # tokens entering the first block, then leaving each block
     baseline: Optional[VisionTransformer] = None  # --benchmark: the same model uncompressed
 
     @property
@@ -137,7 +142,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     Under torchrun every process calls it: rank 0 prints, measures and writes the files; the other
     ranks return the same accuracies with the measured fields None. It leaves the threads as they are.
     """
-    args = argparse.Namespace(**vars(args))
+    args = options.copy_options(args)
     processes = distributed.from_environment()
     with contextlib.ExitStack() as stack:
         if not processes.is_main:  # one log, from rank 0
@@ -153,20 +158,66 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 def _run(r: Run) -> Dict[str, Any]:
     started, args = time.time(), r.args
-    args.output_dir = args.output_dir or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else "output")
-    distributed.on_main(lambda: prepare_output_dir(args.output_dir), r.processes)
-    seed_everything(args.seed)
-    load_data(r)
-    build_and_compress(r)
-    announce(r)
-    accuracy, best_accuracy = train_or_evaluate(r)
-    results: Dict[str, Any] = dict.fromkeys(RESULT_KEYS)
-    results.update(accuracy=accuracy, best_accuracy=best_accuracy, model=args.method, reduce_token=args.reduce_token,
-                   arch=args.arch, data_name=args.data_name, epochs=args.epochs if r.training else 0, seed=args.seed,
-                   world_size=r.processes.world_size)
-    if r.processes.is_main:  # rank 0 measures and writes; the other ranks are done
-        measure_and_report(r, results, started)
+    plan_output_dir(r, started)
+    try:
+        seed_everything(args.seed)
+        load_data(r)
+        build_and_compress(r)
+        announce(r)
+        accuracy, best_accuracy = train_or_evaluate(r)
+        results: Dict[str, Any] = dict.fromkeys(RESULT_KEYS)
+        results.update(accuracy=accuracy, best_accuracy=best_accuracy, model=args.method,
+                       reduce_token=args.reduce_token, tokens_per_block=r.tokens, arch=args.arch,
+                       data_name=args.data_name, epochs=args.epochs if r.training else 0, seed=args.seed,
+                       world_size=r.processes.world_size)
+        if r.processes.is_main:  # rank 0 measures and writes; the other ranks are done
+            measure_and_report(r, results, started)
+    except BaseException:
+        if r.processes.is_main:  # a run that wrote no checkpoint and no results leaves the disk as it found it
+            r.folder.discard()
+        raise
     return results
+
+
+def run_folder_name(args: argparse.Namespace, when: float) -> str:
+    """``20261125-134501_vit_pico_patch2_8_tk_n_k2``: start time, arch, method, tokens removed per block
+    (``_eval``/``_bench`` for those modes)."""
+    arch = args.arch or RECIPES[args.data_name].arch
+    tokens = "-".join(map(str, args.reduce_token)) if isinstance(args.reduce_token, list) else str(args.reduce_token)
+    mode = "_eval" if args.eval_only else ("_bench" if args.benchmark else "")
+    return re.sub(r"[^\w.+-]", "_", f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(when))}_{arch}_"
+                                     f"{args.method}_k{tokens}{mode}")
+
+
+def _short(path: str) -> str:
+    """``path`` relative to the working folder when it lies inside it."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+def plan_output_dir(r: Run, started: float) -> None:
+    """Where the run writes, checked before any data is read (nothing is created yet): a new folder under
+    OUTPUT_ROOT without --output_dir; --resume: the checkpoint's own folder (the real one, not output/latest);
+    an explicit --output_dir must not hold another run's files (unless --overwrite)."""
+    args = r.args
+    if args.resume:
+        own = os.path.realpath(os.path.dirname(os.path.abspath(args.resume)))
+        args.output_dir = args.output_dir or _short(own)
+        same = os.path.realpath(args.output_dir) == own
+        r.folder = RunFolder(args.output_dir, own=same, overwrite=args.overwrite)
+        refuse = not same and not args.overwrite
+    elif args.output_dir:
+        r.folder, refuse = RunFolder(args.output_dir, overwrite=args.overwrite), not args.overwrite
+    else:
+        name = distributed.gather(run_folder_name(args, started), r.processes)[0]  # rank 0's clock
+        args.output_dir = os.path.join(OUTPUT_ROOT, name)
+        r.folder, refuse = RunFolder(args.output_dir, unique=True), False
+
+    def check() -> None:
+        check_output_dir(OUTPUT_ROOT if r.folder.unique else args.output_dir)
+        if refuse:
+            refuse_another_run(args.output_dir)
+    distributed.on_main(check, r.processes)
 
 
 def load_data(r: Run) -> None:
@@ -185,6 +236,16 @@ def build_and_compress(r: Run) -> None:
                           r.resume is not None)
     r.baseline = copy.deepcopy(r.model) if args.benchmark else None
     compress(r.model, args).to(r.device)
+    r.tokens = tokens_per_block(r.model)
+    unmet = unmet_reductions(r.model)
+    if unmet and r.processes.is_main:
+        blocks = ", ".join(str(block) for block, _, _ in unmet)
+        removed = ", ".join(str(n) for _, _, n in unmet)
+        print(f"main.py: warning: --reduce_token {_tokens_text(args.reduce_token)} cannot be honoured: block"
+              f"{'s' if len(unmet) > 1 else ''} {blocks} remove{'' if len(unmet) > 1 else 's'} {removed} of the "
+              f"{', '.join(sorted({str(k) for _, k, _ in unmet}, key=int))} tokens asked ({r.tokens[0]} tokens enter block 1 and "
+              f"{args.method} keeps the prefix tokens and at least one patch); tokens {_arrows(r.tokens)}; ask for "
+              f"fewer", file=sys.stderr, flush=True)
     if r.training:  # disk full: said now, not after the first epoch
         distributed.on_main(lambda: check_free_space(args.output_dir, checkpoint_bytes(r.model)), r.processes)
     args.img_size, args.patch_size = r.model.patch_embed.img_size[0], r.model.patch_embed.patch_size[0]
@@ -219,16 +280,30 @@ def train_or_evaluate(r: Run) -> Tuple[Optional[float], Optional[float]]:
     return history[-1]["test_acc"], max(h["test_acc"] for h in history)
 
 
+def _tokens_text(reduce_token: Any) -> str:
+    return ",".join(map(str, reduce_token)) if isinstance(reduce_token, list) else str(reduce_token)
+
+
+def _arrows(tokens: Sequence[int]) -> str:
+    return " → ".join(map(str, tokens))
+
+
 def announce(r: Run) -> None:
-    """config.yaml (every setting, resolved) and the line that says what runs."""
+    """The run starts: its folder is created (rank 0), config.yaml written (every setting, resolved), and
+    the lines that say where it writes and what runs."""
     args = r.args
     if r.processes.is_main:
-        settings = {k: v for k, v in options.settings_of(args).items() if k not in ("config", "resume")}
+        args.output_dir = r.folder.open()
+        settings = {k: v for k, v in options.settings_of(args).items() if k not in ("config", "resume", "overwrite")}
         write_text_atomic(yaml.safe_dump(settings), os.path.join(args.output_dir, "config.yaml"))
+        pointer = r.folder.latest[0] if r.folder.latest else None
+        latest = "" if pointer is None else f" ({pointer} {'names' if pointer.endswith('LATEST') else 'points to'} it)"
+        print(f"run folder: {args.output_dir}{latest}")
     where = f"{r.processes.world_size} processes ({r.device.type})" if r.processes.enabled else str(r.device)
     print(f"{args.arch}: {sum(p.numel() for p in r.model.parameters()) / 1e6:.3f} M params, {args.img_size} px, "
-          f"patch {args.patch_size}, {len(r.model.blocks)} blocks | {args.method} removing {args.reduce_token} tokens "
-          f"per block at {args.reduce_at} | {args.data_name}: {r.sizes} | {where}, {torch.get_num_threads()} threads")
+          f"patch {args.patch_size}, {len(r.model.blocks)} blocks | {args.method} removing "
+          f"{_tokens_text(args.reduce_token)} per block at {args.reduce_at}: tokens {_arrows(r.tokens)} | "
+          f"{args.data_name}: {r.sizes} | {where}, {torch.get_num_threads()} threads")
 
 
 def measure_and_report(r: Run, results: Dict[str, Any], started: float) -> None:

@@ -76,7 +76,8 @@ class Splits:
 
 
 def _subset(dataset: Dataset, size: int) -> Dataset:
-    """A fixed random subset of ``size`` items (the same for every seed); all of it when size is 0."""
+    """A fixed random subset of ``size`` items (the same for every seed); all of it when size is 0 (a size
+    beyond the split is refused by :func:`build_dataset`)."""
     if size <= 0 or size >= len(dataset):
         return dataset
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
@@ -96,6 +97,10 @@ def build_dataset(name: str, root: str, *, download: bool = True, train_subset: 
             raise DataError(f"--data_name {name}: the class folders of the train and test splits differ "
                             f"({len(train.classes)} vs {len(test.classes)}); use the same class folder names")
         num_classes = len(train.classes)
+    for option, split, size in (("--train_subset", train, train_subset), ("--test_subset", test, test_subset)):
+        if size > len(split):
+            raise DataError(f"{option} {size}: the {option[2:-7]} split of {name} has only {len(split)} images; use "
+                            f"at most {len(split)}, or 0 for all of them")
     return Splits(name, spec, _subset(train, train_subset), _subset(test, test_subset), num_classes)
 
 

@@ -9,6 +9,7 @@ import contextlib
 import functools
 import io
 import os
+import shutil
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -95,6 +96,32 @@ FASHION_MNIST_FILES = ["FashionMNIST/raw/" + f for f in
                         "t10k-labels-idx1-ubyte"]]
 
 
+def _outermost_missing(root: str) -> Optional[str]:
+    """The outermost folder of ``root`` (itself or an ancestor) that does not exist yet, or None."""
+    path, missing = os.path.abspath(root), None
+    while not os.path.exists(path):
+        missing, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def _remove_new(root: str, before: Optional[set], created: Optional[str]) -> None:
+    """Remove what a failed download made: ``created`` (a folder that did not exist), or the entries of
+    ``root`` that were not in ``before``."""
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        return
+    for entry in set(os.listdir(root)) - (before or set()) if os.path.isdir(root) else ():
+        path = os.path.join(root, entry)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+
 def _read_or_download(name: str, root: str, files: List[str], read: Callable[[], Dataset],
                       fetch: Callable[[], Dataset], download: bool, how: str) -> Dataset:
     """Read the dataset if all ``files`` are under ``root``; else download it; else explain."""
@@ -108,11 +135,16 @@ def _read_or_download(name: str, root: str, files: List[str], read: Callable[[],
                             f"replace them") from None
     reason = "downloading is off"
     if download:
+        # torchvision creates its folders before it downloads: a failed download (a mistyped --data_root,
+        # offline) must not leave them behind
+        before = set(os.listdir(root)) if os.path.isdir(root) else None
+        created = _outermost_missing(root)
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # torchvision prints its download attempts
                 return fetch()
         except Exception as err:
             reason = f"download failed: {one_line(err, named=True, limit=200)}"
+            _remove_new(root, before, created)
     raise DataError(f"--data_name {name}: {missing[0]} not found under --data_root {os.path.abspath(root)} "
                     f"and {reason}; {how}, or point --data_root at the folder that holds {files[0].split('/')[0]}/")
 

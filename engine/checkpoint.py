@@ -10,7 +10,7 @@ import os
 import pickle
 import random
 import shutil
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -22,13 +22,46 @@ from .errors import CLIError, one_line
 RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_accuracy", "history", "rng", "settings")
 
 
+def file_kind(path: str) -> str:
+    """What a weights file holds, from its first bytes: ``torch`` (torch.save's zip archive), ``pickle``
+    (torch.save's legacy format), ``safetensors``, ``empty`` or ``other``."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        return "empty"
+    if head[:4] == b"PK\x03\x04":
+        return "torch"
+    if head[:1] == b"\x80":
+        return "pickle"
+    if len(head) > 8 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= 100_000_000:
+        return "safetensors"
+    return "other"
+
+
+def _not_weights(path: str, option: str, kind: str) -> CLIError:
+    with open(path, "rb") as f:
+        start = f.read(24).decode("utf-8", "replace")
+    what = "it is empty" if kind == "empty" else f"it starts with {start!r}"
+    return CLIError(f"{option}: {path} is not a PyTorch checkpoint or safetensors file ({what}); give the .pt/.pth "
+                    f"written by torch.save (e.g. output/latest/best.pt) or a .safetensors file")
+
+
 def torch_load(path: str, option: str) -> Any:
     """``torch.load`` of tensors and plain containers only (nothing in the file can run code)."""
     if not os.path.isfile(path):
         raise CLIError(f"{option}: {path} not found")
+    kind = file_kind(path)
+    if kind in ("empty", "other", "safetensors"):
+        if kind == "safetensors" and option == "--resume":
+            raise CLIError(f"--resume: {path} is a safetensors file (weights only), not a checkpoint written by "
+                           f"main.py; to start from its weights use --checkpoint {path}")
+        raise _not_weights(path, option, kind)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):  # not the safe loader's refusal: a damaged file
+            raise CLIError(f"{option}: {path} cannot be read, it is damaged or not a PyTorch file "
+                           f"({one_line(err, named=True, limit=200)})") from None
         raise CLIError(f"{option}: {path} holds more than tensors and plain data, so it is not loaded "
                        f"(safe loading: {one_line(err, named=True, limit=200)}); save its state_dict() "
                        f"instead") from None
@@ -56,9 +89,10 @@ def load_weights(model: VisionTransformer, path: str, new_head_ok: bool = True) 
     Returns the keys left out: a classifier head of another size (another number of classes), which
     is only allowed when ``new_head_ok`` (the head is then trained from scratch).
     """
-    if path.endswith(".safetensors"):
-        if not os.path.isfile(path):
-            raise CLIError(f"--checkpoint: {path} not found")
+    if not os.path.isfile(path):
+        raise CLIError(f"--checkpoint: {path} not found")
+    kind = file_kind(path)
+    if kind == "safetensors" or (path.endswith(".safetensors") and kind not in ("torch", "pickle")):
         from safetensors.torch import load_file
         try:
             state = load_file(path)
@@ -155,8 +189,42 @@ def append_line(text: str, path: str) -> None:
         raise _write_failed(path, err) from None
 
 
-def prepare_output_dir(path: str) -> None:
-    """Create ``path`` and check that a file can be written there (before any data or weights are read)."""
+# The files that make a folder a run's: an explicit --output_dir holding any of them is refused (unless
+# --overwrite, or --resume continues the run they belong to).
+RUN_FILES = ("results.json", "config.yaml", "last.pt", "best.pt", "log.jsonl")
+PRODUCTS = ("last.pt", "best.pt", "results.json", "log.jsonl")  # what a run writes once it has got somewhere
+OVERWRITTEN = RUN_FILES + ("visualization.png",)  # what --overwrite removes before the run starts
+
+
+def _missing_dirs(path: str) -> List[str]:
+    """``path`` and those of its ancestors that do not exist yet, innermost first."""
+    missing, current = [], os.path.abspath(path)
+    while not os.path.lexists(current):
+        missing.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    return missing
+
+
+def _remove_dirs(dirs: Sequence[str]) -> None:
+    """Remove the folders ``dirs`` (innermost first) while they are empty."""
+    for folder in dirs:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+
+
+def _cannot_write(path: str, err: OSError) -> CLIError:
+    return CLIError(f"--output_dir: cannot write to {path} ({err.strerror or err}); choose another folder")
+
+
+def check_output_dir(path: str) -> None:
+    """Check that ``path`` can be created and written to (before any data or weights are read), leaving
+    nothing behind: the folder is only created when the run starts training or evaluating."""
+    created = _missing_dirs(path)
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".write_test.{os.getpid()}")
@@ -164,8 +232,114 @@ def prepare_output_dir(path: str) -> None:
             f.write("ok")
         os.remove(probe)
     except OSError as err:
-        raise CLIError(f"--output_dir: cannot write to {path} ({err.strerror or err}); choose another folder") \
-            from None
+        raise _cannot_write(path, err) from None
+    finally:
+        _remove_dirs(created)
+
+
+def files_of_a_run(path: str) -> List[str]:
+    """The files of :data:`RUN_FILES` that ``path`` holds."""
+    return [name for name in RUN_FILES if os.path.isfile(os.path.join(path, name))]
+
+
+def refuse_another_run(path: str) -> None:
+    """An explicit --output_dir that holds another run's files is never silently reused."""
+    found = files_of_a_run(path)
+    if not found:
+        return
+    resume = f"continue that run with --resume {os.path.join(path, 'last.pt')}, " if "last.pt" in found else ""
+    raise CLIError(f"--output_dir {path} already holds another run's files ({', '.join(found)}); {resume}choose "
+                   f"another folder (or drop --output_dir: every run gets a new folder under output/), or add "
+                   f"--overwrite to replace them")
+
+
+class RunFolder:
+    """The output folder of one run, created only when the run starts training or evaluating.
+
+    ``unique``: a new folder named ``path`` (``path-2``, ``path-3``, ... when that exists already), and
+    ``<parent>/latest`` pointed at it (a symlink, replaced atomically; ``<parent>/LATEST``, a text file
+    holding the name, where symlinks cannot be made). ``own``: the folder is already this run's (--resume):
+    nothing in it is removed. ``overwrite``: the files of an earlier run are removed first. A run that
+    fails before writing a checkpoint or results leaves the disk as it found it (:meth:`discard`).
+    """
+
+    def __init__(self, path: str, *, unique: bool = False, own: bool = False, overwrite: bool = False):
+        self.path, self.unique, self.own, self.overwrite = path, unique, own, overwrite
+        self.created: List[str] = []  # folders made by this run, innermost first
+        self.opened = False
+        self.latest: Optional[Tuple[str, Optional[str]]] = None  # (pointer path, what it held before)
+
+    def open(self) -> str:
+        """Create the folder (and clear an earlier run's files with ``overwrite``); returns its path."""
+        try:
+            if self.unique:
+                parent = os.path.dirname(self.path) or "."
+                self.created = _missing_dirs(parent)
+                os.makedirs(parent, exist_ok=True)
+                base, n = self.path, 1
+                while True:
+                    try:
+                        os.mkdir(self.path)
+                        break
+                    except FileExistsError:  # another run started in the same second
+                        n += 1
+                        self.path = f"{base}-{n}"
+                self.created.insert(0, os.path.abspath(self.path))
+            else:
+                self.created = _missing_dirs(self.path)
+                os.makedirs(self.path, exist_ok=True)
+        except OSError as err:
+            raise _cannot_write(self.path, err) from None
+        self.opened = True
+        if self.overwrite and not self.own:
+            for name in OVERWRITTEN:
+                if os.path.isfile(os.path.join(self.path, name)):
+                    os.remove(os.path.join(self.path, name))
+        if self.unique:
+            self._point_latest()
+        return self.path
+
+    def _point_latest(self) -> None:
+        parent, name = os.path.dirname(self.path) or ".", os.path.basename(self.path)
+        link, tmp = os.path.join(parent, "latest"), os.path.join(parent, f".latest.{os.getpid()}")
+        try:
+            before = os.readlink(link) if os.path.islink(link) else None
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+            os.symlink(name, tmp)
+            os.replace(tmp, link)
+            self.latest = (link, before)
+            return
+        except (OSError, NotImplementedError):
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+        text = os.path.join(parent, "LATEST")
+        before = open(text).read() if os.path.isfile(text) else None
+        write_text_atomic(name + "\n", text)
+        self.latest = (text, before)
+
+    def discard(self) -> None:
+        """After a failure: unless the run wrote a checkpoint or results, remove its config.yaml and the
+        folders it created, and point ``latest`` back where it was."""
+        if not self.opened or self.own or any(os.path.exists(os.path.join(self.path, name)) for name in PRODUCTS):
+            return
+        config = os.path.join(self.path, "config.yaml")
+        if os.path.isfile(config):
+            os.remove(config)
+        _remove_dirs(self.created[:1])
+        if self.latest and not os.path.exists(self.path):
+            pointer, before = self.latest
+            try:
+                if os.path.islink(pointer) or before is None:
+                    os.remove(pointer)
+                if before is not None and pointer.endswith("LATEST"):
+                    write_text_atomic(before, pointer)
+                elif before is not None:
+                    os.symlink(before, pointer)
+            except OSError:
+                pass
+        if not os.path.exists(self.path):
+            _remove_dirs(self.created[1:])
 
 
 def checkpoint_bytes(model: torch.nn.Module) -> int:
@@ -184,7 +358,10 @@ def check_free_space(path: str, one_checkpoint: int, replaced: Iterable[str] = (
     reusable = sum(os.path.getsize(os.path.join(path, name)) for name in replaced
                    if os.path.isfile(os.path.join(path, name)))
     need = 3 * one_checkpoint - reusable
-    free = shutil.disk_usage(path).free
+    existing = path
+    while not os.path.isdir(existing) and os.path.dirname(os.path.abspath(existing)) != os.path.abspath(existing):
+        existing = os.path.dirname(os.path.abspath(existing))  # the folder is created when training starts
+    free = shutil.disk_usage(existing).free
     if free < need:
         raise CLIError(f"--output_dir: {path} has {_megabytes(free)} free, the checkpoints need about "
                        f"{_megabytes(need)} (last.pt, best.pt and a temporary copy); free space or choose "

@@ -3,14 +3,16 @@ its starting weights loaded, and compressed with the chosen method."""
 import argparse
 import os
 import socket
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import urlparse
 
 import timm
 from timm.models.vision_transformer import VisionTransformer
 
 import pruning.models  # noqa: F401  (registers the vit_pico_* models in timm's registry)
-from pruning.patch import apply_patch
+from pruning.counting import tokens_after
+from pruning.flops import model_token_counts, vit_shape
+from pruning.patch import apply_patch, get_config
 
 from .checkpoint import load_weights
 from .errors import CLIError, one_line
@@ -94,3 +96,28 @@ def compress(model: VisionTransformer, args: argparse.Namespace, trace_source: b
                            trace_source=trace_source)
     except ValueError as err:
         raise CLIError(f"--model {args.method} / --reduce_token / --reduce_at: {err}") from None
+
+
+def tokens_per_block(model: VisionTransformer) -> List[int]:
+    """Tokens entering the first block, then leaving each block, as the compressed model runs them
+    (the library's own count, ``pruning.flops.model_token_counts``): ``[17, 15, 13, 11, 9]``."""
+    entering = [attn for attn, _ in model_token_counts(model)]
+    cfg = get_config(model)
+    last = entering[-1] if cfg is None else tokens_after(cfg.method, entering[-1], cfg.schedule[-1],
+                                                         vit_shape(model).num_prefix)
+    return entering + [last]
+
+
+def unmet_reductions(model: VisionTransformer) -> List[Tuple[int, int, int]]:
+    """(block, tokens asked, tokens removed) of every block that removes fewer tokens than the method removes
+    when tokens are plentiful, because too few are left (the prefix tokens and at least one patch stay)."""
+    cfg = get_config(model)
+    if cfg is None:
+        return []
+    tokens, prefix = tokens_per_block(model), vit_shape(model).num_prefix
+    unmet = []
+    for block, k in enumerate(cfg.schedule):
+        plenty = tokens[block] + 2 * k + prefix + 2
+        if tokens[block] - tokens[block + 1] < plenty - tokens_after(cfg.method, plenty, k, prefix):
+            unmet.append((block + 1, k, tokens[block] - tokens[block + 1]))
+    return unmet

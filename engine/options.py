@@ -27,9 +27,12 @@ from .errors import CLIError
 
 MAX_LR = 1e6  # far beyond any useful rate; larger ones overflow float32 inside the optimiser
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-# Options that may differ when a run is resumed: where and how it runs, not what it computes.
+# Options that may differ when a run is resumed: where and how it runs, not what it computes. Every
+# setting comes from the checkpoint unless the command line gives it again; these may be given anew.
 RESUME_FREE = ("resume", "config", "output_dir", "device", "threads", "num_workers", "data_root", "visualize",
-               "bench_batch_size", "bench_warmup", "bench_steps", "compile")
+               "bench_batch_size", "bench_warmup", "bench_steps", "compile", "overwrite")
+# ... and these are never taken from the checkpoint (the folder is the checkpoint's own unless given)
+NOT_RESTORED = ("resume", "config", "output_dir", "overwrite")
 # dest in the code -> option name users write, where they differ
 OPTION_NAMES = {"method": "model"}
 DESTS = {name: dest for dest, name in OPTION_NAMES.items()}
@@ -86,6 +89,29 @@ def reduce_token_type(text: str) -> Union[int, List[int]]:
 
 # ----------------------------------------------------------------------------------------------
 # the parser
+
+class Options(argparse.Namespace):
+    """argparse's Namespace that also knows which options were given (``--config``, a caller's settings,
+    the command line) rather than left at their defaults: ``--resume`` takes the others from the checkpoint.
+    ``given`` is a slot, so it is not one of the options (``vars()`` leaves it out)."""
+    __slots__ = ("given",)
+
+
+def copy_options(args: argparse.Namespace) -> argparse.Namespace:
+    """A copy of ``args`` that keeps what :class:`Options` knows about them."""
+    copy = Options(**vars(args))
+    copy.given = getattr(args, "given", None)
+    return copy
+
+
+def given_dests(args: argparse.Namespace, parser: "ArgumentParser") -> frozenset:
+    """The options ``args`` were given; without that record (a Namespace built by hand), those that
+    differ from their defaults."""
+    given = getattr(args, "given", None)
+    if given is not None:
+        return given
+    return frozenset(key for key, value in vars(args).items() if value != parser.get_default(key))
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that raises :class:`CLIError` instead of printing usage and exiting."""
@@ -188,12 +214,18 @@ def build_parser(defaults: Mapping[str, Any], recipes: Mapping[str, Recipe]) -> 
 
     group = parser.add_argument_group("run")
     group.add_argument("--output_dir", metavar="DIR", default=None,
-                       help="results.json, checkpoints and logs (default: output, or the folder of --resume)")
+                       help="results.json, checkpoints and logs; refused if it holds another run's files (see "
+                            "--overwrite) (default: a new folder output/<time>_<arch>_<method>_k<tokens>, "
+                            "output/latest points to it; with --resume the checkpoint's folder)")
     group.add_argument("--config", default=None, metavar="FILE.yaml",
                        help="YAML file of options (keys as above, without --); the command line overrides it "
                             "(default: none)")
     group.add_argument("--resume", default=None, metavar="FILE",
-                       help="continue an interrupted run from its last.pt, exactly, with its settings (default: none)")
+                       help="continue an interrupted run from its last.pt, exactly, with its settings, in its folder "
+                            "(default: none)")
+    group.add_argument("--overwrite", **bool_flag, help="let --output_dir be a folder that holds another run's files "
+                                                        "(results.json, config.yaml, last.pt, best.pt, log.jsonl): "
+                                                        "they are removed when this run starts (default: off)")
     group.add_argument("--eval_only", **bool_flag, help="evaluate --checkpoint (or --pretrained) with the "
                                                         "chosen compression, no training (default: off)")
     group.add_argument("--benchmark", **bool_flag, help="no training: throughput and FLOPs of the chosen method "
@@ -264,6 +296,9 @@ def given(parser: ArgumentParser, argv: Sequence[str]) -> Dict[str, Any]:
             if named & set(action.option_strings)}
 
 
+given_by = given
+
+
 def read_config(parser: ArgumentParser, path: str) -> Dict[str, Any]:
     """The options of a YAML file, checked as the command line would be, by dest."""
     if not os.path.isfile(path):
@@ -291,29 +326,50 @@ def parse_args(argv: Optional[Sequence[str]], defaults: Mapping[str, Any], recip
     pre = ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
     config = pre.parse_known_args(argv)[0].config
+    given = set()
     if config:
-        parser.set_defaults(**read_config(parser, config))
+        from_file = read_config(parser, config)
+        parser.set_defaults(**from_file)
+        given |= set(from_file)
     if options:
-        parser.set_defaults(**given(parser, _tokens(parser, option_names(options), "options")))
-    return parser.parse_args(argv)
+        from_caller = given_by(parser, _tokens(parser, option_names(options), "options"))
+        parser.set_defaults(**from_caller)
+        given |= set(from_caller)
+    args = parser.parse_args(argv, namespace=Options())
+    strings = parser._option_string_actions
+    given |= {strings[token.split("=", 1)[0]].dest for token in argv
+              if token.startswith("--") and token.split("=", 1)[0] in strings}
+    args.given = frozenset(given)
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
 # resume
 
 def restore_settings(args: argparse.Namespace, checkpoint: Dict[str, Any], parser: ArgumentParser) -> None:
-    """Take the resumed run's settings (all but RESUME_FREE) and say which command-line values lose."""
+    """Take the resumed run's settings: every one of them, ``--data_root`` included, unless given again
+    (only the RESUME_FREE ones may be given anew); a setting given with another value is refused."""
     saved = checkpoint.get("settings")
     if not isinstance(saved, dict):
         raise CLIError(f"--resume: {args.resume} is not a checkpoint written by main.py (no settings)")
-    saved = dests(saved)
-    kept = {key: value for key, value in saved.items() if key not in RESUME_FREE and hasattr(args, key)}
-    changed = [OPTION_NAMES.get(key, key) for key, value in kept.items()
-               if getattr(args, key) not in (value, parser.get_default(key))]  # given, and lost
-    for key, value in kept.items():
-        setattr(args, key, value)
+    saved, given = dests(saved), given_dests(args, parser)
+    saved = {key: value for key, value in saved.items() if key not in NOT_RESTORED and hasattr(args, key)}
+    changed = [key for key, value in saved.items()
+               if key in given and key not in RESUME_FREE and getattr(args, key) != value]
+    if "epochs" in changed:
+        raise CLIError(f"--resume: --epochs {args.epochs} differs from the run's {saved['epochs']}; a resumed run "
+                       f"keeps its settings and its learning-rate schedule (cosine over {saved['epochs']} epochs), "
+                       f"so --epochs cannot change on --resume; to train longer, fine-tune from the checkpoint into "
+                       f"a new folder: --checkpoint {args.resume} --epochs N")
     if changed:
-        print(f"resume: using the checkpoint's {', '.join(changed)} (a resumed run keeps its settings)")
+        names = ", ".join(f"--{OPTION_NAMES.get(key, key)} {getattr(args, key)} (the run's: {saved[key]})"
+                          for key in changed)
+        raise CLIError(f"--resume: {names}: a resumed run keeps its settings; only where and how it runs may "
+                       f"change (--{', --'.join(OPTION_NAMES.get(k, k) for k in RESUME_FREE[2:])}); drop them, or "
+                       f"start a new run from its weights with --checkpoint {args.resume}")
+    for key, value in saved.items():
+        if not (key in RESUME_FREE and key in given):
+            setattr(args, key, value)
 
 
 def load_resume(args: argparse.Namespace, processes: Processes, parser: ArgumentParser) -> Dict[str, Any]:

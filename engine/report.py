@@ -21,6 +21,7 @@ def summary(results: Dict[str, Any], extra: Dict[str, str]) -> str:
 
     rows = [
         ("method", f"{results['model']} (reduce_token {results['reduce_token']}, at {extra['reduce_at']})"),
+        ("tokens", " → ".join(map(str, results["tokens_per_block"])) if results.get("tokens_per_block") else "-"),
         ("arch", f"{results['arch']} ({extra['geometry']})"),
         ("data", f"{results['data_name']} ({extra['sizes']})"),
         ("epochs", str(results["epochs"])),

@@ -23,7 +23,7 @@ from tqdm import tqdm
 import data
 
 from . import distributed
-from .checkpoint import append_line, rng_states, save_atomic, set_rng_states
+from .checkpoint import append_line, rng_states, save_atomic, set_rng_states, write_text_atomic
 from .distributed import Processes
 from .errors import CLIError, Interrupted, TrainingDiverged, one_line
 from .sampling import ResumableDistributedSampler, ResumableRandomSampler, ShardSampler
@@ -215,6 +215,8 @@ def fit(args: argparse.Namespace, loop: Loop, resume: Optional[Dict[str, Any]], 
         start_epoch, best_accuracy, history = resume["epoch"], resume["best_accuracy"], list(resume["history"])
         where = f", step {progress.step} of epoch {start_epoch + 1}" if progress.step else ""
         print(f"resumed from {args.resume} after epoch {start_epoch}/{args.epochs}{where}")
+        if processes.is_main:  # log.jsonl holds this run's epochs and nothing else, whatever was appended since
+            write_text_atomic("".join(json.dumps(h) + "\n" for h in history), os.path.join(args.output_dir, "log.jsonl"))
 
     def save(epoch: int, loader_state: torch.Tensor, paths: Sequence[str]) -> None:
         """Checkpoint after ``epoch`` epochs and ``progress.step`` steps (every rank calls it)."""

@@ -298,3 +298,68 @@ def test_tiny_real_sweep_on_digits(tmp_path):
     assert float(by["offtheshelf", "tk_n"]["gflops"]) < float(by["baseline", "none"]["gflops"])
     assert all(r["speedup"] for r in rows if r["protocol"] != "baseline")
     assert (tmp_path / "out" / "pareto.png").exists()
+
+
+# --- the sweep behaves like main.py (issue 12) -------------------------------------------------------
+
+def one_sweep_error(capsys, argv) -> str:
+    """sweep.main's exit code 2 and its one stderr line."""
+    assert sweep.main(argv, run_fn=FakeMain(), schedule=lambda method, level: level.reduce_token) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("sweep.py: error: ") and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_unknown_yaml_keys_are_refused(tmp_path, capsys):
+    config = write_config(tmp_path)
+    text = yaml.safe_load(open(config))
+    text["method"] = text.pop("methods")
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump(text))
+    line = one_sweep_error(capsys, ["--config", str(tmp_path / "typo.yaml")])
+    assert "unknown key 'method'" in line and "did you mean 'methods'" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("layer, value, message", [
+    ("main_args", {"data_name": "digits", "epocs": 3}, "main_args: unknown option 'epocs'"),
+    ("finetune_args", {"epochs": "many"}, "finetune_args: argument --epochs: expected an integer"),
+    ("levels", [{"name": "x", "reduce_tokens": 2}], "levels: x: unknown key 'reduce_tokens'"),
+])
+def test_bad_main_options_are_refused_in_one_line(tmp_path, capsys, layer, value, message):
+    line = one_sweep_error(capsys, ["--config", write_config(tmp_path, **{layer: value})])
+    assert message in line
+
+
+def test_a_failed_run_is_named(tmp_path, no_plot, capsys):
+    config = write_config(tmp_path)
+    assert run_sweep(config, FakeMain(fail_on="--model tk --reduce_token 3 --seed 0")) == 1
+    captured = capsys.readouterr()
+    assert "failed: offtheshelf tk level heavy seed 0: ValueError: made-up failure" in captured.out
+    assert "offtheshelf tk level heavy seed 0" in captured.err
+
+
+def test_dry_run_of_a_finished_sweep_says_nothing_is_left(tmp_path, no_plot, capsys):
+    config = write_config(tmp_path)
+    run_sweep(config, FakeMain())
+    capsys.readouterr()
+    assert run_sweep(config, FakeMain(), "--dry_run") == 0
+    assert capsys.readouterr().out.strip() == f"sweep: nothing left to do: all {PLANNED} runs are in " \
+                                              f"{tmp_path / 'out' / 'runs.csv'}"
+
+
+def test_out_dir_moves_the_run_folders_too(tmp_path, no_plot):
+    config = write_config(tmp_path)  # work_dir: tmp_path/work in the file
+    fake = FakeMain()
+    assert run_sweep(config, fake, "--out_dir", str(tmp_path / "elsewhere")) == 0
+    assert all(Path(options["output_dir"]).is_relative_to(tmp_path / "elsewhere") for options in fake.calls)
+    assert not (tmp_path / "work").exists() and (tmp_path / "elsewhere" / "runs" / "baseline").is_dir()
+
+
+def test_a_run_redone_after_a_crash_reuses_its_folder(tmp_path, monkeypatch):
+    """What a crashed attempt left in a run's folder does not stop the retry (run_main overwrites)."""
+    import main
+
+    seen = []
+    monkeypatch.setattr(main, "run", lambda args: seen.append(args) or {})
+    sweep.run_main({"output_dir": str(tmp_path / "run"), "epochs": 1})
+    assert seen[0].overwrite and seen[0].output_dir == str(tmp_path / "run")

@@ -21,6 +21,7 @@ A level says how many tokens each block removes, in one of three ways (YAML ``le
 """
 import argparse
 import csv
+import difflib
 import math
 import os
 import shlex
@@ -69,6 +70,12 @@ class Level:
 
     @classmethod
     def from_dict(cls, entry: Dict[str, Any]) -> "Level":
+        if not isinstance(entry, dict):
+            raise ValueError(f"levels: each entry must be a mapping such as {{name: light, reduce_token: 2}}, "
+                             f"got {entry!r}")
+        unknown = [key for key in entry if key not in LEVEL_KEYS]
+        if unknown:
+            raise ValueError(f"levels: {entry.get('name', entry)}: unknown key {_unknown(unknown[0], LEVEL_KEYS)}")
         modes = [m for m in ("reduce_token", "keep_rate", "flops_ratio") if entry.get(m) is not None]
         if "name" not in entry or len(modes) != 1:
             raise ValueError(f"levels: each entry needs a name and exactly one of reduce_token, keep_rate, "
@@ -77,6 +84,33 @@ class Level:
             raise ValueError(f"levels: {entry['name']}: keep_rate needs at_blocks (the blocks that reduce)")
         return cls(name=str(entry["name"]), reduce_token=entry.get("reduce_token"), keep_rate=entry.get("keep_rate"),
                    at_blocks=tuple(entry.get("at_blocks") or ()), flops_ratio=entry.get("flops_ratio"))
+
+
+LEVEL_KEYS = ("name", "reduce_token", "keep_rate", "at_blocks", "flops_ratio")
+# the keys of a sweep YAML; anything else (a typo such as ``method:``) is refused
+CONFIG_KEYS = ("out_dir", "work_dir", "seeds", "methods", "levels", "protocols", "main_args", "baseline_args",
+               "finetune_args", "offtheshelf_args", "compare", "threads")
+MAIN_OPTION_KEYS = ("main_args", "baseline_args", "finetune_args", "offtheshelf_args")
+
+
+def _unknown(key: Any, known: Sequence[str]) -> str:
+    """``'method' (did you mean 'methods'?); the keys are ...``"""
+    close = difflib.get_close_matches(str(key), known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{key!r}{hint}; the keys are {', '.join(known)}"
+
+
+def check_main_options(name: str, layer: Any) -> None:
+    """A ``*_args`` layer of the YAML holds main.py options, checked as main.py checks them."""
+    import main
+    from engine.errors import CLIError
+
+    if not isinstance(layer, (dict, list)):
+        raise ValueError(f"{name}: expected a mapping of main.py options ({{epochs: 3}}), got {layer!r}")
+    try:
+        main.parse_args([], settings=merge_options(layer))
+    except CLIError as err:
+        raise ValueError(f"{name}: {str(err).removeprefix('options: ')}") from None
 
 
 @dataclass
@@ -139,9 +173,24 @@ def load_config(path: Optional[str], overrides: Dict[str, Any]) -> SweepConfig:
     """The YAML file at ``path`` (if any) with ``overrides`` (command-line values) on top."""
     raw: Dict[str, Any] = {}
     if path:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+        if not os.path.isfile(path):
+            raise ValueError(f"--config: {path} not found")
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"--config: {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"--config: {path} must hold a mapping (out_dir: ..., levels: ...)")
+        unknown = [key for key in raw if key not in CONFIG_KEYS]
+        if unknown:
+            raise ValueError(f"--config {path}: unknown key {_unknown(unknown[0], CONFIG_KEYS)}")
+    if overrides.get("out_dir") and not overrides.get("work_dir"):
+        raw.pop("work_dir", None)  # --out_dir moves everything the sweep writes, run folders included
     raw.update({k: v for k, v in overrides.items() if v is not None})
+    for name in MAIN_OPTION_KEYS:
+        if raw.get(name):
+            check_main_options(name, raw[name])
     for required in ("out_dir", "levels"):
         if not raw.get(required):
             raise ValueError(f"{required}: missing; give it in the --config YAML or on the command line")
@@ -235,6 +284,11 @@ class RunSpec:
     @property
     def command(self) -> str:
         return command_line(self.options)
+
+    @property
+    def name(self) -> str:
+        """``finetune tk_n level light seed 0``: which run it is."""
+        return f"{self.protocol} {self.method} level {self.level} seed {self.seed}"
 
 
 def baseline_dir(config: SweepConfig, seed: int) -> Path:
@@ -352,10 +406,11 @@ def derive_speedups(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 # running
 
 def run_main(options: Dict[str, Any]) -> Results:
-    """One main.py run in this process (the threads as the sweep set them)."""
+    """One main.py run in this process (the threads as the sweep set them). Each run has its own folder,
+    so a run re-done after a crash (or a baseline trained again) replaces what the failed attempt left."""
     import main
 
-    return main.run(main.parse_args([], settings=options))
+    return main.run(main.parse_args([], settings={**options, "overwrite": True}))
 
 
 def pending_runs(plan: List[RunSpec], rows: List[Dict[str, str]]) -> List[RunSpec]:
@@ -381,7 +436,7 @@ def execute(plan: List[RunSpec], runs_csv: Path, run_fn: RunFn = run_main,
     failed: List[RunSpec] = []
     for index, spec in enumerate(todo, 1):
         if spec.needs and not os.path.exists(spec.needs):
-            log(f"[{index}/{len(todo)}] skipped, {spec.needs} is missing: {spec.command}")
+            log(f"[{index}/{len(todo)}] skipped {spec.name}: {spec.needs} is missing: {spec.command}")
             failed.append(spec)
             continue
         log(f"[{index}/{len(todo)}] {spec.command}")
@@ -389,7 +444,9 @@ def execute(plan: List[RunSpec], runs_csv: Path, run_fn: RunFn = run_main,
         try:
             results = run_fn(dict(spec.options))
         except (Exception, SystemExit) as err:  # main.py exits with a message on bad input
-            log(f"  failed: {type(err).__name__}: {err}")
+            from engine.errors import one_line
+
+            log(f"  failed: {spec.name}: {type(err).__name__}: {one_line(err)}")
             failed.append(spec)
             continue
         row = make_row(spec, results, time.perf_counter() - start)
@@ -649,7 +706,8 @@ def parse_cli(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--config", help="sweep YAML (out_dir, work_dir, seeds, methods, levels, protocols, "
                                          "main_args, baseline_args, finetune_args, offtheshelf_args, compare, "
                                          "threads); the options below override it")
-    parser.add_argument("--out_dir", help="where runs.csv, summary.md and pareto.png go")
+    parser.add_argument("--out_dir", help="where runs.csv, summary.md and pareto.png go, and the run folders "
+                                          "(<out_dir>/runs unless --work_dir is given)")
     parser.add_argument("--work_dir", help="run folders and checkpoints (default <out_dir>/runs)")
     parser.add_argument("--seeds", type=csv_list(int), help="e.g. 0,1,2")
     parser.add_argument("--methods", type=csv_list(str), help="e.g. none,tk,tk_n")
@@ -666,23 +724,36 @@ def main(argv: Optional[List[str]] = None, run_fn: RunFn = run_main,
     """The sweep; ``run_fn`` and ``schedule`` stand in for main.py and the model's shape in tests.
     Returns 1 if some runs failed (run the sweep again to retry them), else 0."""
     opts = parse_cli(argv)
-    config = load_config(opts.config, {"out_dir": opts.out_dir, "work_dir": opts.work_dir, "seeds": opts.seeds,
-                                       "methods": opts.methods, "protocols": opts.protocols,
-                                       "threads": opts.threads})
+    from engine.errors import CLIError, one_line
+
+    try:  # bad input ends as one line and exit code 2, as in main.py
+        config = load_config(opts.config, {"out_dir": opts.out_dir, "work_dir": opts.work_dir, "seeds": opts.seeds,
+                                           "methods": opts.methods, "protocols": opts.protocols,
+                                           "threads": opts.threads})
+        if not opts.report_only:
+            import main
+
+            threads = config.threads or main.choose_threads(reference_args(config.main_args))
+            plan = plan_runs(config, schedule or reference_resolver(config.main_args).schedule)
+    except (ValueError, TypeError, CLIError) as err:
+        print(f"sweep.py: error: {one_line(err)}", file=sys.stderr)
+        return 2
     failed: List[RunSpec] = []
     if not opts.report_only:
-        import main
         import torch
 
-        torch.set_num_threads(config.threads or main.choose_threads(reference_args(config.main_args)))
-        plan = plan_runs(config, schedule or reference_resolver(config.main_args).schedule)
+        torch.set_num_threads(threads)
         if opts.dry_run:
-            for spec in pending_runs(plan, read_rows(config.runs_csv)):
+            todo = pending_runs(plan, read_rows(config.runs_csv))
+            for spec in todo:
                 print(spec.command)
+            if not todo:
+                print(f"sweep: nothing left to do: all {len(plan)} runs are in {config.runs_csv}")
             return 0
         failed = execute(plan, config.runs_csv, run_fn)
         if failed:
-            print(f"sweep: {len(failed)} runs failed or were skipped; run the sweep again to retry them",
+            names = "; ".join(spec.name for spec in failed[:5]) + ("; ..." if len(failed) > 5 else "")
+            print(f"sweep: {len(failed)} runs failed or were skipped ({names}); run the sweep again to retry them",
                   file=sys.stderr)
     write_reports(config)
     print(f"sweep: wrote {config.out_dir / 'summary.md'} and {config.out_dir / 'pareto.png'}")

@@ -1,0 +1,148 @@
+"""tools/export_onnx.py: every method exports to ONNX with a dynamic batch, runs the same in onnxruntime,
+and really runs fewer tokens; the command line works with main.py and timm checkpoints; bad input is one line."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import timm
+
+import pruning.models  # noqa: F401
+from pruning import METHOD_NAMES, apply_patch, get_state
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import export_onnx  # noqa: E402
+
+ARCH = "vit_pico_patch2_8"  # 8x8 grayscale, 16 patches + class token, 4 blocks, width 64
+DIM, TOKENS = 64, 17
+POOL_K = 3
+
+
+def token_dims(path: str) -> set:
+    """The token counts N of the (batch, N, width) tensors in the exported graph."""
+    graph = onnx.load(path).graph
+    dims = set()
+    for info in list(graph.value_info) + list(graph.output):
+        shape = [d.dim_param or d.dim_value for d in info.type.tensor_type.shape.dim]
+        if len(shape) == 3 and shape[2] == DIM and isinstance(shape[1], int):
+            dims.add(shape[1])
+    return dims
+
+
+@pytest.fixture(scope="module")
+def plain():
+    torch.manual_seed(0)
+    return timm.create_model(ARCH).eval()
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_export_matches_pytorch_and_reduces_tokens(method, plain, tmp_path):
+    model = apply_patch(timm.create_model(ARCH).eval(), method, POOL_K)
+    model.load_state_dict(plain.state_dict())
+    path = str(tmp_path / f"{method}.onnx")
+    export_onnx.export_onnx(model, path)
+    session = export_onnx.ort_session(path, threads=1)
+
+    # the same logits at two batch sizes (the batch dimension is dynamic; the export used batch 2)
+    assert export_onnx.max_difference(model, session, [1, 3]) < export_onnx.TOLERANCE
+
+    # the graph runs the reduced token counts, block by block
+    images = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        expected = model(images)
+        uncompressed = plain(images)
+    per_block = get_state(model).tokens_per_block
+    dims = token_dims(path)
+    if method == "none":
+        assert per_block == [TOKENS] * 4
+        assert max(dims) == TOKENS and min(n for n in dims if n > 1) >= TOKENS - 1
+    else:
+        assert per_block[-1] < TOKENS - 4, per_block
+        assert set(per_block) <= dims, (per_block, sorted(dims))
+        # a patch silently dropped from the export would give the uncompressed model's logits
+        got = export_onnx.ort_run(session, images.numpy())
+        np.testing.assert_allclose(got, expected.numpy(), atol=1e-4, rtol=0)
+        assert np.abs(got - uncompressed.numpy()).max() > 1e-3
+
+
+def run_cli(argv, capsys):
+    code = export_onnx.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_main_checkpoint(tmp_path, capsys):
+    """A main.py checkpoint: arch, method and schedule come from its settings, the head size from its weights."""
+    torch.manual_seed(1)
+    model = timm.create_model(ARCH, num_classes=7)
+    path = tmp_path / "best.pt"
+    torch.save({"model": model.state_dict(), "epoch": 3,
+                "settings": {"arch": ARCH, "model": "tk", "reduce_token": 2, "reduce_at": "block", "img_size": 8,
+                             "patch_size": 2}}, path)
+    out_path = str(tmp_path / "tk.onnx")
+    code, out, err = run_cli(["--checkpoint", str(path), "--out", out_path, "--batch_size", "2", "--rounds", "2",
+                              "--threads", "1"], capsys)
+    assert code == 0, err
+    assert "onnxruntime matches PyTorch (max |Δ|" in out
+    assert "speedup" in out and "ideal" in out
+    # the file holds the checkpoint's weights, compressed as the settings say
+    apply_patch(model.eval(), "tk", 2)
+    images = torch.randn(2, 1, 8, 8)
+    got = export_onnx.ort_run(export_onnx.ort_session(out_path, 1), images.numpy())
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(images).numpy(), atol=1e-4, rtol=0)
+    assert got.shape == (2, 7)
+
+
+def test_cli_timm_safetensors(tmp_path, capsys):
+    from safetensors.torch import save_file
+    torch.manual_seed(2)
+    model = timm.create_model(ARCH, num_classes=5)
+    path = tmp_path / "weights.safetensors"
+    save_file(model.state_dict(), str(path))
+    out_path = str(tmp_path / "tome.onnx")
+    code, out, err = run_cli(["--arch", ARCH, "--checkpoint", str(path), "--model", "tome", "--reduce_token",
+                              "2,2,2,2", "--out", out_path, "--batch_size", "3", "--rounds", "0"], capsys)
+    assert code == 0, err
+    assert "onnxruntime matches PyTorch" in out
+    apply_patch(model.eval(), "tome", 2)
+    images = torch.randn(4, 1, 8, 8)
+    got = export_onnx.ort_run(export_onnx.ort_session(out_path, 1), images.numpy())
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(images).numpy(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arch", "vit_nonexistent", "--model", "tk", "--reduce_token", "2"], "--arch"),
+    (["--arch", ARCH, "--checkpoint", "missing.pt", "--model", "tk", "--reduce_token", "2"], "not found"),
+    (["--arch", ARCH, "--model", "topk", "--reduce_token", "2"], "--model: unknown method 'topk'"),
+    (["--arch", ARCH, "--model", "tk", "--reduce_token", "2,2"], "2 values given, but --arch"),
+    (["--arch", ARCH, "--model", "tk", "--reduce_token", "two"], "--reduce_token"),
+    (["--arch", ARCH, "--reduce_token", "2"], "--model is required"),
+])
+def test_cli_errors_are_one_line(argv, message, tmp_path, capsys):
+    code, out, err = run_cli(argv + ["--out", str(tmp_path / "m.onnx")], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("export_onnx.py: error: ") and message in err, err
+    assert not os.path.exists(tmp_path / "m.onnx")
+
+
+def test_cli_mismatch_exits_1(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(export_onnx, "max_difference", lambda *a, **k: 0.5)
+    code, out, err = run_cli(["--arch", ARCH, "--model", "tk_n", "--reduce_token", "2", "--out",
+                              str(tmp_path / "m.onnx"), "--rounds", "0"], capsys)
+    assert code == 1
+    assert err.count("\n") == 1 and "differs from PyTorch by max |Δ| 5.00e-01" in err
+
+
+def test_script_error_has_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "export_onnx.py"), "--arch", ARCH,
+                             "--model", "bad", "--reduce_token", "2", "--out", str(tmp_path / "m.onnx")],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("export_onnx.py: error: --model: unknown method") and "Traceback" not in \
+        result.stderr

@@ -1,0 +1,305 @@
+"""What a deployed user sees: compressed ViTs against the uncompressed one, in each runtime.
+
+    python tools/deploy_benchmark.py --arch vit_small_patch16_224 --reduce_token 10 --batch_sizes 1,32 \\
+        --json results/deployment/vit_small.json
+
+For every runtime (PyTorch eager, ``torch.compile``, onnxruntime CPU) and batch size, every method is
+timed against the SAME runtime's uncompressed model, in one interleaved run: each round calls every
+(runtime, model) once, in turn, so that drift in the machine's speed (other jobs on a shared machine)
+hits all alike (the order rotates from round to round). Batch 1 reports latency (median and p90 ms over
+the rounds), larger batches throughput (images/s from the median time). The ideal speedup is the ratio of analytic FLOPs. A
+training step (forward, backward and AdamW step, eager) is timed the same way at
+``--train_batch_size``.
+
+Output: a markdown table on stdout (and ``--md``), all figures with the machine in ``--json``.
+Random weights: speed does not depend on them.
+"""
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+TOOLS = Path(__file__).resolve().parent
+if str(TOOLS) not in sys.path:
+    sys.path.insert(0, str(TOOLS))
+
+import numpy as np  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+import pruning.models  # noqa: E402,F401
+from engine.errors import CLIError  # noqa: E402
+from export_onnx import (ArgumentParser, compress, export_onnx, input_shape, ort_run, ort_session,  # noqa: E402
+                         reduce_token_type)
+from pruning import METHOD_NAMES  # noqa: E402
+from pruning.flops import analytic_flops  # noqa: E402
+
+PROG = "deploy_benchmark.py"
+RUNTIMES = ("eager", "compile", "onnxruntime")
+BASELINE = "none"
+
+
+def machine(threads: int) -> Dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    info = {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads": threads, "python": platform.python_version(),
+            "torch": torch.__version__, "timm": timm.__version__, "gpu": None}
+    try:
+        import onnxruntime
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        info["onnxruntime"] = None
+    return info
+
+
+def loadavg() -> Optional[List[float]]:
+    try:
+        with open("/proc/loadavg") as f:
+            return [float(v) for v in f.read().split()[:3]]
+    except OSError:
+        return None
+
+
+def csv_list(text: str) -> List[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="vit_small_patch16_224", help="timm ViT name (default: %(default)s)")
+    parser.add_argument("--img_size", type=int, default=None)
+    parser.add_argument("--methods", default=",".join(METHOD_NAMES[1:]),
+                        help="comma list (default: every method)")
+    parser.add_argument("--reduce_token", type=reduce_token_type, default=10,
+                        help="tokens removed per block: an int or one value per block (default: %(default)s)")
+    parser.add_argument("--batch_sizes", default="1,32", help="comma list; 1 = latency (default: %(default)s)")
+    parser.add_argument("--runtimes", default=",".join(RUNTIMES), help="comma list from eager, compile, onnxruntime")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds at batch > 1 (default: 10)")
+    parser.add_argument("--latency_rounds", type=int, default=30,
+                        help="interleaved rounds at batch 1 (median and p90 over them) (default: 30)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per model first (default: 2)")
+    parser.add_argument("--train_batch_size", type=int, default=32,
+                        help="batch of the training-step timing; 0 skips it (default: 32)")
+    parser.add_argument("--train_rounds", type=int, default=5, help="interleaved training rounds (default: 5)")
+    parser.add_argument("--threads", type=int, default=0, help="threads of every runtime (default: all cores)")
+    parser.add_argument("--json", metavar="OUT.json", default=None)
+    parser.add_argument("--md", metavar="OUT.md", default=None, help="also write the markdown table here")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def check(args: argparse.Namespace) -> None:
+    args.methods = csv_list(args.methods)
+    args.runtimes = csv_list(args.runtimes)
+    for m in args.methods:
+        if m not in METHOD_NAMES:
+            raise CLIError(f"--methods: unknown method {m!r}; choose from {', '.join(METHOD_NAMES)}")
+    args.methods = [m for m in dict.fromkeys(args.methods) if m != BASELINE]
+    for r in args.runtimes:
+        if r not in RUNTIMES:
+            raise CLIError(f"--runtimes: unknown runtime {r!r}; choose from {', '.join(RUNTIMES)}")
+    try:
+        args.batch_sizes = [int(b) for b in csv_list(args.batch_sizes)]
+    except ValueError:
+        raise CLIError(f"--batch_sizes: expected a comma list of ints, got {args.batch_sizes!r}") from None
+    if not args.batch_sizes or min(args.batch_sizes) < 1:
+        raise CLIError("--batch_sizes: give one or more batch sizes >= 1")
+    for option in ("rounds", "latency_rounds"):
+        if getattr(args, option) < 1:
+            raise CLIError(f"--{option}: must be >= 1")
+    if not timm.is_model(args.arch.split(".")[0]):
+        raise CLIError(f"--arch: {args.arch!r} is not a timm model")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise CLIError(f"--json: the folder of {args.json} does not exist")
+
+
+def build_models(args: argparse.Namespace) -> Dict[str, torch.nn.Module]:
+    kwargs = {} if args.img_size is None else {"img_size": args.img_size}
+    plain = timm.create_model(args.arch, **kwargs).eval()
+    depth = len(plain.blocks)
+    if isinstance(args.reduce_token, list) and len(args.reduce_token) != depth:
+        raise CLIError(f"--reduce_token: {len(args.reduce_token)} values given, but --arch {args.arch} has "
+                       f"{depth} blocks")
+    models = {BASELINE: plain}
+    for method in args.methods:
+        models[method] = compress(plain, method, args.reduce_token, None)
+    return models
+
+
+def inference_callables(runtime: str, models: Dict[str, torch.nn.Module], batch: int, tmp: str,
+                        threads: int) -> Dict[str, Callable[[], Any]]:
+    """One zero-argument call per model that runs a forward pass of ``batch`` random images."""
+    images = torch.randn(batch, *input_shape(models[BASELINE]))
+    calls: Dict[str, Callable[[], Any]] = {}
+    for name, model in models.items():
+        if runtime == "eager":
+            calls[name] = lambda m=model: m(images)
+        elif runtime == "compile":
+            compiled = torch.compile(model, dynamic=False)
+            compiled(images)  # compile now, not in the first timed round
+            calls[name] = lambda m=compiled: m(images)
+        else:
+            path = os.path.join(tmp, f"{name}.onnx")
+            if not os.path.exists(path):
+                export_onnx(model, path)
+            session = ort_session(path, threads)
+            array = images.numpy()
+            calls[name] = lambda s=session: ort_run(s, array)
+    return calls
+
+
+def train_callables(models: Dict[str, torch.nn.Module], batch: int) -> Dict[str, Callable[[], Any]]:
+    """Forward, cross-entropy backward and an AdamW step, eager, on copies of the models."""
+    images = torch.randn(batch, *input_shape(models[BASELINE]))
+    labels = torch.randint(0, max(1, models[BASELINE].num_classes), (batch,))
+    calls = {}
+    for name, model in models.items():
+        model = copy.deepcopy(model).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+        def step(m=model, opt=optimizer):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(m(images), labels).backward()
+            opt.step()
+        calls[name] = step
+    return calls
+
+
+def time_interleaved(functions: Dict[str, Callable[[], Any]], rounds: int, warmup: int = 2) -> Dict[str, List[float]]:
+    """Seconds of each call over ``rounds`` rounds in which every function runs once; ``warmup`` untimed
+    calls each first. The order rotates from round to round, so no model is always the one that runs
+    right after another runtime (whose threads may still be spinning) or after the slowest model."""
+    names = list(functions)
+    for name in names:
+        for _ in range(warmup):
+            functions[name]()
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            functions[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def summarise(times: List[float], batch: int) -> Dict[str, float]:
+    ordered = sorted(times)
+    p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+    median = statistics.median(times)
+    return {"median_ms": median * 1e3, "p90_ms": p90 * 1e3, "images_per_s": batch / median, "rounds": len(times)}
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    check(args)
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    load_start = loadavg()
+    started = time.time()
+    models = build_models(args)
+    flops = {name: analytic_flops(model) for name, model in models.items()}
+    ideal = {name: flops[BASELINE] / f for name, f in flops.items()}
+    results: List[Dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        for batch in args.batch_sizes:
+            calls: Dict[str, Callable[[], Any]] = {}
+            for runtime in args.runtimes:
+                per_model = inference_callables(runtime, models, batch, tmp, threads)
+                for name, fn in per_model.items():
+                    calls[f"{runtime}/{name}"] = fn
+            rounds = args.latency_rounds if batch == 1 else args.rounds
+            times = time_interleaved(calls, rounds, args.warmup)
+            for key, t in times.items():
+                runtime, name = key.split("/")
+                stats = summarise(t, batch)
+                base = statistics.median(times[f"{runtime}/{BASELINE}"])
+                speedup = base / statistics.median(t)
+                results.append({"runtime": runtime, "method": name, "batch": batch, **stats,
+                                "speedup": speedup, "ideal": ideal[name], "of_ideal": speedup / ideal[name]})
+    training: List[Dict[str, Any]] = []
+    if args.train_batch_size > 0:
+        times = time_interleaved(train_callables(models, args.train_batch_size), args.train_rounds, 1)
+        for name, t in times.items():
+            speedup = statistics.median(times[BASELINE]) / statistics.median(t)
+            # a training step costs about 3x the forward FLOPs in every model, so the ideal is the same ratio
+            training.append({"runtime": "eager (train step)", "method": name, "batch": args.train_batch_size,
+                             **summarise(t, args.train_batch_size), "speedup": speedup, "ideal": ideal[name],
+                             "of_ideal": speedup / ideal[name]})
+    return {
+        "machine": machine(threads),
+        "loadavg_start": load_start, "loadavg_end": loadavg(), "seconds": time.time() - started,
+        "settings": {"arch": args.arch, "img_size": input_shape(models[BASELINE])[1], "methods": args.methods,
+                     "reduce_token": args.reduce_token, "batch_sizes": args.batch_sizes, "runtimes": args.runtimes,
+                     "rounds": args.rounds, "latency_rounds": args.latency_rounds, "warmup": args.warmup,
+                     "train_batch_size": args.train_batch_size, "train_rounds": args.train_rounds,
+                     "command": " ".join(["python", "tools/deploy_benchmark.py"] + sys.argv[1:])},
+        "gflops": {name: f / 1e9 for name, f in flops.items()},
+        "inference": results,
+        "training": training,
+    }
+
+
+def markdown(report: Dict[str, Any]) -> str:
+    m, s = report["machine"], report["settings"]
+    load = lambda v: "n/a" if v is None else " ".join(f"{x:.2f}" for x in v)  # noqa: E731
+    lines = [f"### {s['arch']} @ {s['img_size']}px, reduce_token {s['reduce_token']}, fp32",
+             "",
+             f"{m['cpu']}, {m['threads']} threads ({m['logical_cpus']} logical CPUs), no GPU; torch {m['torch']}, "
+             f"onnxruntime {m['onnxruntime']}, timm {m['timm']}; load average {load(report['loadavg_start'])} "
+             f"(start) / {load(report['loadavg_end'])} (end); batch 1: median (p90) of {s['latency_rounds']} "
+             f"interleaved rounds, larger batches: median of {s['rounds']}; ideal = FLOPs ratio",
+             "",
+             "| runtime | method | batch | GFLOPs | latency ms (p90) / img/s | speedup | ideal | of ideal |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    rows = sorted(report["inference"], key=lambda r: (r["batch"], s["runtimes"].index(r["runtime"]),
+                                                      r["method"] != BASELINE))
+    for r in rows + report["training"]:
+        if r["batch"] == 1 and r["runtime"] in RUNTIMES:
+            figure = f"{r['median_ms']:.1f} ({r['p90_ms']:.1f}) ms"
+        else:
+            figure = f"{r['images_per_s']:.1f} img/s"
+        lines.append(f"| {r['runtime']} | {r['method']} | {r['batch']} | {report['gflops'][r['method']]:.2f} | "
+                     f"{figure} | {r['speedup']:.2f}x | {r['ideal']:.2f}x | {r['of_ideal']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        json_path, md_path = args.json, args.md
+        report = run(args)
+    except CLIError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    table = markdown(report)
+    print(table, end="")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+    if md_path:
+        with open(md_path, "w") as f:
+            f.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

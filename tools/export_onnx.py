@@ -1,0 +1,335 @@
+"""Export a token-compressed ViT to ONNX, check it in onnxruntime, and time it against the plain model.
+
+    python tools/export_onnx.py --arch vit_small_patch16_224 --model tk_n --reduce_token 10 --out tk_n.onnx
+    python tools/export_onnx.py --checkpoint output/best.pt --out model.onnx   # method, arch from main.py's settings
+
+The token schedule is fixed (``--reduce_token``: one int, or one value per block), so every tensor
+shape in the graph is static except the batch dimension, which stays dynamic (input ``images``
+(batch, C, H, W), output ``logits`` (batch, classes)). After writing the file the command
+
+1. runs it in onnxruntime (CPU) on random inputs at batch 1 and ``--batch_size`` and compares the
+   logits with PyTorch's (exit 1 if any differs by more than 1e-4);
+2. exports the uncompressed model of the same arch and weights to a temporary file and times both in
+   onnxruntime in interleaved rounds: measured speedup, and the ideal one (the ratio of analytic FLOPs).
+
+Bad input is one line ``export_onnx.py: error: ...`` on stderr and exit 2.
+"""
+import argparse
+import contextlib
+import copy
+import io
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # ``python tools/export_onnx.py`` puts tools/ first on the path, not the repo
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+
+import pruning.models  # noqa: E402,F401  (registers the vit_pico_* models with timm)
+from engine.checkpoint import load_weights  # noqa: E402
+from engine.errors import CLIError  # noqa: E402
+from pruning import METHOD_NAMES, apply_patch  # noqa: E402
+from pruning.flops import analytic_flops  # noqa: E402
+
+PROG = "export_onnx.py"
+TOLERANCE = 1e-4  # max |logit difference| between onnxruntime and PyTorch
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+
+
+class ExportFailed(Exception):
+    """The model was built but could not be exported or does not run the same in onnxruntime (exit 1)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# building the model
+
+def reduce_token_type(text: str):
+    """``10`` (every block) or ``0,2,2,2,2,2`` (one value per block), as main.py's --reduce_token."""
+    try:
+        values = [int(v) for v in str(text).split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or a comma list of ints (one per block), got {text!r}") \
+            from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"tokens removed per block must be >= 0, got {text!r}")
+    return values if "," in str(text) else values[0]
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def peek_checkpoint(path: str) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, Any]]:
+    """(tensor shapes, main.py settings) of a weights file, without loading it into a model.
+
+    Only used to choose num_classes, in_chans and the defaults a main.py checkpoint records; a file
+    that cannot be read gives nothing here and is reported by ``load_weights``.
+    """
+    if not os.path.isfile(path):
+        raise CLIError(f"--checkpoint: {path} not found")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(path, "pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, {}
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return {}, {}
+    settings = obj.get("settings") if isinstance(obj, dict) and isinstance(obj.get("settings"), dict) else {}
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict):
+        return {}, settings
+    shapes = {k.removeprefix("module.").removeprefix("_orig_mod."): tuple(v.shape)
+              for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return shapes, settings
+
+
+def resolve_options(args: argparse.Namespace) -> None:
+    """Fill arch, method, schedule, sizes from the checkpoint where the command line leaves them open."""
+    shapes, settings = peek_checkpoint(args.checkpoint) if args.checkpoint else ({}, {})
+    for option in ("arch", "model", "reduce_token", "reduce_at", "img_size", "patch_size"):
+        if getattr(args, option) is None and settings.get(option) is not None:
+            setattr(args, option, settings[option])
+    for option in ("arch", "model", "reduce_token"):
+        if getattr(args, option) is None:
+            raise CLIError(f"--{option} is required (it can only be taken from a checkpoint written by main.py)")
+    if args.model not in METHOD_NAMES:
+        raise CLIError(f"--model: unknown method {args.model!r}; choose from {', '.join(METHOD_NAMES)}")
+    head, embed = shapes.get("head.weight"), shapes.get("patch_embed.proj.weight")
+    for option, found in (("num_classes", head[0] if head else None), ("in_chans", embed[1] if embed else None)):
+        given = getattr(args, option)
+        if found is not None and given is not None and given != found:
+            raise CLIError(f"--{option} {given}: the checkpoint {args.checkpoint} has {found}; drop --{option}")
+        setattr(args, option, given if given is not None else found)
+
+
+def build_model(args: argparse.Namespace) -> VisionTransformer:
+    """The uncompressed timm model of ``--arch`` with the ``--checkpoint`` weights (random without one)."""
+    name = args.arch
+    if not timm.is_model(name.split(".")[0]):
+        raise CLIError(f"--arch: {name!r} is not a timm model; list ViTs with "
+                       f"python -c \"import timm; print(timm.list_models('vit_*'))\"")
+    kwargs: Dict[str, Any] = {}
+    for option in ("num_classes", "in_chans", "img_size", "patch_size"):
+        if getattr(args, option) is not None:
+            kwargs[option] = getattr(args, option)
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except Exception as err:
+        raise CLIError(f"--arch {name}: cannot be built with {kwargs} ({type(err).__name__}: "
+                       f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})") from None
+    if not isinstance(model, VisionTransformer):
+        raise CLIError(f"--arch: {name} is a {type(model).__name__}; token compression needs a timm "
+                       f"VisionTransformer (vit_*, deit_*)")
+    if args.checkpoint:
+        load_weights(model, args.checkpoint, new_head_ok=False)
+    depth = len(model.blocks)
+    if isinstance(args.reduce_token, list) and len(args.reduce_token) != depth:
+        raise CLIError(f"--reduce_token: {len(args.reduce_token)} values given, but --arch {name} has {depth} "
+                       f"blocks; give one value per block, or a single int")
+    return model.eval()
+
+
+def compress(model: VisionTransformer, method: str, reduce_token, reduce_at: Optional[str]) -> VisionTransformer:
+    """A patched copy of ``model`` (the original stays uncompressed)."""
+    try:
+        return apply_patch(copy.deepcopy(model), method, reduce_token, reduce_at=reduce_at).eval()
+    except ValueError as err:
+        raise CLIError(f"--model {method} / --reduce_token / --reduce_at: {err}") from None
+
+
+def input_shape(model: VisionTransformer) -> Tuple[int, int, int]:
+    height, width = model.patch_embed.img_size
+    return model.patch_embed.proj.in_channels, height, width
+
+
+# ----------------------------------------------------------------------------------------------
+# export and onnxruntime
+
+def export_onnx(model: torch.nn.Module, path: str, optimize: bool = True) -> None:
+    """``torch.onnx.export`` (dynamo) with a dynamic batch dimension, weights inside the one file.
+
+    The example batch is 2: exporting at batch 1 would let torch.export specialise the batch size.
+    The exporter's progress lines are kept quiet; on failure ``ExportFailed`` carries the first line.
+    """
+    example = torch.randn(2, *input_shape(model))
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example,), path, dynamo=True, external_data=False, optimize=optimize,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    except Exception as err:
+        text = str(err).strip().splitlines()
+        raise ExportFailed(f"torch.onnx.export failed: {type(err).__name__}: {text[0] if text else ''}"[:400]) \
+            from None
+
+
+def ort_session(path: str, threads: int = 0):
+    """An onnxruntime CPU session with all graph optimisations; ``threads`` 0 = onnxruntime's default."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    # no busy-waiting between runs: on a shared CPU (or next to PyTorch's own threads) spinning threads
+    # steal the cores the next call needs
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def ort_run(session, images: np.ndarray) -> np.ndarray:
+    return session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+
+
+@torch.inference_mode()
+def max_difference(model: torch.nn.Module, session, batch_sizes: Sequence[int], seed: int = 0) -> float:
+    """Largest |logit difference| between PyTorch and onnxruntime over random inputs of each batch size."""
+    generator = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for batch in batch_sizes:
+        images = torch.randn(batch, *input_shape(model), generator=generator)
+        expected = model(images).numpy()
+        got = ort_run(session, images.numpy())
+        if got.shape != expected.shape:
+            raise ExportFailed(f"onnxruntime gives logits of shape {got.shape} at batch {batch}, PyTorch "
+                               f"{expected.shape}")
+        worst = max(worst, float(np.abs(got - expected).max()))
+    return worst
+
+
+def time_interleaved(functions: Dict[str, Callable[[], Any]], rounds: int, warmup: int = 2) -> Dict[str, List[float]]:
+    """Seconds of each call over ``rounds`` rounds in which every function runs once, in turn (so drift
+    in the machine's speed hits all alike); ``warmup`` untimed calls each first."""
+    for fn in functions.values():
+        for _ in range(warmup):
+            fn()
+    times: Dict[str, List[float]] = {name: [] for name in functions}
+    for _ in range(rounds):
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise CLIError(message)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", metavar="NAME", default=None,
+                        help="timm model name (default: the checkpoint's, for a main.py checkpoint)")
+    parser.add_argument("--checkpoint", metavar="FILE", default=None,
+                        help="timm .pth/.safetensors or main.py checkpoint (default: random weights)")
+    parser.add_argument("--model", metavar="METHOD", default=None,
+                        help=f"compression method: {', '.join(METHOD_NAMES)} (default: the checkpoint's)")
+    parser.add_argument("--reduce_token", metavar="K", type=reduce_token_type, default=None,
+                        help="tokens removed per block: an int, or a comma list with one value per block")
+    parser.add_argument("--reduce_at", default=None, choices=("block", "attn"),
+                        help="where each block reduces (default: the method's own)")
+    parser.add_argument("--img_size", metavar="PX", type=positive_int, default=None)
+    parser.add_argument("--patch_size", metavar="PX", type=positive_int, default=None)
+    parser.add_argument("--num_classes", metavar="N", type=int, default=None,
+                        help="classes of the head (default: the checkpoint's, else the arch's)")
+    parser.add_argument("--in_chans", metavar="N", type=positive_int, default=None,
+                        help="image channels (default: the checkpoint's, else the arch's)")
+    parser.add_argument("--out", metavar="FILE.onnx", required=True)
+    parser.add_argument("--batch_size", metavar="N", type=positive_int, default=8,
+                        help="batch of the check and of the timing (the check also runs batch 1) (default: 8)")
+    parser.add_argument("--rounds", metavar="N", type=int, default=10,
+                        help="interleaved timing rounds; 0 skips the timing (default: 10)")
+    parser.add_argument("--threads", metavar="N", type=int, default=0,
+                        help="onnxruntime and torch threads (default: 0, their defaults)")
+    parser.add_argument("--seed", type=int, default=0, help="random weights (without --checkpoint) and inputs")
+    return parser
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    resolve_options(args)
+    if args.num_classes is not None and args.num_classes < 0:
+        raise CLIError(f"--num_classes: must be >= 0, got {args.num_classes}")
+    if not args.out.endswith(".onnx"):
+        raise CLIError(f"--out: {args.out} should end with .onnx")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise CLIError(f"--out: the folder {out_dir} does not exist")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    plain = build_model(args)
+    model = compress(plain, args.model, args.reduce_token, args.reduce_at)
+
+    export_onnx(model, args.out)
+    session = ort_session(args.out, args.threads)
+    diff = max_difference(model, session, sorted({1, args.batch_size}), seed=args.seed)
+    if not diff <= TOLERANCE:
+        raise ExportFailed(f"onnxruntime differs from PyTorch by max |Δ| {diff:.2e} > {TOLERANCE:g} in the logits "
+                           f"of {args.out}")
+    flops, plain_flops = analytic_flops(model), analytic_flops(plain)
+    print(f"wrote {args.out}: {args.arch} {args.model} reduce_token {args.reduce_token}, input {INPUT_NAME} "
+          f"(batch, {', '.join(map(str, input_shape(model)))}), {flops / 1e9:.3f} GFLOPs per image "
+          f"(uncompressed {plain_flops / 1e9:.3f})")
+    print(f"onnxruntime matches PyTorch (max |Δ| {diff:.1e})")
+    result: Dict[str, Any] = {"max_abs_diff": diff, "gflops": flops / 1e9, "ideal_speedup": plain_flops / flops}
+    if args.rounds > 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            plain_path = os.path.join(tmp, "uncompressed.onnx")
+            export_onnx(plain, plain_path)
+            sessions = {"uncompressed": ort_session(plain_path, args.threads), "compressed": session}
+            images = np.random.default_rng(args.seed).standard_normal(
+                (args.batch_size, *input_shape(model))).astype(np.float32)
+            times = time_interleaved({name: (lambda s=s: ort_run(s, images)) for name, s in sessions.items()},
+                                     args.rounds)
+        median = {name: statistics.median(t) for name, t in times.items()}
+        speedup = median["uncompressed"] / median["compressed"]
+        result.update(speedup=speedup, ms={k: v * 1e3 for k, v in median.items()})
+        print(f"onnxruntime CPU, batch {args.batch_size}, {args.rounds} interleaved rounds (median): "
+              f"{median['compressed'] * 1e3:.2f} ms vs {median['uncompressed'] * 1e3:.2f} ms uncompressed: "
+              f"speedup {speedup:.2f}x measured, {plain_flops / flops:.2f}x ideal (FLOPs ratio), "
+              f"{speedup / (plain_flops / flops):.2f} of ideal")
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        run(build_parser().parse_args(argv))
+    except CLIError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return getattr(err, "exit_code", 2)
+    except ExportFailed as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
