@@ -5,6 +5,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .reduction import flat_index
+
 
 def merges_allowed(num_tokens: int, k: int, num_prefix: int) -> int:
     """``k`` (ToMe's r) capped so that at most half of the non-prefix tokens merge: min(k, (N - prefix) // 2)."""
@@ -28,10 +30,13 @@ class Matching:
 
     def merge(self, x: Tensor, reduce: str = "sum") -> Tensor:
         """(B, N, C) -> (B, N - k, C), reducing the tokens that share a slot (``sum``, ``amax``, ...)."""
-        index = self.dest.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-        out = x.new_zeros(x.shape[0], self.num_out, x.shape[-1])
-        if reduce == "sum":
-            return out.scatter_add_(1, index, x)
+        batch, num_tokens, channels = x.shape
+        if reduce == "sum":  # whole rows of the flattened batch: several times faster than scatter_add_
+            out = x.new_zeros(batch * self.num_out, channels)
+            out.index_add_(0, flat_index(self.dest, self.num_out), x.reshape(batch * num_tokens, channels))
+            return out.reshape(batch, self.num_out, channels)
+        index = self.dest.unsqueeze(-1).expand(-1, -1, channels)
+        out = x.new_zeros(batch, self.num_out, channels)
         return out.scatter_reduce_(1, index, x, reduce=reduce, include_self=False)
 
 

@@ -28,9 +28,19 @@ def select_tokens(scores: Tensor, keep: int, num_prefix: int, want_dropped: bool
     return torch.cat([prefix, best], dim=1), dropped
 
 
+def flat_index(index: Tensor, num_tokens: int) -> Tensor:
+    """(B, M) token indices as rows of the (B * num_tokens, C) view of a batch: index[b, j] + b * num_tokens."""
+    offsets = torch.arange(index.shape[0], device=index.device).unsqueeze(1) * num_tokens
+    return (index + offsets).reshape(-1)
+
+
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     """x[b, index[b, j]] for (B, N, C) x and (B, M) index -> (B, M, C)."""
-    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    # whole rows of the flattened batch: several times faster than gather with an expanded (B, M, C)
+    # index on CPU, and exported to ONNX as a plain Gather
+    batch, num_tokens, channels = x.shape
+    rows = x.reshape(batch * num_tokens, channels).index_select(0, flat_index(index, num_tokens))
+    return rows.reshape(batch, index.shape[1], channels)
 
 
 def prune_tokens(x: Tensor, keep_idx: Tensor, drop_idx: Optional[Tensor] = None,
