@@ -198,6 +198,22 @@ def test_the_fused_path_never_forms_the_attention_matrix(family, method, images)
     assert mode.seen  # the guard sees an attention matrix where there is one
 
 
+@pytest.mark.parametrize("family", ["vit", "clip", "open_clip"])
+def test_one_switch_decides_the_attention_of_every_layer(family, images):
+    """fused_attn=False on a model whose own layers run SDPA: the layers that reduce nothing materialise
+    the attention too, so no layer runs a different kind of attention from the others."""
+    schedule = [3, 0, 3, 0]  # 17 -> 14 -> 14 -> 11 tokens: only the last layer, which reduces nothing, sees 11
+    fused = apply_patch(make_model(family, "sdpa"), "tk_n", schedule)
+    with torch.no_grad(), _SquareOutputs() as mode:
+        expected = output(fused, images)
+    assert mode.seen == []
+    explicit = apply_patch(make_model(family, "sdpa"), "tk_n", schedule, fused_attn=False)
+    with torch.no_grad(), _SquareOutputs() as mode:
+        got = output(explicit, images)
+    assert any(shape[-1] == PATCHES + 1 - 6 for _, shape in mode.seen), mode.seen  # the last, k = 0, layer
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batch_independence(family, images):
     model = apply_patch(make_model(family), "evit", 3)

@@ -138,7 +138,8 @@ def apply_patch(model: nn.Module, select_method: str = "tk_n", pool_k: PoolK = 1
 
     The arguments are those of ``pruning.patch.apply_patch``. ``fused_attn``: reducing layers use
     scaled_dot_product_attention unless the model was loaded with ``attn_implementation="eager"`` or this is
-    False; layers that reduce nothing always run transformers' own attention.
+    False. It is one switch for every layer: with ``fused_attn=False`` on an sdpa model the layers that
+    reduce nothing materialise the attention too (instead of transformers' own sdpa forward).
     """
     family = _require_family(model)
     checkpointing = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
@@ -147,11 +148,12 @@ def apply_patch(model: nn.Module, select_method: str = "tk_n", pool_k: PoolK = 1
         raise ValueError("model: gradient checkpointing re-runs layers and would corrupt the token state; "
                          "call model.gradient_checkpointing_disable() before apply_patch")
     layers = family.layers_of(model)
-    fused = bool(fused_attn) and getattr(model.config, "_attn_implementation", "eager") != "eager"
+    own_fused = getattr(model.config, "_attn_implementation", "eager") != "eager"
+    fused = bool(fused_attn) and own_fused
     cfg = build_config(select_method, pool_k, len(layers), family.num_prefix(model), reduce_at=reduce_at,
                        prop_attn=prop_attn, trace_source=trace_source, fused_attn=fused)
     remove_patch(model)
-    patch_layers(model, layers, family.layout, cfg)
+    patch_layers(model, layers, family.layout, cfg, own_attn_fused=own_fused)
     if family.mean_pool:
         model._original_class = model.__class__
         model.__class__ = _mean_pooled_class(model.__class__, family.backbone)

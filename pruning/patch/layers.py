@@ -97,8 +97,8 @@ class CompressedLayer:
             state.reset(hidden_states, cfg.trace_source)
         k = cfg.schedule[index]
         size = state.size if cfg.prop_attn else None
-        if (k == 0 or cfg.method.reduction == "none") and size is None:
-            x = super().forward(hidden_states, *args, **kwargs)
+        if (k == 0 or cfg.method.reduction == "none") and size is None and cfg.fused_attn == self._own_attn_fused:
+            x = super().forward(hidden_states, *args, **kwargs)  # the layer's own forward: bit-identical
         else:
             if any(isinstance(a, Tensor) for a in (*args, *kwargs.values())):
                 raise ValueError("attention_mask: token compression changes the token set, so attention masks "
@@ -152,14 +152,21 @@ def build_config(select_method: str, pool_k: PoolK, depth: int, num_prefix: int,
                              prop_attn=prop_attn, trace_source=trace_source, fused_attn=bool(fused_attn))
 
 
-def patch_layers(model: nn.Module, layers: Sequence[nn.Module], layout: LayerLayout, cfg: CompressionConfig) -> None:
-    """Give every layer the compressed subclass of its class and the shared config."""
+def patch_layers(model: nn.Module, layers: Sequence[nn.Module], layout: LayerLayout, cfg: CompressionConfig,
+                 own_attn_fused: bool) -> None:
+    """Give every layer the compressed subclass of its class and the shared config.
+
+    ``own_attn_fused`` says whether the layers' own forward runs fused attention. ``cfg.fused_attn`` is the
+    one switch: a layer that reduces nothing runs its own forward only when that agrees with the switch,
+    and the same projections with the chosen attention otherwise.
+    """
     setattr(model, CONFIG_ATTR, cfg)
     for index, layer in enumerate(layers):
         layer._original_class = layer.__class__
         layer.__class__ = compressed_class(layer.__class__, CompressedLayer, layout.name, _layout=layout)
         setattr(layer, CONFIG_ATTR, cfg)
         layer._compression_index = index
+        layer._own_attn_fused = own_attn_fused
 
 
 def unpatch_layers(model: nn.Module, layers: Sequence[nn.Module]) -> None:
@@ -169,7 +176,7 @@ def unpatch_layers(model: nn.Module, layers: Sequence[nn.Module]) -> None:
         if original is None:
             continue
         layer.__class__ = original
-        del layer._compression_index
+        del layer._compression_index, layer._own_attn_fused
         layer.__dict__.pop(CONFIG_ATTR)
     original = model.__dict__.pop("_original_class", None)
     if original is not None:

@@ -89,7 +89,7 @@ def apply_patch(model: nn.Module, select_method: str = "tk_n", pool_k: PoolK = 1
     cfg = build_config(select_method, pool_k, len(blocks), 1, reduce_at=reduce_at, prop_attn=prop_attn,
                        trace_source=trace_source, fused_attn=fused_attn)
     remove_patch(model)
-    patch_layers(model, blocks, _LAYOUT, cfg)
+    patch_layers(model, blocks, _LAYOUT, cfg, own_attn_fused=True)  # nn.MultiheadAttention runs SDPA
     return model
 
 
