@@ -38,7 +38,8 @@ from engine.checkpoint import (RunFolder, check_free_space, check_output_dir, ch
 from engine.distributed import Processes
 from engine.errors import CLIError, Interrupted, TrainingDiverged, one_line
 from engine.measure import Bench, measure
-from engine.model import build_model, compress, create_model, tokens_per_block, unmet_reductions
+from engine.model import (arch_label, build_model, compress, create_model, geometry, tokens_per_block,
+                          unmet_reductions)
 from engine.options import Recipe
 from engine.signals import StopSignal
 from pruning.patch import get_config
@@ -74,7 +75,8 @@ SMALL_MODEL_PARAMS = 5_000_000  # --threads 0: one thread below this size
 DEFAULT_THREADS = torch.get_num_threads()  # PyTorch's own default: one per physical core
 RESULT_KEYS = ("accuracy", "best_accuracy", "throughput", "gflops", "gmacs_thop", "params_m", "model",
                "reduce_token", "tokens_per_block", "arch", "data_name", "epochs", "seed", "world_size", "baseline_throughput",
-               "baseline_gflops", "speedup")
+               "baseline_gflops", "speedup", "analytic_gflops", "reduce_schedule", "prop_attn", "predictions",
+               "environment")
 OUTPUT_ROOT = "output"  # without --output_dir every run gets a folder of its own here; OUTPUT_ROOT/latest: the newest
 # results.json fields that are measured times, so differ between two runs of the same command
 TIMING_KEYS = ("throughput", "baseline_throughput", "speedup")
@@ -126,6 +128,7 @@ class Run:
     model: Optional[VisionTransformer] = None  # compressed, on the device
     tokens: Optional[list] = None  # tokens entering the first block, then leaving each block
     baseline: Optional[VisionTransformer] = None  # --benchmark: the same model uncompressed
+    predictions: Optional[Dict[str, list]] = None  # --save_predictions: train.evaluate's predicted and labels
 
     @property
     def training(self) -> bool:
@@ -166,10 +169,12 @@ def _run(r: Run) -> Dict[str, Any]:
         announce(r)
         accuracy, best_accuracy = train_or_evaluate(r)
         results: Dict[str, Any] = dict.fromkeys(RESULT_KEYS)
+        config = get_config(r.model)
         results.update(accuracy=accuracy, best_accuracy=best_accuracy, model=args.method,
                        reduce_token=args.reduce_token, tokens_per_block=r.tokens, arch=args.arch,
                        data_name=args.data_name, epochs=args.epochs if r.training else 0, seed=args.seed,
-                       world_size=r.processes.world_size)
+                       world_size=r.processes.world_size, prop_attn=args.prop_attn,
+                       reduce_schedule=None if config is None else [int(k) for k in config.schedule])
         if r.processes.is_main:  # rank 0 measures and writes; the other ranks are done
             measure_and_report(r, results, started)
     except BaseException:
@@ -182,7 +187,7 @@ def _run(r: Run) -> Dict[str, Any]:
 def run_folder_name(args: argparse.Namespace, when: float) -> str:
     """``20261125-134501_vit_pico_patch2_8_tk_n_k2``: start time, arch, method, tokens removed per block
     (``_eval``/``_bench`` for those modes)."""
-    arch = args.arch or RECIPES[args.data_name].arch
+    arch = arch_label(args.arch or RECIPES[args.data_name].arch)  # a model folder: its name
     tokens = "-".join(map(str, args.reduce_token)) if isinstance(args.reduce_token, list) else str(args.reduce_token)
     mode = "_eval" if args.eval_only else ("_bench" if args.benchmark else "")
     return re.sub(r"[^\w.+-]", "_", f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(when))}_{arch}_"
@@ -235,6 +240,7 @@ def build_and_compress(r: Run) -> None:
     r.model = build_model(args, r.splits.num_classes if r.splits else facts.num_classes, facts.in_chans,
                           r.resume is not None)
     r.baseline = copy.deepcopy(r.model) if args.benchmark else None
+    args.prop_attn = options.resolve_prop_attn(args, r.training)  # auto: off when training, else on
     compress(r.model, args).to(r.device)
     r.tokens = tokens_per_block(r.model)
     unmet = unmet_reductions(r.model)
@@ -248,7 +254,7 @@ def build_and_compress(r: Run) -> None:
               f"fewer", file=sys.stderr, flush=True)
     if r.training:  # disk full: said now, not after the first epoch
         distributed.on_main(lambda: check_free_space(args.output_dir, checkpoint_bytes(r.model)), r.processes)
-    args.img_size, args.patch_size = r.model.patch_embed.img_size[0], r.model.patch_embed.patch_size[0]
+    args.img_size, args.patch_size = geometry(r.model).img_size, geometry(r.model).patch_size
     args.reduce_at, args.augment = get_config(r.model).reduce_at, args.augment or recipe.augment
     args.lr_base = args.lr_base or recipe.lr_base
     args.lr = args.lr or args.lr_base * args.batch_size * r.processes.world_size / 512  # the global batch
@@ -266,7 +272,9 @@ def train_or_evaluate(r: Run) -> Tuple[Optional[float], Optional[float]]:
     eval_model = torch.compile(r.model) if args.compile else r.model
     dtype = options.amp_dtype(args, device)
     if args.eval_only:
-        accuracy = train.evaluate(eval_model, test_loader, device, dtype, processes)["test_acc"]
+        scores = train.evaluate(eval_model, test_loader, device, dtype, processes, predictions=args.save_predictions)
+        r.predictions = scores if args.save_predictions else None
+        accuracy = scores["test_acc"]
         print(f"eval: {args.method} on {args.data_name}: top-1 {accuracy:.2f}%")
         return accuracy, accuracy
     # from here on SIGINT/SIGTERM mean "stop after this step, with last.pt"; under torchrun every rank
@@ -277,6 +285,9 @@ def train_or_evaluate(r: Run) -> Tuple[Optional[float], Optional[float]]:
         loop = train.Loop(r.model, train_model, eval_model, train_loader, test_loader, generator, device, dtype,
                           processes)
         history = train.fit(args, loop, r.resume, options.settings_of(args), stop)
+    if args.save_predictions:  # the final model's, as its last evaluation saw them (evaluation is deterministic)
+        r.predictions = train.evaluate(eval_model, test_loader, device, dtype, processes, desc="predictions",
+                                       predictions=True)
     return history[-1]["test_acc"], max(h["test_acc"] for h in history)
 
 
@@ -301,7 +312,7 @@ def announce(r: Run) -> None:
         print(f"run folder: {args.output_dir}{latest}")
     where = f"{r.processes.world_size} processes ({r.device.type})" if r.processes.enabled else str(r.device)
     print(f"{args.arch}: {sum(p.numel() for p in r.model.parameters()) / 1e6:.3f} M params, {args.img_size} px, "
-          f"patch {args.patch_size}, {len(r.model.blocks)} blocks | {args.method} removing "
+          f"patch {args.patch_size}, {geometry(r.model).depth} blocks | {args.method} removing "
           f"{_tokens_text(args.reduce_token)} per block at {args.reduce_at}: tokens {_arrows(r.tokens)} | "
           f"{args.data_name}: {r.sizes} | {where}, {torch.get_num_threads()} threads")
 
@@ -313,6 +324,11 @@ def measure_and_report(r: Run, results: Dict[str, Any], started: float) -> None:
     input_shape = (data.DATASETS[args.data_name].in_chans, args.img_size, args.img_size)
     figures = measure(r.model, r.baseline, input_shape, r.device, bench)
     results.update({k: v for k, v in figures.items() if k in results})
+    results["environment"] = report.environment(r.device)
+    if r.predictions is not None:
+        results["predictions"] = report.save_predictions(
+            os.path.join(args.output_dir, "predictions.npz"), r.predictions["predicted"], r.predictions["labels"],
+            getattr(r.splits.test, "indices", None))
     results_path = os.path.join(args.output_dir, "results.json")
     write_json_atomic(results, results_path)
     if args.visualize:
@@ -320,7 +336,7 @@ def measure_and_report(r: Run, results: Dict[str, Any], started: float) -> None:
     amp = f", amp {dtype}".replace("torch.", "") if args.amp else ""
     print(report.summary(results, {
         "reduce_at": args.reduce_at, "geometry": f"{args.img_size} px, patch {args.patch_size}, "
-                                                 f"{len(r.model.blocks)} blocks",
+                                                 f"{geometry(r.model).depth} blocks",
         "sizes": r.sizes, "analytic": f"{figures['analytic_gflops']:.4g}",
         "ideal": f"{figures['baseline_gflops'] / figures['gflops']:.3f}x" if r.baseline is not None else "-",
         "bench": f"batch {bench.batch_size}, {r.device.type}{amp}{', compiled' if args.compile else ''}, median "

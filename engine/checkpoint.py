@@ -108,17 +108,26 @@ def load_weights(model: VisionTransformer, path: str, new_head_ok: bool = True) 
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CLIError(f"--checkpoint: {path} holds no state_dict of tensors")
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-    try:
-        state = checkpoint_filter_fn(state, model)  # timm: resamples position and patch embeddings to this model
-    except Exception as err:
-        raise CLIError(f"--checkpoint: {path} does not fit --arch {model.default_cfg.get('architecture', '')} "
-                       f"({one_line(err, named=True, limit=200)}); use the --arch, --img_size and --patch_size it was "
-                       f"trained with") from None
+    arch = _arch_of(model)
+    if isinstance(model, VisionTransformer):
+        try:
+            state = checkpoint_filter_fn(state, model)  # timm: resamples position and patch embeddings to this model
+        except Exception as err:
+            raise CLIError(f"--checkpoint: {path} does not fit --arch {arch} ({one_line(err, named=True, limit=200)}); "
+                           f"use the --arch, --img_size and --patch_size it was trained with") from None
     own = model.state_dict()
-    left_out = [k for k in ("head.weight", "head.bias") if k in state and k in own and state[k].shape != own[k].shape]
+    heads = tuple(getattr(model, "head_keys", ("head.weight", "head.bias")))  # engine.zoo.Classifier says its own
+    left_out = [k for k in heads if k in state and k in own and state[k].shape != own[k].shape]
+    weight = next((k for k in heads if k.endswith("weight") and k in state and k in own), None)
+    if left_out and (weight is None or state[weight].shape[0] == own[weight].shape[0]):
+        # the same number of classes, another width: the checkpoint is of another model, not another dataset
+        detail = f" ({weight}: {tuple(state[weight].shape)} here, {tuple(own[weight].shape)} in the model)" \
+            if weight else ""
+        raise CLIError(f"--checkpoint: {path} does not fit --arch {arch}{detail}; use the --arch, --img_size and "
+                       f"--patch_size it was trained with")
     if left_out and not new_head_ok:
-        raise CLIError(f"--checkpoint: {path} has a classifier head for {state['head.weight'].shape[0]} classes, "
-                       f"the dataset has {own['head.weight'].shape[0]}; evaluating needs the head trained on "
+        raise CLIError(f"--checkpoint: {path} has a classifier head for {state[weight].shape[0]} classes, "
+                       f"the dataset has {own[weight].shape[0]}; evaluating needs the head trained on "
                        f"this dataset: choose the matching --data_name, or fine-tune first (drop --eval_only)")
     for key in left_out:
         del state[key]
@@ -126,13 +135,19 @@ def load_weights(model: VisionTransformer, path: str, new_head_ok: bool = True) 
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:
         detail = " ".join(str(err).split())[:300]
-        raise CLIError(f"--checkpoint: {path} does not fit --arch {model.default_cfg.get('architecture', '')} "
-                       f"({detail}); use the --arch, --img_size and --patch_size it was trained with") from None
+        raise CLIError(f"--checkpoint: {path} does not fit --arch {arch} ({detail}); use the --arch, --img_size "
+                       f"and --patch_size it was trained with") from None
     missing = [k for k in missing if k not in left_out]
     if missing or unexpected:
         raise CLIError(f"--checkpoint: {path} does not fit this model (missing {missing[:3]}, unexpected "
                        f"{unexpected[:3]}); use the --arch, --img_size and --patch_size it was trained with")
     return left_out
+
+
+def _arch_of(model: torch.nn.Module) -> str:
+    """The name of ``model``'s arch in messages: timm's, or the --arch of an ``engine.zoo.Classifier``."""
+    config = getattr(model, "default_cfg", None)
+    return getattr(model, "arch", None) or (config.get("architecture", "") if isinstance(config, dict) else "")
 
 
 # ----------------------------------------------------------------------------------------------

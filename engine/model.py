@@ -1,21 +1,28 @@
-"""The timm model of a run: created by name (hub weights when asked for, checked before timm tries),
-its starting weights loaded, and compressed with the chosen method."""
+"""The model of a run: a timm model created by name (hub weights when asked for, checked before timm tries), or a
+transformers / OpenCLIP model (``hf:``, ``open_clip:``, built by ``zoo``); its starting weights loaded, and
+compressed with the chosen method. ``geometry(model)`` reads image size, patch size and blocks of every family."""
 import argparse
 import os
 import socket
-from typing import Any, Dict, List, Optional, Tuple
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
 import timm
+import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
+
+import data
 
 import pruning.models  # noqa: F401  (registers the vit_pico_* models in timm's registry)
 from pruning.counting import tokens_after
 from pruning.flops import model_token_counts, vit_shape
 from pruning.patch import apply_patch, get_config
 
+from . import zoo
 from .checkpoint import load_weights
 from .errors import CLIError, one_line
+from .zoo import Geometry, analytic_flops, arch_label, geometry  # noqa: F401  (the accessors of every family)
 
 
 def hub_unreachable() -> Optional[str]:
@@ -36,11 +43,18 @@ def hub_unreachable() -> Optional[str]:
 
 
 def create_model(arch: str, num_classes: int, in_chans: int, *, pretrained: bool = False,
-                 img_size: Optional[int] = None, patch_size: Optional[int] = None) -> VisionTransformer:
-    """The timm VisionTransformer ``arch`` (``--arch``) for this dataset, optionally with hub weights."""
+                 img_size: Optional[int] = None, patch_size: Optional[int] = None, weights: Optional[str] = None,
+                 data_norm: Optional[Tuple[Sequence[float], Sequence[float]]] = None) -> nn.Module:
+    """The model ``arch`` (``--arch``) for this dataset: a timm VisionTransformer, optionally with hub weights,
+    or a transformers / OpenCLIP model wrapped by ``zoo.build`` (``weights``: OpenCLIP's own weights file;
+    ``data_norm``: the dataset's (mean, std), turned into the model's own normalisation)."""
+    if zoo.parse_arch(arch).family != "timm":
+        return zoo.build(arch, num_classes, in_chans, pretrained=pretrained, weights=weights, data_norm=data_norm,
+                         img_size=img_size, patch_size=patch_size)
     if not timm.is_model(arch.split(".")[0]):
         raise CLIError(f"--arch: {arch!r} is not a timm model; list ViTs with "
-                       f"python -c \"import timm; print(timm.list_models('vit_*'))\"")
+                       f"python -c \"import timm; print(timm.list_models('vit_*'))\"; other families: "
+                       f"hf:FOLDER_OR_HUB_ID, open_clip:NAME, open_clip:local-dir:FOLDER")
     if pretrained and not any(n == arch or n.startswith(arch + ".") for n in timm.list_pretrained(arch + "*")):
         raise CLIError(f"--pretrained: timm has no pretrained weights for --arch {arch}; drop --pretrained, "
                        f"or load weights with --checkpoint FILE")
@@ -73,34 +87,65 @@ def create_model(arch: str, num_classes: int, in_chans: int, *, pretrained: bool
     return model
 
 
-def build_model(args: argparse.Namespace, num_classes: int, in_chans: int, resumed: bool) -> VisionTransformer:
-    """The model of ``--arch`` with its starting weights (hub, ``--checkpoint``; none when resuming:
-    the checkpoint's come later)."""
+def build_model(args: argparse.Namespace, num_classes: int, in_chans: int, resumed: bool) -> nn.Module:
+    """The model of ``--arch`` with its starting weights (hub, a transformers folder, ``--checkpoint``; none when
+    resuming: the checkpoint's come later)."""
+    family = zoo.parse_arch(args.arch).family
+    if family != "timm" and args.visualize:
+        raise CLIError(f"--visualize: the token grid is drawn for timm models only (it reads model.patch_embed); "
+                       f"drop --visualize for --arch {args.arch}")
+    # OpenCLIP's own weights file (not a main.py checkpoint) is read while the model is built
+    weights = args.checkpoint if family == "open_clip" and args.checkpoint and not resumed and \
+        not zoo.is_main_checkpoint(args.checkpoint) else None
+    spec = data.DATASETS.get(args.data_name)
     model = create_model(args.arch, num_classes, in_chans, pretrained=args.pretrained and not resumed,
-                         img_size=args.img_size, patch_size=args.patch_size)
-    if args.checkpoint and not resumed:
+                         img_size=args.img_size, patch_size=args.patch_size, weights=weights,
+                         data_norm=(spec.mean, spec.std) if spec else None)
+    if family != "timm" and not resumed:
+        _announce_head(model, args, num_classes, trained=bool(args.checkpoint and not weights))
+    if args.checkpoint and not resumed and not weights:
         left_out = load_weights(model, args.checkpoint, new_head_ok=not args.eval_only)
         if left_out:
             print(f"--checkpoint: loaded all but {', '.join(left_out)} (another number of classes); the head "
                   f"starts from scratch for {num_classes} classes")
-    if isinstance(args.reduce_token, list) and len(args.reduce_token) != len(model.blocks):
+    depth = geometry(model).depth
+    if isinstance(args.reduce_token, list) and len(args.reduce_token) != depth:
         raise CLIError(f"--reduce_token: {len(args.reduce_token)} values given, but --arch {args.arch} has "
-                       f"{len(model.blocks)} blocks; give one value per block, or a single int")
+                       f"{depth} blocks; give one value per block, or a single int")
     return model
 
 
-def compress(model: VisionTransformer, args: argparse.Namespace, trace_source: bool = False) -> VisionTransformer:
-    """Patch ``model`` in place with ``--model`` (the method), ``--reduce_token`` and ``--reduce_at``."""
+def _announce_head(model: nn.Module, args: argparse.Namespace, num_classes: int, trained: bool) -> None:
+    """One line on the classifier of a transformers / OpenCLIP model that starts untrained (a warning when it
+    is evaluated): a linear head added on the pooled feature, or a classifier built anew."""
+    if not getattr(model, "new_head", False) or trained:
+        return
+    where = f"the linear head on {model.output or 'the pooled, projected feature'}" if model.head is not None \
+        else "its classifier"
+    if args.eval_only:
+        print(f"main.py: warning: --eval_only: {where} is untrained for the {num_classes} classes of "
+              f"{args.data_name}, so the accuracy is chance; fine-tune first (drop --eval_only) and evaluate with "
+              f"--checkpoint best.pt", file=sys.stderr, flush=True)
+    else:
+        print(f"{args.arch}: {where} starts untrained for {num_classes} classes")
+
+
+def compress(model: nn.Module, args: argparse.Namespace, trace_source: bool = False) -> nn.Module:
+    """Patch ``model`` (its backbone, ``geometry(model).module``) in place with ``--model`` (the method),
+    ``--reduce_token``, ``--reduce_at`` and ``--prop_attn`` (``auto`` not yet resolved by the run: on, the
+    library's default); returns ``model``."""
     try:
-        return apply_patch(model, args.method, args.reduce_token, reduce_at=args.reduce_at,
-                           trace_source=trace_source)
+        apply_patch(geometry(model).module, args.method, args.reduce_token, reduce_at=args.reduce_at,
+                    prop_attn=getattr(args, "prop_attn", "auto") != "off", trace_source=trace_source)
     except ValueError as err:
         raise CLIError(f"--model {args.method} / --reduce_token / --reduce_at: {err}") from None
+    return model
 
 
-def tokens_per_block(model: VisionTransformer) -> List[int]:
+def tokens_per_block(model: nn.Module) -> List[int]:
     """Tokens entering the first block, then leaving each block, as the compressed model runs them
     (the library's own count, ``pruning.flops.model_token_counts``): ``[17, 15, 13, 11, 9]``."""
+    model = geometry(model).module
     entering = [attn for attn, _ in model_token_counts(model)]
     cfg = get_config(model)
     last = entering[-1] if cfg is None else tokens_after(cfg.method, entering[-1], cfg.schedule[-1],
@@ -108,13 +153,13 @@ def tokens_per_block(model: VisionTransformer) -> List[int]:
     return entering + [last]
 
 
-def unmet_reductions(model: VisionTransformer) -> List[Tuple[int, int, int]]:
+def unmet_reductions(model: nn.Module) -> List[Tuple[int, int, int]]:
     """(block, tokens asked, tokens removed) of every block that removes fewer tokens than the method removes
     when tokens are plentiful, because too few are left (the prefix tokens and at least one patch stay)."""
     cfg = get_config(model)
     if cfg is None:
         return []
-    tokens, prefix = tokens_per_block(model), vit_shape(model).num_prefix
+    tokens, prefix = tokens_per_block(model), vit_shape(geometry(model).module).num_prefix
     unmet = []
     for block, k in enumerate(cfg.schedule):
         plenty = tokens[block] + 2 * k + prefix + 2

@@ -147,6 +147,11 @@ def build_parser(defaults: Mapping[str, Any], recipes: Mapping[str, Recipe]) -> 
     group.add_argument("--reduce_at", default=None, choices=("block", "attn"),
                        help="reduce after the whole block, or between attention and MLP (default: the "
                             "method's own: block; attn for tome)")
+    group.add_argument("--prop_attn", default="auto", choices=("auto", "on", "off"),
+                       help="ToMe's proportional attention (only tome uses it): auto = on when evaluating or "
+                            "benchmarking without training (ToMe's off-the-shelf protocol), off while training "
+                            "and for the evaluation at the end of training (as ToMe advises); the run records the "
+                            "resolved on/off (default: %(default)s)")
 
     group = parser.add_argument_group("model")
     group.add_argument("--arch", metavar="NAME", default=None,
@@ -230,6 +235,10 @@ def build_parser(defaults: Mapping[str, Any], recipes: Mapping[str, Recipe]) -> 
                                                         "chosen compression, no training (default: off)")
     group.add_argument("--benchmark", **bool_flag, help="no training: throughput and FLOPs of the chosen method "
                                                         "and of the uncompressed model (default: off)")
+    group.add_argument("--save_predictions", **bool_flag,
+                       help="write <output_dir>/predictions.npz: the test labels and predicted classes in test-set "
+                            "order (and the test-set indices with --test_subset), for per-image statistics; under "
+                            "torchrun gathered to rank 0 (default: off)")
     group.add_argument("--visualize", type=_int_at_least(0), default=0, metavar="N",
                        help="write <output_dir>/visualization.png for the first N test images, 0 = off "
                             "(default: %(default)s)")
@@ -405,9 +414,19 @@ def check_options(args: argparse.Namespace) -> None:
                        "--pretrained")
     if args.checkpoint and not args.resume and not os.path.isfile(args.checkpoint):
         raise CLIError(f"--checkpoint: {args.checkpoint} not found")
+    if args.save_predictions and args.benchmark and not args.eval_only:
+        raise CLIError("--save_predictions needs test images: use it when training or with --eval_only, not with "
+                       "--benchmark alone")
     if args.visualize and args.benchmark and not args.eval_only:
         raise CLIError("--visualize needs test images: use it when training or with --eval_only, not with "
                        "--benchmark alone")
+
+
+def resolve_prop_attn(args: argparse.Namespace, training: bool) -> str:
+    """``--prop_attn`` as the run uses it: auto is on without training (evaluation, benchmark), off when training."""
+    if args.prop_attn == "auto":
+        return "off" if training else "on"
+    return args.prop_attn
 
 
 def resolve_device(name: str, processes: Processes = distributed.SINGLE) -> torch.device:

@@ -3,7 +3,8 @@ compressed model keeps of a few test images."""
 import argparse
 import copy
 import os
-from typing import Any, Dict, Optional
+import platform
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -12,6 +13,53 @@ import data
 from pruning.patch import remove_patch
 
 from .model import compress
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, else the platform's word for it)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def environment(device: torch.device) -> Dict[str, Any]:
+    """What a run ran on: versions, the device (CPU model or CUDA device name) and torch's CPU threads."""
+    import numpy
+    import timm
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+            "numpy": numpy.__version__, "device": name, "threads": torch.get_num_threads()}
+
+
+def save_predictions(path: str, predicted: Sequence[int], labels: Sequence[int],
+                     indices: Optional[Sequence[int]] = None) -> str:
+    """``predictions.npz``: ``labels`` and ``predicted`` (int64, test-set order) and, for a test subset, the
+    ``indices`` of those images in the full test split; written atomically. Returns ``path``."""
+    import io
+
+    import numpy as np
+
+    arrays = {"labels": np.asarray(labels, dtype=np.int64), "predicted": np.asarray(predicted, dtype=np.int64)}
+    if indices is not None:
+        arrays["indices"] = np.asarray(indices, dtype=np.int64)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getvalue())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
 
 def summary(results: Dict[str, Any], extra: Dict[str, str]) -> str:
     """The end-of-run table of ``results``; ``extra`` says how they came about (keys: reduce_at, geometry,

@@ -140,11 +140,16 @@ def train_one_epoch(loop: Loop, opt: Optimization, progress: EpochProgress, stop
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dtype: Optional[torch.dtype],
-             processes: Processes = distributed.SINGLE, desc: str = "test") -> Dict[str, float]:
+             processes: Processes = distributed.SINGLE, desc: str = "test", predictions: bool = False
+             ) -> Dict[str, Any]:
     """Top-1 accuracy (%) and mean loss over the whole test set: under DDP each rank evaluates its
-    shard (:class:`ShardSampler`) and the sums are added up, so every image counts exactly once."""
+    shard (:class:`ShardSampler`) and the sums are added up, so every image counts exactly once.
+
+    ``predictions``: also ``predicted`` and ``labels``, lists in the order of the loader's dataset
+    (under DDP gathered from every rank's shard, on every rank)."""
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
+    predicted, labels = [], []
     for images, targets in tqdm(loader, desc=desc, leave=False, disable=None if processes.is_main else True,
                                 dynamic_ncols=True):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
@@ -153,8 +158,21 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dtype: 
         total_loss += F.cross_entropy(logits.float(), targets, reduction="sum").item()
         correct += (logits.argmax(dim=-1) == targets).sum().item()
         seen += len(targets)
+        if predictions:
+            predicted.append(logits.argmax(dim=-1).cpu())
+            labels.append(targets.cpu())
     total_loss, correct, seen = distributed.sum_over_ranks([total_loss, correct, seen], processes, device)
-    return {"test_loss": total_loss / max(seen, 1), "test_acc": 100.0 * correct / max(seen, 1)}
+    scores: Dict[str, Any] = {"test_loss": total_loss / max(seen, 1), "test_acc": 100.0 * correct / max(seen, 1)}
+    if predictions:
+        own = (list(loader.sampler), torch.cat(predicted).tolist() if predicted else [],
+               torch.cat(labels).tolist() if labels else [])
+        shards = distributed.gather(own, processes)
+        size = sum(len(order) for order, _, _ in shards)
+        scores["predicted"], scores["labels"] = [0] * size, [0] * size
+        for order, shard_predicted, shard_labels in shards:
+            for index, p, y in zip(order, shard_predicted, shard_labels):
+                scores["predicted"][index], scores["labels"][index] = p, y
+    return scores
 
 
 def restore(checkpoint: Dict[str, Any], path: str, loop: Loop, opt: Optimization) -> EpochProgress:

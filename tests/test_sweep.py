@@ -189,7 +189,8 @@ def test_summary_table_shows_mean_and_std_over_seeds(tmp_path):
     assert "| finetune | tk_n | light | 2 | 84.00 ± 2.65 |" in text  # 81, 85, 86: std sqrt(7)
     assert "| offtheshelf | tk_n | light | 2 | 70.00 |" in text  # one seed: no spread
     # paired by seed: 81-80, 85-82, 86-87 = 1, 3, -1: mean 1, std 2; tk_n ahead in 2 of 3
-    assert "| finetune | light | tk_n − tk | 1.00 ± 2.00 | 0.9 | 2/3 seeds |" in text  # t = 1 / (2 / sqrt 3)
+    # t = 1 / (2 / sqrt 3) = 0.9; 95% t-interval 1 ± 4.303 * 2 / sqrt 3 = 1 ± 4.97
+    assert "| finetune | light | tk_n − tk | 1.00 ± 2.00 | [-3.97, 5.97] | t = 0.9, 2 df | 2/3 seeds |" in text
     lines = text.splitlines()
     assert lines.index(next(l for l in lines if l.startswith("| baseline"))) < \
         lines.index(next(l for l in lines if l.startswith("| offtheshelf")))

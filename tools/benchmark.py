@@ -1,11 +1,16 @@
 """Throughput of token compression methods against the plain ViT, measured in one run.
 
     python tools/benchmark.py --arch vit_small_patch16_224 --batch_size 32 --methods tk_n --pool_k 10
+    python tools/benchmark.py --arch hf:path/to/saved_vit --pool_k 10        # a transformers model folder
+    python tools/benchmark.py --arch open_clip:ViT-B-32 --pool_k 10          # an OpenCLIP model (random weights)
 
+``--arch`` takes what main.py's does (``engine/zoo.py``): a timm name, ``hf:FOLDER_OR_HUB_ID``,
+``open_clip:NAME`` or ``open_clip:local-dir:FOLDER``; weights are random (speed does not depend on them), a
+transformers or OpenCLIP model is timed as the library patches it (the model itself; OpenCLIP's image tower).
 The model is timed at its own input size and channels (``vit_pico_patch4_28``: 1 x 28 x 28) unless
-``--img_size`` says otherwise. Variants are timed in interleaved rounds so that drift in the
-machine's speed hits all of them alike (``pruning.benchmark``); each figure is the median over
-rounds, and the ideal speedup is the ratio of analytic FLOPs. Bad input ends as one line on stderr
+``--img_size`` says otherwise (timm only: the other families run at their own size). Variants are timed in
+interleaved rounds so that drift in the machine's speed hits all of them alike (``pruning.benchmark``); each
+figure is the median over rounds, and the ideal speedup is the ratio of analytic FLOPs. Bad input ends as one line on stderr
 (``benchmark.py: error: ...``) and exit code 2.
 """
 import argparse
@@ -22,6 +27,8 @@ import torch  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 import pruning.models  # noqa: E402,F401  (registers the vit_pico_* models in timm's registry)
+from engine import zoo  # noqa: E402
+from engine.errors import CLIError  # noqa: E402
 from pruning import METHOD_NAMES  # noqa: E402
 from pruning.benchmark import build_variants, compare_speed  # noqa: E402
 from pruning.flops import vit_shape  # noqa: E402
@@ -60,7 +67,8 @@ def _pool_k(text: str) -> Union[int, List[int]]:
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=PROG, description="Throughput of token compression methods vs the plain ViT.")
     parser.add_argument("--arch", default="vit_small_patch16_224",
-                        help="timm VisionTransformer name, vit_pico_* included (default: %(default)s)")
+                        help="timm VisionTransformer name (vit_pico_* included), hf:FOLDER_OR_HUB_ID or "
+                             "open_clip:NAME / open_clip:local-dir:FOLDER (default: %(default)s)")
     parser.add_argument("--img_size", type=_positive_int, default=None,
                         help="input height and width in pixels (default: the model's own input size)")
     parser.add_argument("--batch_size", type=_positive_int, default=32,
@@ -91,8 +99,14 @@ def parse_methods(text: str) -> List[str]:
     return names
 
 
-def create_model(arch: str, img_size: Optional[int] = None) -> VisionTransformer:
-    """The timm model ``arch`` (at ``img_size`` if given, else at its own size), in eval mode."""
+def create_model(arch: str, img_size: Optional[int] = None) -> torch.nn.Module:
+    """The timm model ``arch`` (at ``img_size`` if given, else at its own size), in eval mode; a transformers or
+    OpenCLIP model (``hf:``, ``open_clip:``, a model folder): the module the library patches, random weights."""
+    if zoo.parse_arch(arch).family != "timm":
+        try:
+            return zoo.geometry(zoo.build(arch, None, 3, img_size=img_size)).module.eval()
+        except CLIError as err:
+            raise ToolError(str(err)) from None
     if not timm.is_model(arch):
         raise ToolError(f"--arch: unknown timm model {arch!r}")
     try:
@@ -106,8 +120,13 @@ def create_model(arch: str, img_size: Optional[int] = None) -> VisionTransformer
     return model.eval()
 
 
-def input_shape(model: VisionTransformer) -> Tuple[int, int, int]:
+def input_shape(model: torch.nn.Module) -> Tuple[int, int, int]:
     """(channels, height, width) the model was built for."""
+    if not isinstance(model, VisionTransformer):  # a transformers / OpenCLIP model: its adapter's sizes
+        size = model.image_size if hasattr(model, "image_size") else model.config.image_size  # OpenCLIP / HF
+        height, width = (size, size) if isinstance(size, int) else size
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))  # the patch embedding
+        return conv.in_channels, height, width
     height, width = model.patch_embed.img_size
     return model.patch_embed.proj.in_channels, height, width
 
@@ -132,7 +151,7 @@ def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     model = create_model(args.arch, args.img_size)
     try:
-        resolve_schedule(args.pool_k, len(model.blocks))
+        resolve_schedule(args.pool_k, vit_shape(model).depth)
         variants = build_variants(model.to(device), names, args.pool_k, args.explicit)
     except ValueError as err:  # the library names the argument: pool_k, select_method or model
         message = str(err)

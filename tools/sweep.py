@@ -5,6 +5,11 @@
 For every seed the baseline (method ``none``) is trained first; its checkpoint is then
 - ``offtheshelf``: evaluated with each method and level, no training (``main.py --eval_only``), and
 - ``finetune``: trained further with each method and level in the loop.
+With ``baseline_checkpoint: PATH`` (a main.py checkpoint trained once) no baseline is trained: the
+``baseline`` row evaluates that checkpoint (``--eval_only --benchmark``), the off-the-shelf runs
+evaluate it compressed (once: evaluation does not depend on the seed) and the fine-tune runs start
+from it, once per seed (the seed changes the fine-tune's data order and augmentation).
+``--jobs N`` runs N runs at once, each in a process of its own (a baseline before the runs that use it).
 Each finished run becomes one row of ``<out_dir>/runs.csv`` (with the ``python main.py ...`` command
 that reproduces it); rows already there are skipped, so an interrupted sweep continues where it
 stopped. At the end ``summary.md`` (mean ± std over seeds) and ``pareto.png`` are rebuilt from
@@ -18,15 +23,20 @@ A level says how many tokens each block removes, in one of three ways (YAML ``le
   those blocks;
 - ``{name: f60, flops_ratio: 0.6}``: matched FLOPs, a per-method schedule landing at 60% of the
   baseline's analytic FLOPs.
+Any level may add ``methods: [tk, tk_n]``: only those methods run at it.
 """
 import argparse
+import contextlib
 import csv
 import difflib
 import math
 import os
 import shlex
+import shutil
+import signal
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,8 +55,18 @@ BASELINE = "baseline"
 NO_LEVEL = "-"  # the level of rows that compress nothing (the baseline, method none)
 CHECKPOINT_NAME = "last.pt"  # the baseline weights reused by the other protocols (not best.pt: no test-set choice)
 
+# schedule: the per-block tokens removed as the run applied them; analytic_gflops: pruning.flops' count of
+# that schedule (equal at a flops_ratio level for every method); predictions: the run's predictions.npz,
+# copied under out_dir; torch ... threads: where the run ran (results.json's environment)
 FIELDS = ("protocol", "method", "level", "reduce_token", "seed", "accuracy", "best_accuracy", "gflops",
-          "gmacs_thop", "throughput", "speedup", "params_m", "seconds", "command")
+          "gmacs_thop", "throughput", "speedup", "params_m", "schedule", "analytic_gflops", "prop_attn",
+          "predictions", "torch", "timm", "numpy", "device", "threads", "seconds", "command")
+ENVIRONMENT_FIELDS = ("torch", "timm", "numpy", "device", "threads")
+TIMING_FIELDS = ("throughput", "speedup", "seconds")  # measured times: differ between two runs of one command
+PREDICTIONS_DIR = "predictions"  # under out_dir: each run's predictions.npz, kept with runs.csv
+BEST = "best"  # in ``compare``: the most accurate pruning method at that protocol and level
+RESAMPLES = 2000  # bootstrap resamples of the test images
+BOOTSTRAP_SEED = 0
 KEY_FIELDS = ("protocol", "method", "level", "reduce_token", "seed")
 
 Results = Dict[str, Any]
@@ -67,6 +87,10 @@ class Level:
     keep_rate: Optional[float] = None
     at_blocks: Tuple[int, ...] = ()
     flops_ratio: Optional[float] = None
+    methods: Tuple[str, ...] = ()  # only these methods run at this level (empty: every method)
+
+    def runs(self, method: str) -> bool:
+        return not self.methods or method in self.methods
 
     @classmethod
     def from_dict(cls, entry: Dict[str, Any]) -> "Level":
@@ -82,14 +106,19 @@ class Level:
                              f"flops_ratio; got {entry}")
         if "keep_rate" in modes and not entry.get("at_blocks"):
             raise ValueError(f"levels: {entry['name']}: keep_rate needs at_blocks (the blocks that reduce)")
+        methods = entry.get("methods") or ()
+        if isinstance(methods, str) or any(m not in METHOD_NAMES for m in methods):
+            raise ValueError(f"levels: {entry['name']}: methods must be a list of {', '.join(METHOD_NAMES)}, "
+                             f"got {methods!r}")
         return cls(name=str(entry["name"]), reduce_token=entry.get("reduce_token"), keep_rate=entry.get("keep_rate"),
-                   at_blocks=tuple(entry.get("at_blocks") or ()), flops_ratio=entry.get("flops_ratio"))
+                   at_blocks=tuple(entry.get("at_blocks") or ()), flops_ratio=entry.get("flops_ratio"),
+                   methods=tuple(methods))
 
 
-LEVEL_KEYS = ("name", "reduce_token", "keep_rate", "at_blocks", "flops_ratio")
+LEVEL_KEYS = ("name", "reduce_token", "keep_rate", "at_blocks", "flops_ratio", "methods")
 # the keys of a sweep YAML; anything else (a typo such as ``method:``) is refused
 CONFIG_KEYS = ("out_dir", "work_dir", "seeds", "methods", "levels", "protocols", "main_args", "baseline_args",
-               "finetune_args", "offtheshelf_args", "compare", "threads")
+               "finetune_args", "offtheshelf_args", "compare", "threads", "baseline_checkpoint", "jobs")
 MAIN_OPTION_KEYS = ("main_args", "baseline_args", "finetune_args", "offtheshelf_args")
 
 
@@ -128,6 +157,8 @@ class SweepConfig:
     offtheshelf_args: Options = field(default_factory=dict)  # ... for the off-the-shelf protocol
     compare: List[Tuple[str, str]] = field(default_factory=lambda: [("tk_n", "tk")])  # paired differences
     threads: Optional[int] = None  # torch CPU threads (None: main.py's rule, 1 for models under 5 M parameters)
+    baseline_checkpoint: Optional[str] = None  # a fixed, trained baseline: no baseline is trained
+    jobs: int = 1  # runs at once, each in a process of its own
 
     @property
     def runs_csv(self) -> Path:
@@ -202,14 +233,21 @@ def load_config(path: Optional[str], overrides: Dict[str, Any]) -> SweepConfig:
     protocols = list(raw.get("protocols") or PROTOCOLS)
     if any(p not in PROTOCOLS for p in protocols):
         raise ValueError(f"protocols: choose from {', '.join(PROTOCOLS)}, got {protocols}")
+    compare = [tuple(pair) for pair in raw.get("compare", [("tk_n", "tk")])]
+    if any(len(pair) != 2 or any(m not in (*METHOD_NAMES, BEST) for m in pair) for pair in compare):
+        raise ValueError(f"compare: pairs of methods [a, b] (b may be {BEST}: the most accurate pruning method), "
+                         f"got {raw.get('compare')}")
+    jobs = 1 if raw.get("jobs") is None else raw["jobs"]
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise ValueError(f"jobs: a number of runs at once >= 1, got {jobs!r}")
     return SweepConfig(
         out_dir=out_dir, work_dir=Path(raw.get("work_dir") or out_dir / "runs"),
         seeds=[int(s) for s in raw.get("seeds", [0])], methods=methods,
         levels=[Level.from_dict(entry) for entry in raw["levels"]], protocols=protocols,
         main_args=raw.get("main_args") or {}, baseline_args=raw.get("baseline_args") or {},
         finetune_args=raw.get("finetune_args") or {}, offtheshelf_args=raw.get("offtheshelf_args") or {},
-        compare=[tuple(pair) for pair in raw.get("compare", [("tk_n", "tk")])],
-        threads=raw.get("threads"))
+        compare=compare, threads=raw.get("threads"),
+        baseline_checkpoint=str(raw["baseline_checkpoint"]) if raw.get("baseline_checkpoint") else None, jobs=jobs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,15 +344,19 @@ def baseline_checkpoint_of(spec: RunSpec) -> str:
 
 def _spec(config: SweepConfig, protocol: str, method: str, level: str, reduce_token: str, seed: int) -> RunSpec:
     """The options of one run: common options, the protocol's options, then what this run varies."""
-    needs = None if protocol == BASELINE else baseline_checkpoint(config, seed)
-    if protocol == BASELINE:
+    fixed = config.baseline_checkpoint
+    needs = fixed if fixed else (None if protocol == BASELINE else baseline_checkpoint(config, seed))
+    if protocol == BASELINE and fixed:  # the fixed baseline evaluated (and benchmarked) as it is
+        options, out = {**merge_options(config.offtheshelf_args), "benchmark": True}, config.work_dir / BASELINE / "eval"
+    elif protocol == BASELINE:
         options, out = config.baseline_args, baseline_dir(config, seed)
     else:
         options = config.finetune_args if protocol == "finetune" else config.offtheshelf_args
         out = config.work_dir / protocol / (method if level == NO_LEVEL else f"{method}-{level}") / f"seed{seed}"
     values = merge_options(config.main_args, options)
+    values.setdefault("save_predictions", True)  # per-image statistics in summary.md
     if needs:
-        values.update(checkpoint=needs, **({"eval_only": True} if protocol == "offtheshelf" else {}))
+        values.update(checkpoint=needs, **({"eval_only": True} if protocol in ("offtheshelf", BASELINE) else {}))
     values.update(method=method, reduce_token=reduce_token, seed=seed, output_dir=str(out))
     return RunSpec(protocol, method, level, reduce_token, seed, values, needs)
 
@@ -323,16 +365,21 @@ def plan_runs(config: SweepConfig, schedule: Callable[[str, Level], Schedule]) -
     """Every run of the sweep: the baselines of all seeds first, then per protocol and seed each
     method × level (so an interrupted sweep has whole seeds). ``schedule(method, level)`` gives the
     per-block reduction; method ``none`` runs once per protocol and seed (level ``-``), the
-    uncompressed control.
+    uncompressed control. With a fixed baseline checkpoint the baseline and off-the-shelf runs
+    (evaluations) run for the first seed only.
     """
-    plan = [_spec(config, BASELINE, "none", NO_LEVEL, "0", seed) for seed in config.seeds]
+    once = config.seeds[:1]  # a fixed baseline: evaluations do not depend on the seed
+    plan = [_spec(config, BASELINE, "none", NO_LEVEL, "0", seed)
+            for seed in (once if config.baseline_checkpoint else config.seeds)]
     for protocol in config.protocols:
-        for seed in config.seeds:
+        for seed in (once if config.baseline_checkpoint and protocol == "offtheshelf" else config.seeds):
             for method in config.methods:
                 if method == "none":
                     plan.append(_spec(config, protocol, method, NO_LEVEL, "0", seed))
                     continue
                 for level in config.levels:
+                    if not level.runs(method):
+                        continue
                     reduce_token = format_reduce_token(schedule(method, level))
                     plan.append(_spec(config, protocol, method, level.name, reduce_token, seed))
     return plan
@@ -370,7 +417,11 @@ def _number(value: Any, digits: int) -> Any:
 def make_row(spec: RunSpec, results: Results, seconds: float) -> Dict[str, Any]:
     """A runs.csv row from main.run's results (``speedup`` only where main.py measured one:
     ``--benchmark``, against the uncompressed model in the same run; see :func:`derive_speedups`)."""
+    schedule, environment = results.get("reduce_schedule"), results.get("environment") or {}
     return {
+        "schedule": format_reduce_token(list(schedule)) if schedule is not None else "",
+        "analytic_gflops": _number(results.get("analytic_gflops"), 6), "prop_attn": results.get("prop_attn") or "",
+        **{name: environment.get(name, "") for name in ENVIRONMENT_FIELDS},
         "protocol": spec.protocol, "method": spec.method, "level": spec.level, "reduce_token": spec.reduce_token,
         "seed": spec.seed, "accuracy": _number(results.get("accuracy"), 3),
         "best_accuracy": _number(results.get("best_accuracy"), 3), "gflops": _number(results.get("gflops"), 6),
@@ -388,14 +439,18 @@ def derive_speedups(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     one, its throughput over the baseline run's of its seed (measured at another time: less reliable).
     """
     measured = {row_key(r)[1:]: r["speedup"] for r in rows if r["protocol"] == "offtheshelf" and r["speedup"] != ""}
+    any_seed = {key[:-1]: value for key, value in measured.items()}  # a fixed baseline: off the shelf once
     baseline = {str(r["seed"]): r["throughput"] for r in rows if r["protocol"] == BASELINE and r["throughput"] != ""}
     filled = []
     for row in rows:
         row = dict(row)
         if row["protocol"] == "finetune":
-            key, base = row_key(row)[1:], baseline.get(str(row["seed"]))
+            key = row_key(row)[1:]
+            base = baseline.get(str(row["seed"])) or next(iter(baseline.values()), None)
             if key in measured:
                 row["speedup"] = measured[key]
+            elif key[:-1] in any_seed:
+                row["speedup"] = any_seed[key[:-1]]
             elif base and row["throughput"] != "":
                 row["speedup"] = str(round(float(row["throughput"]) / float(base), 3))
         filled.append(row)
@@ -423,36 +478,175 @@ def pending_runs(plan: List[RunSpec], rows: List[Dict[str, str]]) -> List[RunSpe
     return [spec for spec in plan if spec in todo or spec in retrain]
 
 
+class RunFailed(Exception):
+    """A run in a worker process failed: ``Type: one line`` (exceptions cross processes as text)."""
+
+
+class RunInterrupted(Exception):
+    """A run in a worker process was stopped by SIGINT/SIGTERM."""
+
+
+def _ignore_sigint() -> None:
+    """Worker processes ignore Ctrl-C between runs (the sweep process decides when to stop)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def run_in_worker(run_fn: RunFn, threads: int, options: Dict[str, Any], log_path: Optional[str]
+                  ) -> Tuple[Results, float]:
+    """One run in a worker process with ``threads`` torch threads, its output into ``log_path``;
+    returns (results, seconds)."""
+    import torch
+
+    from engine.errors import one_line
+
+    torch.set_num_threads(threads)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # a thread pool (tests) keeps its signals
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler) if in_main_thread else None  # runs stop on Ctrl-C
+    try:
+        with contextlib.ExitStack() as stack:
+            if log_path:
+                Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+                log = stack.enter_context(open(log_path, "w"))
+                stack.enter_context(contextlib.redirect_stdout(log))
+                stack.enter_context(contextlib.redirect_stderr(log))
+            start = time.perf_counter()
+            results = run_fn(options)
+            return results, time.perf_counter() - start
+    except KeyboardInterrupt as err:
+        raise RunInterrupted(one_line(err) or "interrupted") from None
+    except BaseException as err:  # noqa: B902 (main.py exits with a message on bad input)
+        raise RunFailed(f"{type(err).__name__}: {one_line(err)}") from None
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
+
+
+def ordered_rows(rows: List[Dict[str, Any]], plan: List[RunSpec]) -> List[Dict[str, Any]]:
+    """Rows in plan order (rows of runs no longer planned last, as they were), whatever order the runs ended in."""
+    order = {spec.key: index for index, spec in enumerate(plan)}
+    return [r for _, r in sorted(enumerate(rows), key=lambda item: (order.get(row_key(item[1]), len(order)), item[0]))]
+
+
+def keep_predictions(spec: RunSpec, results: Results, out_dir: Path) -> str:
+    """Copy the run's predictions.npz under ``out_dir/predictions`` (committed with runs.csv, unlike the run
+    folders); returns its path relative to ``out_dir`` ('' when the run wrote none)."""
+    source = results.get("predictions")
+    if not source or not os.path.isfile(source):
+        return ""
+    name = "_".join([spec.protocol, spec.method, spec.level if spec.level != NO_LEVEL else "none",
+                     f"seed{spec.seed}"]) + ".npz"
+    target = out_dir / PREDICTIONS_DIR / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".npz.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+    return str(target.relative_to(out_dir))
+
+
 def execute(plan: List[RunSpec], runs_csv: Path, run_fn: RunFn = run_main,
-            log: Callable[[str], None] = print) -> List[RunSpec]:
+            log: Callable[[str], None] = print, jobs: int = 1, threads: int = 1,
+            pool_factory: Optional[Callable[[], Any]] = None, log_dir: Optional[Path] = None) -> List[RunSpec]:
     """Run what runs.csv lacks, saving each row as soon as its run ends; returns the runs that failed.
 
     A failed run is logged and left out of runs.csv (the next sweep retries it); runs that need a
-    checkpoint that failed to appear are skipped.
+    checkpoint that failed to appear are skipped. ``jobs`` > 1: that many runs at once, each in a
+    process of its own (spawned, ``threads`` torch threads, its output in ``log_dir/<run>.log``), a run
+    that needs a baseline checkpoint starting once the baseline has finished; runs.csv is written by
+    this process, in plan order, as runs finish, so an interruption loses only the runs in flight.
+    ``pool_factory`` (tests): the executor to use instead of a process pool.
     """
     rows = read_rows(runs_csv)
     todo = pending_runs(plan, rows)
-    log(f"sweep: {len(plan)} runs planned, {len(plan) - len(todo)} already in {runs_csv}, {len(todo)} to run")
+    log(f"sweep: {len(plan)} runs planned, {len(plan) - len(todo)} already in {runs_csv}, {len(todo)} to run"
+        + (f", {jobs} at once" if jobs > 1 else ""))
     failed: List[RunSpec] = []
-    for index, spec in enumerate(todo, 1):
-        if spec.needs and not os.path.exists(spec.needs):
-            log(f"[{index}/{len(todo)}] skipped {spec.name}: {spec.needs} is missing: {spec.command}")
-            failed.append(spec)
-            continue
-        log(f"[{index}/{len(todo)}] {spec.command}")
-        start = time.perf_counter()
-        try:
-            results = run_fn(dict(spec.options))
-        except (Exception, SystemExit) as err:  # main.py exits with a message on bad input
-            from engine.errors import one_line
+    # checkpoint -> the baseline run that writes it, while that run is still to do
+    producers = {baseline_checkpoint_of(spec): spec for spec in todo if spec.protocol == BASELINE and not spec.needs}
+    waiting, running, started = list(todo), {}, 0
+    from engine.errors import one_line
 
-            log(f"  failed: {spec.name}: {type(err).__name__}: {one_line(err)}")
-            failed.append(spec)
-            continue
-        row = make_row(spec, results, time.perf_counter() - start)
-        rows = derive_speedups([r for r in rows if row_key(r) != spec.key] + [row])
+    def ready(spec: RunSpec) -> str:
+        producer = producers.get(spec.needs) if spec.needs else None
+        if producer is not None and (producer in waiting or producer in running.values()):
+            return "wait"
+        return "skip" if spec.needs and not os.path.exists(spec.needs) else "run"
+
+    def finished(spec: RunSpec, results: Results, seconds: float) -> None:
+        nonlocal rows
+        row = make_row(spec, results, seconds)
+        row["predictions"] = keep_predictions(spec, results, runs_csv.parent)
+        rows = ordered_rows(derive_speedups([r for r in rows if row_key(r) != spec.key] + [row]), plan)
         write_rows(runs_csv, rows)
-        log(f"  accuracy {row['accuracy']}  gflops {row['gflops']}  {row['seconds']} s")
+        log(f"  {spec.name}: accuracy {row['accuracy']}  gflops {row['gflops']}  {row['seconds']} s")
+
+    def next_runs(free: int) -> List[RunSpec]:
+        chosen = []
+        for spec in list(waiting):
+            if len(chosen) == free:
+                break
+            state = ready(spec)
+            if state == "wait":
+                continue
+            waiting.remove(spec)
+            if state == "skip":
+                log(f"skipped {spec.name}: {spec.needs} is missing: {spec.command}")
+                failed.append(spec)
+            else:
+                chosen.append(spec)
+        return chosen
+
+    if jobs <= 1 and pool_factory is None:  # in this process, one after the other
+        while waiting:
+            for spec in next_runs(1):
+                started += 1
+                log(f"[{started}/{len(todo)}] {spec.command}")
+                start = time.perf_counter()
+                try:
+                    results = run_fn(dict(spec.options))
+                except (Exception, SystemExit) as err:  # main.py exits with a message on bad input
+                    log(f"  failed: {spec.name}: {type(err).__name__}: {one_line(err)}")
+                    failed.append(spec)
+                    continue
+                finished(spec, results, time.perf_counter() - start)
+        return failed
+
+    import concurrent.futures as futures
+    import multiprocessing
+
+    pool = pool_factory() if pool_factory else futures.ProcessPoolExecutor(
+        max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint)
+    try:
+        while waiting or running:
+            for spec in next_runs(jobs - len(running)):
+                started += 1
+                log(f"[{started}/{len(todo)}] {spec.command}")
+                log_path = None if log_dir is None else str(
+                    log_dir / f"{spec.protocol}_{spec.method}_{spec.level}_seed{spec.seed}.log")
+                running[pool.submit(run_in_worker, run_fn, threads, dict(spec.options), log_path)] = spec
+            if not running:
+                continue
+            done, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+            for future in done:
+                spec = running.pop(future)
+                try:
+                    results, seconds = future.result()
+                except RunInterrupted as err:
+                    raise KeyboardInterrupt(f"{spec.name}: {err}") from None
+                except Exception as err:
+                    log(f"  failed: {spec.name}: {err if isinstance(err, RunFailed) else one_line(err, named=True)}")
+                    failed.append(spec)
+                    continue
+                finished(spec, results, seconds)
+    except KeyboardInterrupt:
+        # the runs in flight stop too (a Ctrl-C in the terminal reaches them already; a signal sent to this
+        # process alone is passed on); rows of finished runs are in runs.csv, a rerun continues from there
+        workers = getattr(pool, "_processes", None) or {}  # the pool's own processes, by id
+        for process in list(workers.values()):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                os.kill(process.pid, signal.SIGINT)
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
     return failed
 
 
@@ -570,20 +764,226 @@ def paired_t(diffs: Sequence[float]) -> float:
     return mean / (std / math.sqrt(len(diffs)))
 
 
+# two-sided 95% quantiles of Student's t by degrees of freedom (beyond 30: the normal's 1.96 plus a little)
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_quantile_95(df: int) -> float:
+    return T95[df - 1] if df <= len(T95) else 1.960 + 2.5 / df
+
+
+def t_interval(values: Sequence[float]) -> Tuple[float, float, float]:
+    """(mean, low, high): the 95% t-interval of the mean, mean ± t(0.975, n-1) · std / sqrt(n); NaN bounds for
+    fewer than two values."""
+    mean, std = mean_std(values)
+    if math.isnan(std):
+        return mean, math.nan, math.nan
+    half = t_quantile_95(len(values) - 1) * std / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def bootstrap_ci(values: Sequence[float], resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED
+                 ) -> Tuple[float, float, float]:
+    """(mean, low, high): the percentile bootstrap 95% interval of the mean of ``values`` (one per test image),
+    ``resamples`` times drawing n of the n values with replacement, ``numpy.random.default_rng(seed)``'s
+    ``integers(0, n, n)`` each time. Per-image correctness (0/1) gives the accuracy's interval; the
+    difference of two models' correctness on the same images the paired interval of their difference."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=np.float64)
+    rng, n = np.random.default_rng(seed), len(values)
+    means = np.array([values[rng.integers(0, n, n)].mean() for _ in range(resamples)])
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(values.mean()), float(low), float(high)
+
+
+def mcnemar_exact(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> Tuple[int, int, float]:
+    """(a right where b is wrong, b right where a is wrong, two-sided exact p): McNemar's test, the binomial
+    test of the discordant images against 1/2."""
+    a_only = sum(1 for a, b in zip(correct_a, correct_b) if a and not b)
+    b_only = sum(1 for a, b in zip(correct_a, correct_b) if b and not a)
+    n = a_only + b_only
+    if n == 0:
+        return a_only, b_only, 1.0
+    tail = sum(math.comb(n, i) for i in range(min(a_only, b_only) + 1))
+    return a_only, b_only, min(1.0, 2 * tail / 2 ** n)
+
+
+def load_correct(out_dir: Path, row: Dict[str, str]):
+    """(per-image correctness, the images' identity) of a row's predictions.npz, or None without one."""
+    import numpy as np
+
+    name = row.get("predictions") or ""
+    if not name or not (out_dir / name).is_file():
+        return None
+    with np.load(out_dir / name) as saved:
+        labels = saved["labels"]
+        identity = (len(labels), saved["indices"].tobytes() if "indices" in saved.files else b"", labels.tobytes())
+        return saved["predicted"] == labels, identity
+
+
+@dataclass
+class Interval:
+    """An estimate with its 95% interval and how it was made."""
+    mean: float
+    low: float
+    high: float
+    how: str  # "bootstrap over N test images", "t over 3 seeds", ...
+    test: str = ""  # the test of a difference: McNemar's p, or the t statistic
+    ahead: str = ""  # how often a was ahead of b
+    p: Optional[float] = None
+
+    def ci(self, digits: int = 2) -> str:
+        return "–" if math.isnan(self.low) else f"[{self.low:.{digits}f}, {self.high:.{digits}f}]"
+
+
+def _rows_of(rows: List[Dict[str, str]], protocol: str, method: str, level: str) -> List[Dict[str, str]]:
+    level = NO_LEVEL if method == "none" else level
+    return [r for r in rows if r["protocol"] == protocol and r["method"] == method and r["level"] == level
+            and r.get("accuracy") not in (None, "")]
+
+
+def accuracy_interval(members: List[Dict[str, str]], out_dir: Path) -> Optional[Interval]:
+    """Top-1 (%) of one protocol × method × level: over seeds (t-interval) when there are several; one run
+    with predictions: the bootstrap over its test images; else the value alone."""
+    if not members:
+        return None
+    if len(members) > 1:
+        mean, low, high = t_interval([float(r["accuracy"]) for r in members])
+        return Interval(mean, low, high, f"t over {len(members)} seeds")
+    loaded = load_correct(out_dir, members[0])
+    if loaded is None:
+        return Interval(float(members[0]["accuracy"]), math.nan, math.nan, "one run")
+    mean, low, high = bootstrap_ci(loaded[0].astype(float) * 100)
+    return Interval(mean, low, high, f"bootstrap over {len(loaded[0])} test images")
+
+
+def pair_interval(rows: List[Dict[str, str]], a: str, b: str, protocol: str, level: str,
+                  out_dir: Path) -> Optional[Interval]:
+    """Top-1 of a minus b (points) at one protocol and level: several seeds: paired by seed, t-interval;
+    one run each with predictions on the same images: paired bootstrap over the images and McNemar's test."""
+    diffs = paired_differences(rows, a, b, protocol, level)
+    if not diffs:
+        return None
+    if len(diffs) > 1:
+        mean, low, high = t_interval(diffs)
+        t = paired_t(diffs)
+        return Interval(mean, low, high, f"t over {len(diffs)} seeds",
+                        test="–" if math.isnan(t) else f"t = {t:.1f}, {len(diffs) - 1} df",
+                        ahead=f"{sum(d > 0 for d in diffs)}/{len(diffs)} seeds")
+    loaded = [load_correct(out_dir, r) for r in (_rows_of(rows, protocol, a, level)[:1] + _rows_of(rows, protocol, b,
+                                                                                                   level)[:1])]
+    if len(loaded) < 2 or None in loaded or loaded[0][1] != loaded[1][1]:
+        return Interval(diffs[0], math.nan, math.nan, "one run")
+    (correct_a, _), (correct_b, _) = loaded
+    mean, low, high = bootstrap_ci((correct_a.astype(float) - correct_b.astype(float)) * 100)
+    a_only, b_only, p = mcnemar_exact(correct_a.tolist(), correct_b.tolist())
+    return Interval(mean, low, high, f"paired bootstrap over {len(correct_a)} test images",
+                    test=f"McNemar p = {p:.2g}", ahead=f"{a_only} vs {b_only} images", p=p)
+
+
+PRUNING = ("tk", "tk_n", "evit", "evit_n", "n_wa", "a_wn")  # what ``best`` in ``compare`` picks from
+
+
+def best_method(rows: List[Dict[str, str]], protocol: str, level: str, among: Sequence[str]) -> Optional[str]:
+    """The method of ``among`` with the highest mean top-1 at ``protocol`` and ``level``."""
+    means = {m: mean_std([float(r["accuracy"]) for r in _rows_of(rows, protocol, m, level)])[0] for m in among}
+    means = {m: v for m, v in means.items() if not math.isnan(v)}
+    return max(means, key=lambda m: (means[m], -METHOD_NAMES.index(m))) if means else None
+
+
+def _levels_of(rows: List[Dict[str, str]], protocol: str, level_order: Sequence[str]) -> List[str]:
+    return [level for level in level_order if any(r["protocol"] == protocol and r["level"] == level for r in rows)]
+
+
 def comparison_table(rows: List[Dict[str, str]], pairs: Sequence[Tuple[str, str]],
-                     level_order: Sequence[str]) -> List[str]:
-    """Per protocol and level: mean ± std over seeds of the paired accuracy difference, its paired t
-    statistic (n - 1 degrees of freedom) and how many seeds ``a`` was ahead."""
-    lines = ["| protocol | level | difference | mean ± std (points) | t | a ahead in |", "|---|---|---|---|---|---|"]
+                     level_order: Sequence[str], out_dir: Optional[Path] = None) -> List[str]:
+    """Per protocol and level: the paired accuracy difference a − b, its 95% interval, the test and how often
+    a was ahead (see :func:`pair_interval`); b ``best``: the most accurate pruning method there."""
+    out_dir = out_dir or Path(".")
+    lines = ["| protocol | level | difference | mean ± std (points) | 95% CI | test | a ahead in |",
+             "|---|---|---|---|---|---|---|"]
     for protocol in PROTOCOLS:
         for level in level_order:
             for a, b in pairs:
+                if b == BEST:
+                    b = best_method(rows, protocol, level, [m for m in PRUNING if m != a]) or BEST
+                    label = f"{a} − {b} (best pruning)"
+                else:
+                    label = f"{a} − {b}"
+                found = pair_interval(rows, a, b, protocol, level, out_dir)
+                if found is None:
+                    continue
                 diffs = paired_differences(rows, a, b, protocol, level)
-                if diffs:
-                    t = paired_t(diffs)
-                    t_text = "–" if math.isnan(t) else f"{t:.1f}"
-                    lines.append(f"| {protocol} | {level} | {a} − {b} | {fmt_mean_std(diffs, 2)} | {t_text} "
-                                 f"| {sum(d > 0 for d in diffs)}/{len(diffs)} seeds |")
+                lines.append(f"| {protocol} | {level} | {label} | {fmt_mean_std(diffs, 2)} | {found.ci()} "
+                             f"| {found.test or '–'} | {found.ahead or '–'} |")
+    return lines
+
+
+def interval_table(groups: List[Group], rows: List[Dict[str, str]], out_dir: Path) -> List[str]:
+    lines = ["| protocol | method | level | top-1 % | 95% CI | interval |", "|---|---|---|---|---|---|"]
+    for g in groups:
+        found = accuracy_interval(_rows_of(rows, g.protocol, g.method, g.level), out_dir)
+        if found is not None:
+            lines.append(f"| {g.protocol} | {g.method} | {g.level} | {found.mean:.2f} | {found.ci()} | {found.how} |")
+    return lines
+
+
+def best_table(rows: List[Dict[str, str]], level_order: Sequence[str], out_dir: Path) -> List[str]:
+    """At each protocol and cost level: the most accurate compression method, its 95% interval, and its lead
+    over the next one (paired)."""
+    lines = ["| protocol | level | best method | top-1 % | 95% CI | next best | lead (points) | lead 95% CI | test |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    compressing = [m for m in METHOD_NAMES if m != "none"]
+    for protocol in PROTOCOLS:
+        for level in _levels_of(rows, protocol, level_order):
+            best = best_method(rows, protocol, level, compressing)
+            if best is None:
+                continue
+            found = accuracy_interval(_rows_of(rows, protocol, best, level), out_dir)
+            second = best_method(rows, protocol, level, [m for m in compressing if m != best])
+            lead = pair_interval(rows, best, second, protocol, level, out_dir) if second else None
+            lead_text = "– | – | – | –" if lead is None else \
+                f"{second} | {lead.mean:+.2f} | {lead.ci()} | {lead.test or '–'}"
+            lines.append(f"| {protocol} | {level} | {best} | {found.mean:.2f} | {found.ci()} | {lead_text} |")
+    return lines
+
+
+def verdict(found: Interval, a: str, b: str) -> str:
+    if math.isnan(found.low):
+        return "no interval"
+    if found.low > 0:
+        return f"{a} better"
+    if found.high < 0:
+        return f"{b} better"
+    return "no difference shown"
+
+
+def tk_n_table(rows: List[Dict[str, str]], level_order: Sequence[str], out_dir: Path) -> List[str]:
+    """Does tk_n beat tk? At each protocol and level where both ran."""
+    lines = ["| protocol | level | tk_n − tk (points) | 95% CI | test | verdict |", "|---|---|---|---|---|---|"]
+    for protocol in PROTOCOLS:
+        for level in level_order:
+            found = pair_interval(rows, "tk_n", "tk", protocol, level, out_dir)
+            if found is not None:
+                lines.append(f"| {protocol} | {level} | {found.mean:+.2f} | {found.ci()} | {found.test or '–'} "
+                             f"| {verdict(found, 'tk_n', 'tk')} |")
+    return lines
+
+
+def environment_lines(rows: List[Dict[str, str]]) -> List[str]:
+    """The environments the rows came from, with how many runs each."""
+    seen: Dict[Tuple[str, ...], int] = {}
+    for r in rows:
+        key = tuple(str(r.get(name) or "") for name in ENVIRONMENT_FIELDS)
+        seen[key] = seen.get(key, 0) + 1
+    lines = []
+    for (torch_v, timm_v, numpy_v, device, threads), n in seen.items():
+        if not any((torch_v, timm_v, numpy_v, device, threads)):
+            lines.append(f"- not recorded: {n} runs")
+        else:
+            lines.append(f"- torch {torch_v}, timm {timm_v}, numpy {numpy_v}; {device}; {threads} threads: {n} runs")
     return lines
 
 
@@ -599,8 +999,10 @@ def timing_lines(rows: List[Dict[str, str]]) -> List[str]:
 
 
 def write_summary(rows: List[Dict[str, str]], path: Path, level_order: Sequence[str],
-                  pairs: Sequence[Tuple[str, str]]) -> None:
-    """summary.md: the mean ± std table and the paired comparisons."""
+                  pairs: Sequence[Tuple[str, str]], out_dir: Optional[Path] = None) -> None:
+    """summary.md: the mean ± std table, 95% intervals, the best method per level, tk_n against tk, the paired
+    comparisons and the environments; ``out_dir``: where the rows' predictions lie (default: summary.md's folder)."""
+    out_dir = path.parent if out_dir is None else out_dir
     groups = sort_groups(group_rows(rows), level_order)
     text = ["# Sweep summary", "",
             f"Mean ± sample std over seeds, from {len(rows)} runs in runs.csv. `baseline`: the trained "
@@ -615,10 +1017,29 @@ def write_summary(rows: List[Dict[str, str]], path: Path, level_order: Sequence[
             *pivot_table(groups, level_order), "",
             "## GFLOPs per image by method and level", "",
             *pivot_table(groups, level_order, value="gflops", digits=4, protocols=PROTOCOLS[:1], spread=False), "",
+            "## Top-1 % with 95% intervals", "",
+            f"Several seeds: the t-interval of the mean over seeds (mean ± t(0.975, n−1) · std / √n). One run "
+            f"(off the shelf from a fixed baseline): the percentile bootstrap over the test images ({RESAMPLES} "
+            f"resamples, numpy seed {BOOTSTRAP_SEED}), from the run's predictions.npz.", "",
+            *interval_table(groups, rows, out_dir), "",
+            "## Best method at each level", "",
+            "The most accurate compression method at each protocol and level, its 95% interval, and its lead over "
+            "the next best (paired, as below).", "",
+            *best_table(rows, level_order, out_dir), "",
+            "## Does tk_n beat tk?", "",
+            "tk_n − tk, paired (as below); the verdict says whether the 95% interval excludes 0.", "",
+            *tk_n_table(rows, level_order, out_dir), "",
             "## Paired differences", "",
-            "Top-1 accuracy of a minus b, per seed (same baseline checkpoint and seed), then mean ± std and the "
-            "paired t statistic (with 3 seeds, |t| > 4.30 means p < 0.05, two-sided).", "",
-            *comparison_table(rows, pairs, level_order), "",
+            "Top-1 accuracy of a minus b on the same baseline. Several seeds (fine-tuning): paired by seed (same "
+            "baseline checkpoint and seed), mean ± std, the 95% t-interval of the mean difference and the paired "
+            "t statistic (with 3 seeds, |t| > 4.30 means p < 0.05, two-sided). One run each (off the shelf from a "
+            f"fixed baseline): the difference on the same test images, its paired bootstrap interval ({RESAMPLES} "
+            "resamples of the images) and McNemar's exact test on the images where only one of them is right "
+            "(a ahead in: images only a gets right vs only b). `best pruning`: the most accurate of tk, tk_n, "
+            "evit, evit_n, n_wa, a_wn at that protocol and level.", "",
+            *comparison_table(rows, pairs, level_order, out_dir), "",
+            "## Environment", "", "Where the runs ran (runs.csv's torch, timm, numpy, device and threads).", "",
+            *environment_lines(rows), "",
             "## Run time", "", *timing_lines(rows), ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(text))
@@ -690,7 +1111,7 @@ def write_reports(config: SweepConfig) -> None:
         write_rows(config.runs_csv, derived)
         rows = read_rows(config.runs_csv)
     levels = [level.name for level in config.levels]
-    write_summary(rows, config.out_dir / "summary.md", levels, config.compare)
+    write_summary(rows, config.out_dir / "summary.md", levels, config.compare, config.out_dir)
     plot_pareto(rows, config.out_dir / "pareto.png", levels)
 
 
@@ -705,7 +1126,7 @@ def parse_cli(argv: Optional[List[str]] = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--config", help="sweep YAML (out_dir, work_dir, seeds, methods, levels, protocols, "
                                          "main_args, baseline_args, finetune_args, offtheshelf_args, compare, "
-                                         "threads); the options below override it")
+                                         "threads, baseline_checkpoint, jobs); the options below override it")
     parser.add_argument("--out_dir", help="where runs.csv, summary.md and pareto.png go, and the run folders "
                                           "(<out_dir>/runs unless --work_dir is given)")
     parser.add_argument("--work_dir", help="run folders and checkpoints (default <out_dir>/runs)")
@@ -714,6 +1135,11 @@ def parse_cli(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--protocols", type=csv_list(str), help="finetune,offtheshelf")
     parser.add_argument("--threads", type=int, help="torch CPU threads for the runs (default: main.py's rule: 1 "
                                                     "for models under 5 M parameters, else torch's own)")
+    parser.add_argument("--jobs", type=int, help="runs at once, each in a process of its own with --threads threads "
+                                                 "(default 1 thread with --jobs > 1); a baseline runs before the "
+                                                 "runs that use it (default: the config's jobs, else 1)")
+    parser.add_argument("--baseline_checkpoint", help="a trained main.py checkpoint: no baseline is trained, it is "
+                                                      "evaluated, evaluated compressed and fine-tuned from")
     parser.add_argument("--dry_run", action="store_true", help="print the runs still to do, run nothing")
     parser.add_argument("--report_only", action="store_true", help="rebuild summary.md and pareto.png only")
     return parser.parse_args(argv)
@@ -729,11 +1155,12 @@ def main(argv: Optional[List[str]] = None, run_fn: RunFn = run_main,
     try:  # bad input ends as one line and exit code 2, as in main.py
         config = load_config(opts.config, {"out_dir": opts.out_dir, "work_dir": opts.work_dir, "seeds": opts.seeds,
                                            "methods": opts.methods, "protocols": opts.protocols,
-                                           "threads": opts.threads})
+                                           "threads": opts.threads, "jobs": opts.jobs,
+                                           "baseline_checkpoint": opts.baseline_checkpoint})
         if not opts.report_only:
             import main
 
-            threads = config.threads or main.choose_threads(reference_args(config.main_args))
+            threads = config.threads or (1 if config.jobs > 1 else main.choose_threads(reference_args(config.main_args)))
             plan = plan_runs(config, schedule or reference_resolver(config.main_args).schedule)
     except (ValueError, TypeError, CLIError) as err:
         print(f"sweep.py: error: {one_line(err)}", file=sys.stderr)
@@ -750,7 +1177,8 @@ def main(argv: Optional[List[str]] = None, run_fn: RunFn = run_main,
             if not todo:
                 print(f"sweep: nothing left to do: all {len(plan)} runs are in {config.runs_csv}")
             return 0
-        failed = execute(plan, config.runs_csv, run_fn)
+        failed = execute(plan, config.runs_csv, run_fn, jobs=config.jobs, threads=threads,
+                         log_dir=config.work_dir / "logs")
         if failed:
             names = "; ".join(spec.name for spec in failed[:5]) + ("; ..." if len(failed) > 5 else "")
             print(f"sweep: {len(failed)} runs failed or were skipped ({names}); run the sweep again to retry them",
@@ -761,4 +1189,9 @@ def main(argv: Optional[List[str]] = None, run_fn: RunFn = run_main,
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("sweep: interrupted; the finished runs are in runs.csv: run the same command again to continue",
+              file=sys.stderr)
+        sys.exit(130)
