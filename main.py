@@ -1,26 +1,19 @@
-"""Train, evaluate and benchmark token compression in timm Vision Transformers.
+"""Train, evaluate and benchmark token compression in Vision Transformers.
 
     python main.py                                   # ViT-Pico/2 on scikit-learn digits with tk_n
     python main.py --config configs/fashionmnist.yaml --model tk --reduce_token 4
     python main.py --eval_only --checkpoint output/latest/best.pt --model tome --reduce_token 3
-    python main.py --benchmark --arch vit_small_patch16_224 --reduce_token 10
     python main.py --resume output/latest/last.pt    # continue an interrupted (Ctrl-C, SIGTERM) run
-    torchrun --nproc_per_node 4 main.py --config configs/paper_cifar10.yaml   # DDP, one process per GPU
 
-Options come from DEFAULTS and RECIPES below, then ``--config FILE.yaml``, then the command line (each
-overrides the one before). Every run writes ``results.json`` into a folder of its own (without
-``--output_dir``: ``output/<time>_<arch>_<method>_k<tokens>``, ``output/latest`` pointing to the newest);
-training runs also write the checkpoints ``last.pt`` and ``best.pt``. ``python main.py --help`` lists every option and default.
-
-A run: load data -> build the model and compress it -> train or evaluate -> measure -> write results ->
-summary; ``engine/`` does the work. In-process use (the sweep): ``run(parse_args([...]))`` returns the
-results dict, the caller choosing the threads as main() does: ``torch.set_num_threads(choose_threads(args))``.
+Options: DEFAULTS and RECIPES below < ``--config FILE.yaml`` < the command line (``--help`` lists them).
+A run: output folder -> data -> model, compressed -> train or evaluate -> measure -> results.json and a
+summary; ``engine/`` does the work. In-process (the sweep): ``run(parse_args([...]))``, the caller setting
+the threads as main() does.
 """
 import argparse
 import contextlib
 import copy
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -32,13 +25,15 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.nn.parallel import DistributedDataParallel
 
 import data
+import engine.model
 from engine import distributed, options, report, train
-from engine.checkpoint import (RunFolder, check_free_space, check_output_dir, checkpoint_bytes, refuse_another_run,
-                               seed_everything, write_json_atomic, write_text_atomic)
+from engine.checkpoint import check_free_space, checkpoint_bytes, seed_everything, write_json_atomic, write_text_atomic
 from engine.distributed import Processes
 from engine.errors import CLIError, Interrupted, TrainingDiverged, one_line
+from engine.outputs import RunFolder, plan_output_dir
 from engine.measure import Bench, measure
-from engine.model import (arch_label, build_model, compress, create_model, geometry, tokens_per_block,
+from engine.report import RESULT_KEYS, TIMING_KEYS  # noqa: F401  (what results.json holds; TIMING_KEYS: measured times)
+from engine.model import (arch_label, build_model, compress, geometry, tokens_per_block,
                           unmet_reductions)
 from engine.options import Recipe
 from engine.signals import StopSignal
@@ -71,15 +66,6 @@ RECIPES = {
     "folder": Recipe(arch="vit_small_patch16_224", augment="paper", lr_base=SEED_LR_BASE),
 }
 
-SMALL_MODEL_PARAMS = 5_000_000  # --threads 0: one thread below this size
-DEFAULT_THREADS = torch.get_num_threads()  # PyTorch's own default: one per physical core
-RESULT_KEYS = ("accuracy", "best_accuracy", "throughput", "gflops", "gmacs_thop", "params_m", "model",
-               "reduce_token", "tokens_per_block", "arch", "data_name", "epochs", "seed", "world_size", "baseline_throughput",
-               "baseline_gflops", "speedup", "analytic_gflops", "reduce_schedule", "prop_attn", "predictions",
-               "environment")
-OUTPUT_ROOT = "output"  # without --output_dir every run gets a folder of its own here; OUTPUT_ROOT/latest: the newest
-# results.json fields that are measured times, so differ between two runs of the same command
-TIMING_KEYS = ("throughput", "baseline_throughput", "speedup")
 
 
 def build_parser() -> options.ArgumentParser:
@@ -95,25 +81,19 @@ def parse_args(argv: Optional[Sequence[str]] = None, *, settings: Optional[Mappi
 
 def reference_model(args: argparse.Namespace) -> VisionTransformer:
     """An untrained model of the shape the options describe (``--arch`` or the dataset's recipe)."""
-    facts = data.DATASETS[args.data_name]
-    return create_model(args.arch or RECIPES[args.data_name].arch, data.class_count(args.data_name, args.data_root),
-                        facts.in_chans, img_size=args.img_size, patch_size=args.patch_size)
+    return engine.model.reference_model(args, args.arch or RECIPES[args.data_name].arch)
 
 
 def choose_threads(args: argparse.Namespace) -> int:
-    """``--threads``; 0 = auto: 1 for models under 5 M parameters (their matrices are too small to split,
-    and spare cores stay free), else PyTorch's default. Counted on a weightless (meta) copy of the model
-    (a resumed run: the one its checkpoint describes)."""
+    """``--threads``; 0 = auto (engine.model.auto_threads: one thread for small models)."""
     if args.threads:
         return args.threads
     try:
-        if args.resume:
+        if args.resume:  # the model its checkpoint describes
             args = argparse.Namespace(**{**vars(args), **options.saved_settings(args.resume)})
-        with torch.device("meta"):
-            size = sum(p.numel() for p in reference_model(args).parameters())
-    except Exception:  # options run() refuses with their own message: the thread count does not matter
-        return DEFAULT_THREADS
-    return 1 if size < SMALL_MODEL_PARAMS else DEFAULT_THREADS
+    except Exception:  # run() refuses the file with its own message: the thread count does not matter
+        return engine.model.DEFAULT_THREADS
+    return engine.model.auto_threads(args, args.arch or RECIPES[args.data_name].arch)
 
 
 @dataclass
@@ -161,7 +141,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 def _run(r: Run) -> Dict[str, Any]:
     started, args = time.time(), r.args
-    plan_output_dir(r, started)
+    r.folder = plan_output_dir(args, arch_label(args.arch or RECIPES[args.data_name].arch), r.processes, started)
     try:
         seed_everything(args.seed)
         load_data(r)
@@ -184,47 +164,6 @@ def _run(r: Run) -> Dict[str, Any]:
     return results
 
 
-def run_folder_name(args: argparse.Namespace, when: float) -> str:
-    """``20261125-134501_vit_pico_patch2_8_tk_n_k2``: start time, arch, method, tokens removed per block
-    (``_eval``/``_bench`` for those modes)."""
-    arch = arch_label(args.arch or RECIPES[args.data_name].arch)  # a model folder: its name
-    tokens = "-".join(map(str, args.reduce_token)) if isinstance(args.reduce_token, list) else str(args.reduce_token)
-    mode = "_eval" if args.eval_only else ("_bench" if args.benchmark else "")
-    return re.sub(r"[^\w.+-]", "_", f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(when))}_{arch}_"
-                                     f"{args.method}_k{tokens}{mode}")
-
-
-def _short(path: str) -> str:
-    """``path`` relative to the working folder when it lies inside it."""
-    relative = os.path.relpath(path)
-    return path if relative.startswith("..") else relative
-
-
-def plan_output_dir(r: Run, started: float) -> None:
-    """Where the run writes, checked before any data is read (nothing is created yet): a new folder under
-    OUTPUT_ROOT without --output_dir; --resume: the checkpoint's own folder (the real one, not output/latest);
-    an explicit --output_dir must not hold another run's files (unless --overwrite)."""
-    args = r.args
-    if args.resume:
-        own = os.path.realpath(os.path.dirname(os.path.abspath(args.resume)))
-        args.output_dir = args.output_dir or _short(own)
-        same = os.path.realpath(args.output_dir) == own
-        r.folder = RunFolder(args.output_dir, own=same, overwrite=args.overwrite)
-        refuse = not same and not args.overwrite
-    elif args.output_dir:
-        r.folder, refuse = RunFolder(args.output_dir, overwrite=args.overwrite), not args.overwrite
-    else:
-        name = distributed.gather(run_folder_name(args, started), r.processes)[0]  # rank 0's clock
-        args.output_dir = os.path.join(OUTPUT_ROOT, name)
-        r.folder, refuse = RunFolder(args.output_dir, unique=True), False
-
-    def check() -> None:
-        check_output_dir(OUTPUT_ROOT if r.folder.unique else args.output_dir)
-        if refuse:
-            refuse_another_run(args.output_dir)
-    distributed.on_main(check, r.processes)
-
-
 def load_data(r: Run) -> None:
     """Both splits, read before the model is built (a missing dataset is reported before weights are
     fetched); a benchmark alone reads none unless the classes are counted from folders."""
@@ -245,13 +184,7 @@ def build_and_compress(r: Run) -> None:
     r.tokens = tokens_per_block(r.model)
     unmet = unmet_reductions(r.model)
     if unmet and r.processes.is_main:
-        blocks = ", ".join(str(block) for block, _, _ in unmet)
-        removed = ", ".join(str(n) for _, _, n in unmet)
-        print(f"main.py: warning: --reduce_token {_tokens_text(args.reduce_token)} cannot be honoured: block"
-              f"{'s' if len(unmet) > 1 else ''} {blocks} remove{'' if len(unmet) > 1 else 's'} {removed} of the "
-              f"{', '.join(sorted({str(k) for _, k, _ in unmet}, key=int))} tokens asked ({r.tokens[0]} tokens enter block 1 and "
-              f"{args.method} keeps the prefix tokens and at least one patch); tokens {_arrows(r.tokens)}; ask for "
-              f"fewer", file=sys.stderr, flush=True)
+        print(report.unmet_warning(args.method, args.reduce_token, unmet, r.tokens), file=sys.stderr, flush=True)
     if r.training:  # disk full: said now, not after the first epoch
         distributed.on_main(lambda: check_free_space(args.output_dir, checkpoint_bytes(r.model)), r.processes)
     args.img_size, args.patch_size = geometry(r.model).img_size, geometry(r.model).patch_size
@@ -291,14 +224,6 @@ def train_or_evaluate(r: Run) -> Tuple[Optional[float], Optional[float]]:
     return history[-1]["test_acc"], max(h["test_acc"] for h in history)
 
 
-def _tokens_text(reduce_token: Any) -> str:
-    return ",".join(map(str, reduce_token)) if isinstance(reduce_token, list) else str(reduce_token)
-
-
-def _arrows(tokens: Sequence[int]) -> str:
-    return " → ".join(map(str, tokens))
-
-
 def announce(r: Run) -> None:
     """The run starts: its folder is created (rank 0), config.yaml written (every setting, resolved), and
     the lines that say where it writes and what runs."""
@@ -313,7 +238,7 @@ def announce(r: Run) -> None:
     where = f"{r.processes.world_size} processes ({r.device.type})" if r.processes.enabled else str(r.device)
     print(f"{args.arch}: {sum(p.numel() for p in r.model.parameters()) / 1e6:.3f} M params, {args.img_size} px, "
           f"patch {args.patch_size}, {geometry(r.model).depth} blocks | {args.method} removing "
-          f"{_tokens_text(args.reduce_token)} per block at {args.reduce_at}: tokens {_arrows(r.tokens)} | "
+          f"{report.tokens_text(args.reduce_token)} per block at {args.reduce_at}: tokens {report.arrows(r.tokens)} | "
           f"{args.data_name}: {r.sizes} | {where}, {torch.get_num_threads()} threads")
 
 

@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
 import timm
+import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
@@ -166,3 +167,25 @@ def unmet_reductions(model: nn.Module) -> List[Tuple[int, int, int]]:
         if tokens[block] - tokens[block + 1] < plenty - tokens_after(cfg.method, plenty, k, prefix):
             unmet.append((block + 1, k, tokens[block] - tokens[block + 1]))
     return unmet
+
+
+SMALL_MODEL_PARAMS = 5_000_000  # --threads 0: one thread below this size
+DEFAULT_THREADS = torch.get_num_threads()  # PyTorch's own default: one per physical core
+
+
+def reference_model(args: argparse.Namespace, arch: str) -> nn.Module:
+    """An untrained ``arch`` of the shape the options describe (classes, channels, sizes)."""
+    facts = data.DATASETS[args.data_name]
+    return create_model(arch, data.class_count(args.data_name, args.data_root), facts.in_chans,
+                        img_size=args.img_size, patch_size=args.patch_size)
+
+
+def auto_threads(args: argparse.Namespace, arch: str) -> int:
+    """1 for models under 5 M parameters (their matrices are too small to split, and spare cores stay
+    free), else PyTorch's default; counted on a weightless (meta) copy of the model."""
+    try:
+        with torch.device("meta"):
+            size = sum(p.numel() for p in reference_model(args, arch).parameters())
+    except Exception:  # options run() refuses with their own message: the thread count does not matter
+        return DEFAULT_THREADS
+    return 1 if size < SMALL_MODEL_PARAMS else DEFAULT_THREADS

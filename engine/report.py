@@ -4,7 +4,7 @@ import argparse
 import copy
 import os
 import platform
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -13,6 +13,14 @@ import data
 from pruning.patch import remove_patch
 
 from .model import compress
+
+
+RESULT_KEYS = ("accuracy", "best_accuracy", "throughput", "gflops", "gmacs_thop", "params_m", "model",
+               "reduce_token", "tokens_per_block", "arch", "data_name", "epochs", "seed", "world_size", "baseline_throughput",
+               "baseline_gflops", "speedup", "analytic_gflops", "reduce_schedule", "prop_attn", "predictions",
+               "environment")
+# results.json fields that are measured times, so differ between two runs of the same command
+TIMING_KEYS = ("throughput", "baseline_throughput", "speedup")
 
 
 def cpu_model() -> str:
@@ -59,6 +67,29 @@ def save_predictions(path: str, predicted: Sequence[int], labels: Sequence[int],
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def tokens_text(reduce_token: Any) -> str:
+    """``--reduce_token`` as given: ``2`` or ``0,2,2,2``."""
+    return ",".join(map(str, reduce_token)) if isinstance(reduce_token, list) else str(reduce_token)
+
+
+def arrows(tokens: Sequence[int]) -> str:
+    """Tokens entering the first block, then leaving each block: ``17 → 15 → 13``."""
+    return " → ".join(map(str, tokens))
+
+
+def unmet_warning(method: str, reduce_token: Any, unmet: Sequence[Tuple[int, int, int]], tokens: Sequence[int]) -> str:
+    """The one stderr line for blocks that cannot remove what ``--reduce_token`` asks; ``unmet``: (block,
+    tokens asked, tokens removed) of each such block."""
+    plural = len(unmet) > 1
+    blocks = ", ".join(str(block) for block, _, _ in unmet)
+    removed = ", ".join(str(n) for _, _, n in unmet)
+    asked = ", ".join(sorted({str(k) for _, k, _ in unmet}, key=int))
+    return (f"main.py: warning: --reduce_token {tokens_text(reduce_token)} cannot be honoured: block"
+            f"{'s' if plural else ''} {blocks} remove{'' if plural else 's'} {removed} of the {asked} tokens asked "
+            f"({tokens[0]} tokens enter block 1 and {method} keeps the prefix tokens and at least one patch); "
+            f"tokens {arrows(tokens)}; ask for fewer")
 
 
 def summary(results: Dict[str, Any], extra: Dict[str, str]) -> str:

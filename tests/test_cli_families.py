@@ -12,6 +12,7 @@ import transformers as T
 
 import data
 import main
+from engine.outputs import run_folder_name
 from cli_helpers import fails
 from engine import zoo
 from engine.checkpoint import load_weights
@@ -99,7 +100,7 @@ def test_a_model_folder_without_prefix(folders, tmp_path):
     assert zoo.parse_arch(folders["open_clip_folder"]) == zoo.Source("open_clip", folders["open_clip"][10:])
     assert zoo.parse_arch(folders["deit"]).family == "hf"
     assert zoo.parse_arch("vit_pico_patch2_8").family == "timm"
-    name = main.run_folder_name(main.parse_args(["--arch", folders["deit"]]), 0)
+    name = run_folder_name(main.parse_args(["--arch", folders["deit"]]), zoo.arch_label(folders["deit"]), 0)
     assert name.endswith("_deit_tk_n_k2")
 
 

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import engine.checkpoint
+import engine.outputs
 import engine.train
 import main
 from cli_helpers import fails
@@ -57,8 +58,8 @@ def test_each_run_gets_its_own_folder_and_latest_points_to_the_newest(tmp_path, 
 
 
 def test_two_runs_in_the_same_second_get_two_folders(tmp_path):
-    a = engine.checkpoint.RunFolder(str(tmp_path / "output" / "20261125-134501_x"), unique=True).open()
-    b = engine.checkpoint.RunFolder(str(tmp_path / "output" / "20261125-134501_x"), unique=True).open()
+    a = engine.outputs.RunFolder(str(tmp_path / "output" / "20261125-134501_x"), unique=True).open()
+    b = engine.outputs.RunFolder(str(tmp_path / "output" / "20261125-134501_x"), unique=True).open()
     assert a != b and os.path.isdir(a) and os.path.isdir(b) and b.endswith("-2")
     assert os.readlink(tmp_path / "output" / "latest") == os.path.basename(b)
 
@@ -68,7 +69,7 @@ def test_latest_is_a_text_file_where_symlinks_fail(tmp_path, monkeypatch):
         raise OSError(1, "Operation not permitted")
 
     monkeypatch.setattr(engine.checkpoint.os, "symlink", no_symlinks)
-    path = engine.checkpoint.RunFolder(str(tmp_path / "output" / "20261125-134501_x"), unique=True).open()
+    path = engine.outputs.RunFolder(str(tmp_path / "output" / "20261125-134501_x"), unique=True).open()
     assert (tmp_path / "output" / "LATEST").read_text() == os.path.basename(path) + "\n"
     assert not (tmp_path / "output" / "latest").exists() and not list((tmp_path / "output").glob(".latest*"))
 
