@@ -79,16 +79,20 @@ def speed_model(family: str, size: str) -> torch.nn.Module:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--families", default=",".join(FAMILIES))
-    parser.add_argument("--methods", default=",".join(m for m in METHOD_NAMES if m != "none"))
-    parser.add_argument("--size", default="tiny", choices=["tiny", "base"])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--pool_k", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-conformance", dest="conformance", action="store_false")
-    parser.add_argument("--no-speed", dest="speed", action="store_false")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--families", default=",".join(FAMILIES), help="comma list")
+    parser.add_argument("--methods", default=",".join(m for m in METHOD_NAMES if m != "none"), help="comma list")
+    parser.add_argument("--size", default="tiny", choices=["tiny", "base"], help="speed models: ViT-Ti or ViT-B sized")
+    parser.add_argument("--batch", type=int, default=16, help="images per timed forward")
+    parser.add_argument("--pool_k", type=int, default=10, help="tokens removed per block")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = PyTorch's default")
+    parser.add_argument("--no-conformance", dest="conformance", action="store_false", help="skip the conformance check")
+    parser.add_argument("--no-speed", dest="speed", action="store_false", help="skip the timing")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     families, methods = args.families.split(","), args.methods.split(",")
     for name in families:
         if name not in FAMILIES:
