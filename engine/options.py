@@ -49,7 +49,7 @@ class Recipe:
 # ----------------------------------------------------------------------------------------------
 # value parsers
 
-def _int_at_least(minimum: int):
+def int_at_least(minimum: int):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -157,9 +157,9 @@ def build_parser(defaults: Mapping[str, Any], recipes: Mapping[str, Recipe]) -> 
     group.add_argument("--arch", metavar="NAME", default=None,
                        help="timm ViT name, e.g. vit_small_patch16_224.augreg_in21k (default: per dataset: "
                             f"{_per_dataset(recipes, 'arch')})")
-    group.add_argument("--img_size", metavar="PX", type=_int_at_least(1), default=None,
+    group.add_argument("--img_size", metavar="PX", type=int_at_least(1), default=None,
                        help="input size in pixels; images are resized to it (default: the arch's)")
-    group.add_argument("--patch_size", metavar="PX", type=_int_at_least(1), default=None,
+    group.add_argument("--patch_size", metavar="PX", type=int_at_least(1), default=None,
                        help="patch size (default: the arch's)")
     group.add_argument("--pretrained", **bool_flag, help="start from timm hub weights (needs the internet "
                                                          "or the Hugging Face cache) (default: off)")
@@ -181,16 +181,16 @@ def build_parser(defaults: Mapping[str, Any], recipes: Mapping[str, Recipe]) -> 
                        help="training augmentation: paper (RandomResizedCrop, flip, RandAugment, "
                             "RandomErasing), light (random shift, flip), none (default: per dataset: "
                             f"{_per_dataset(recipes, 'augment')})")
-    group.add_argument("--train_subset", type=_int_at_least(0), default=0, metavar="N",
+    group.add_argument("--train_subset", type=int_at_least(0), default=0, metavar="N",
                        help="train on a fixed random subset of N images, 0 = all (default: %(default)s)")
-    group.add_argument("--test_subset", type=_int_at_least(0), default=0, metavar="N",
+    group.add_argument("--test_subset", type=int_at_least(0), default=0, metavar="N",
                        help="test on a fixed random subset of N images, 0 = all (default: %(default)s)")
-    group.add_argument("--num_workers", metavar="N", type=_int_at_least(0), default=0,
+    group.add_argument("--num_workers", metavar="N", type=int_at_least(0), default=0,
                        help="data loading processes (default: %(default)s)")
 
     group = parser.add_argument_group("training")
-    group.add_argument("--batch_size", metavar="N", type=_int_at_least(1), help="(default: %(default)s)")
-    group.add_argument("--epochs", metavar="N", type=_int_at_least(1), help="(default: %(default)s)")
+    group.add_argument("--batch_size", metavar="N", type=int_at_least(1), help="(default: %(default)s)")
+    group.add_argument("--epochs", metavar="N", type=int_at_least(1), help="(default: %(default)s)")
     group.add_argument("--lr", metavar="LR", type=_float_at_least(0.0, strict=True, maximum=MAX_LR), default=None,
                        help="AdamW peak learning rate, cosine decay per step (default: --lr_base * batch_size / 512)")
     group.add_argument("--lr_base", metavar="LR", type=_float_at_least(0.0, strict=True, maximum=MAX_LR),
@@ -205,7 +205,7 @@ def build_parser(defaults: Mapping[str, Any], recipes: Mapping[str, Recipe]) -> 
     group.add_argument("--seed", metavar="N", type=int, help="(default: %(default)s)")
     group.add_argument("--device", metavar="DEVICE", default="auto",
                        help="auto (cuda if there is one, else cpu), cpu, cuda, cuda:N (default: %(default)s)")
-    group.add_argument("--threads", metavar="N", type=_int_at_least(0), default=0,
+    group.add_argument("--threads", metavar="N", type=int_at_least(0), default=0,
                        help="CPU threads for PyTorch; 0 = auto: 1 for models under 5 M parameters (their "
                             "matrices are too small to split, and spare cores stay free), else one per core "
                             "(default: %(default)s)")
@@ -239,16 +239,16 @@ def build_parser(defaults: Mapping[str, Any], recipes: Mapping[str, Recipe]) -> 
                        help="write <output_dir>/predictions.npz: the test labels and predicted classes in test-set "
                             "order (and the test-set indices with --test_subset), for per-image statistics; under "
                             "torchrun gathered to rank 0 (default: off)")
-    group.add_argument("--visualize", type=_int_at_least(0), default=0, metavar="N",
+    group.add_argument("--visualize", type=int_at_least(0), default=0, metavar="N",
                        help="write <output_dir>/visualization.png for the first N test images, 0 = off "
                             "(default: %(default)s)")
 
     group = parser.add_argument_group("throughput measurement")
-    group.add_argument("--bench_batch_size", metavar="N", type=_int_at_least(1), default=None,
+    group.add_argument("--bench_batch_size", metavar="N", type=int_at_least(1), default=None,
                        help="images per timed forward (default: --batch_size)")
-    group.add_argument("--bench_warmup", metavar="N", type=_int_at_least(0), default=5,
+    group.add_argument("--bench_warmup", metavar="N", type=int_at_least(0), default=5,
                        help="untimed forwards first (default: %(default)s)")
-    group.add_argument("--bench_steps", metavar="N", type=_int_at_least(1), default=20,
+    group.add_argument("--bench_steps", metavar="N", type=int_at_least(1), default=20,
                        help="timed forwards; the median is reported (default: %(default)s)")
 
     unknown = set(defaults) - {action.dest for action in parser._actions}

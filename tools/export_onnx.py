@@ -39,6 +39,7 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 import pruning.models  # noqa: E402,F401  (registers the vit_pico_* models with timm)
 from engine.checkpoint import load_weights  # noqa: E402
 from engine.errors import CLIError  # noqa: E402
+from engine.options import int_at_least, reduce_token_type  # noqa: E402
 from pruning import METHOD_NAMES, apply_patch  # noqa: E402
 from pruning.flops import analytic_flops  # noqa: E402
 
@@ -53,28 +54,6 @@ class ExportFailed(Exception):
 
 # ----------------------------------------------------------------------------------------------
 # building the model
-
-def reduce_token_type(text: str):
-    """``10`` (every block) or ``0,2,2,2,2,2`` (one value per block), as main.py's --reduce_token."""
-    try:
-        values = [int(v) for v in str(text).split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int or a comma list of ints (one per block), got {text!r}") \
-            from None
-    if any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"tokens removed per block must be >= 0, got {text!r}")
-    return values if "," in str(text) else values[0]
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
 
 def peek_checkpoint(path: str) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, Any]]:
     """(tensor shapes, main.py settings) of a weights file, without loading it into a model.
@@ -256,14 +235,14 @@ def build_parser() -> ArgumentParser:
                         help="tokens removed per block: an int, or a comma list with one value per block")
     parser.add_argument("--reduce_at", default=None, choices=("block", "attn"),
                         help="where each block reduces (default: the method's own)")
-    parser.add_argument("--img_size", metavar="PX", type=positive_int, default=None)
-    parser.add_argument("--patch_size", metavar="PX", type=positive_int, default=None)
+    parser.add_argument("--img_size", metavar="PX", type=int_at_least(1), default=None)
+    parser.add_argument("--patch_size", metavar="PX", type=int_at_least(1), default=None)
     parser.add_argument("--num_classes", metavar="N", type=int, default=None,
                         help="classes of the head (default: the checkpoint's, else the arch's)")
-    parser.add_argument("--in_chans", metavar="N", type=positive_int, default=None,
+    parser.add_argument("--in_chans", metavar="N", type=int_at_least(1), default=None,
                         help="image channels (default: the checkpoint's, else the arch's)")
     parser.add_argument("--out", metavar="FILE.onnx", required=True)
-    parser.add_argument("--batch_size", metavar="N", type=positive_int, default=8,
+    parser.add_argument("--batch_size", metavar="N", type=int_at_least(1), default=8,
                         help="batch of the check and of the timing (the check also runs batch 1) (default: 8)")
     parser.add_argument("--rounds", metavar="N", type=int, default=10,
                         help="interleaved timing rounds; 0 skips the timing (default: 10)")
