@@ -29,6 +29,7 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 import pruning.models  # noqa: E402,F401  (registers the vit_pico_* models in timm's registry)
 from engine import zoo  # noqa: E402
 from engine.errors import CLIError  # noqa: E402
+from engine.options import ArgumentParser  # noqa: E402
 from pruning import METHOD_NAMES  # noqa: E402
 from pruning.benchmark import build_variants, compare_speed  # noqa: E402
 from pruning.flops import vit_shape  # noqa: E402
@@ -36,17 +37,6 @@ from pruning.schedules import resolve_schedule  # noqa: E402
 
 PROG = "benchmark.py"
 DTYPES = ("float32", "float16", "bfloat16")
-
-
-class ToolError(Exception):
-    """Bad input: reported as one line on stderr, exit code 2."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that raises :class:`ToolError` instead of printing the usage and exiting."""
-
-    def error(self, message: str):
-        raise ToolError(message)
 
 
 def _positive_int(text: str) -> int:
@@ -89,13 +79,13 @@ def build_parser() -> ArgumentParser:
 
 
 def parse_methods(text: str) -> List[str]:
-    """The method names of ``--methods``; ToolError naming the option for an unknown one."""
+    """The method names of ``--methods``; CLIError naming the option for an unknown one."""
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
-        raise ToolError("--methods: give at least one method")
+        raise CLIError("--methods: give at least one method")
     for name in names:
         if name not in METHOD_NAMES:
-            raise ToolError(f"--methods: unknown method {name!r}; choose from {', '.join(METHOD_NAMES)}")
+            raise CLIError(f"--methods: unknown method {name!r}; choose from {', '.join(METHOD_NAMES)}")
     return names
 
 
@@ -106,16 +96,16 @@ def create_model(arch: str, img_size: Optional[int] = None) -> torch.nn.Module:
         try:
             return zoo.geometry(zoo.build(arch, None, 3, img_size=img_size)).module.eval()
         except CLIError as err:
-            raise ToolError(str(err)) from None
+            raise CLIError(str(err)) from None
     if not timm.is_model(arch):
-        raise ToolError(f"--arch: unknown timm model {arch!r}")
+        raise CLIError(f"--arch: unknown timm model {arch!r}")
     try:
         model = timm.create_model(arch, **({} if img_size is None else {"img_size": img_size}))
     except (TypeError, ValueError, RuntimeError, AssertionError) as err:
-        raise ToolError(f"--arch {arch}: cannot be built{'' if img_size is None else f' at {img_size} px'}: "
+        raise CLIError(f"--arch {arch}: cannot be built{'' if img_size is None else f' at {img_size} px'}: "
                         f"{_first_line(err)}") from None
     if not isinstance(model, VisionTransformer):
-        raise ToolError(f"--arch {arch}: token compression needs a timm VisionTransformer, "
+        raise CLIError(f"--arch {arch}: token compression needs a timm VisionTransformer, "
                         f"not a {type(model).__name__}")
     return model.eval()
 
@@ -140,9 +130,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ToolError(f"--device: unknown device {name!r}; e.g. cpu or cuda") from None
+        raise CLIError(f"--device: unknown device {name!r}; e.g. cpu or cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ToolError(f"--device {name}: CUDA is not available on this machine")
+        raise CLIError(f"--device {name}: CUDA is not available on this machine")
     return device
 
 
@@ -157,7 +147,7 @@ def run(args: argparse.Namespace) -> None:
         message = str(err)
         if message.startswith("model: "):
             message = f"arch {args.arch}: {message[len('model: '):]}"
-        raise ToolError(f"--{message}") from None
+        raise CLIError(f"--{message}") from None
     inputs = benchmark_inputs(model, args.batch_size, device)
     dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
     groups = [("none", [v for v in variants if "/" not in v])]
@@ -184,7 +174,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry: bad input ends as one line on stderr and exit code 2, never a traceback."""
     try:
         run(build_parser().parse_args(argv))
-    except ToolError as err:
+    except CLIError as err:
         print(f"{PROG}: error: {_first_line(err)}", file=sys.stderr)
         return 2
     return 0

@@ -28,20 +28,11 @@ from torch import Tensor  # noqa: E402
 import data  # noqa: E402
 import pruning.models  # noqa: E402,F401  (registers the vit_pico_* models in timm's registry)
 from pruning.patch import apply_patch  # noqa: E402
+from engine.errors import CLIError  # noqa: E402
+from engine.options import ArgumentParser  # noqa: E402
 from pruning.visualize import save_token_grid_comparison, save_tokens_per_block_plot  # noqa: E402
 
 PROG = "visualize.py"
-
-
-class ToolError(Exception):
-    """Bad input: reported as one line on stderr, exit code 2."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that raises :class:`ToolError` instead of printing the usage and exiting."""
-
-    def error(self, message: str):
-        raise ToolError(message)
 
 
 def _int_list(text: str) -> List[int]:
@@ -97,7 +88,7 @@ def split_label(spec: str) -> Tuple[Optional[str], str]:
 
 def checkpoint_labels(specs: Sequence[str]) -> List[Tuple[str, str]]:
     """(label, path) for every ``--checkpoint``: the given label, else the file name with as many parent
-    folders as it takes for all labels to differ; ToolError if they cannot."""
+    folders as it takes for all labels to differ; CLIError if they cannot."""
     split = [split_label(spec) for spec in specs]
     parts = [Path(os.path.normpath(path)).parts for _, path in split]
     longest = max(len(p) for p in parts)
@@ -106,7 +97,7 @@ def checkpoint_labels(specs: Sequence[str]) -> List[Tuple[str, str]]:
         if len(set(labels)) == len(labels):
             return list(zip(labels, (path for _, path in split)))
     repeated = next(label for label in labels if labels.count(label) > 1)
-    raise ToolError(f"--checkpoint: two checkpoints are both labelled {repeated!r}; "
+    raise CLIError(f"--checkpoint: two checkpoints are both labelled {repeated!r}; "
                     f"give each its own label as LABEL=PATH")
 
 
@@ -118,17 +109,17 @@ def _first_line(err: BaseException) -> str:
 def read_checkpoint(path: str) -> Dict:
     """The checkpoint dict main.py wrote to ``path``, read without running pickled code."""
     if not os.path.isfile(path):
-        raise ToolError(f"--checkpoint: {path}: no such file")
+        raise CLIError(f"--checkpoint: {path}: no such file")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001  (damaged, not a torch file, pickled code, unreadable: all bad input)
         reason = _first_line(err)
         if "Weights only load failed" in reason:  # torch's long advice to unpickle untrusted code: not taken
             reason = "it is not a PyTorch file of tensors (or it holds pickled objects, which are not loaded)"
-        raise ToolError(f"--checkpoint: {path} cannot be read as a checkpoint: {reason}") from None
+        raise CLIError(f"--checkpoint: {path} cannot be read as a checkpoint: {reason}") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("settings"), dict) \
             or not isinstance(checkpoint.get("model"), dict):
-        raise ToolError(f"--checkpoint: {path} is not a checkpoint written by main.py (no settings or model)")
+        raise CLIError(f"--checkpoint: {path} is not a checkpoint written by main.py (no settings or model)")
     return checkpoint
 
 
@@ -140,7 +131,7 @@ def load_trained(path: str) -> Tuple[torch.nn.Module, Dict]:
     try:
         arch = settings["arch"]
         if not timm.is_model(arch):
-            raise ToolError(f"--checkpoint: {path}: unknown arch {arch!r}")
+            raise CLIError(f"--checkpoint: {path}: unknown arch {arch!r}")
         depth = 1 + max(int(key.split(".")[1]) for key in state if key.startswith("blocks."))  # as trained
         model = timm.create_model(arch, num_classes=state["head.weight"].shape[0],
                                   in_chans=state["patch_embed.proj.weight"].shape[1], img_size=settings["img_size"],
@@ -148,9 +139,9 @@ def load_trained(path: str) -> Tuple[torch.nn.Module, Dict]:
         model.load_state_dict(state)
         apply_patch(model, settings["model"], settings["reduce_token"], reduce_at=settings.get("reduce_at"))
     except KeyError as err:
-        raise ToolError(f"--checkpoint: {path} lacks {err}; not a checkpoint written by main.py") from None
+        raise CLIError(f"--checkpoint: {path} lacks {err}; not a checkpoint written by main.py") from None
     except (ValueError, RuntimeError, TypeError) as err:  # weights that do not fit, settings apply_patch refuses
-        raise ToolError(f"--checkpoint: {path}: {_first_line(err)}") from None
+        raise CLIError(f"--checkpoint: {path}: {_first_line(err)}") from None
     return model.eval(), settings
 
 
@@ -162,9 +153,9 @@ def load_test_images(settings: Dict, count: int, data_root: Optional[str] = None
         splits.set_transforms(settings["img_size"], settings.get("augment"))
         images = torch.stack([splits.test[i][0] for i in range(min(count, len(splits.test)))])
     except data.DataError as err:
-        raise ToolError(_first_line(err)) from None
+        raise CLIError(_first_line(err)) from None
     except (OSError, RuntimeError, KeyError, TypeError) as err:
-        raise ToolError(f"--data_root: the test images of {settings.get('data_name')!r} cannot be read "
+        raise CLIError(f"--data_root: the test images of {settings.get('data_name')!r} cannot be read "
                         f"from {root}: {_first_line(err)}") from None
     return images, splits.spec.mean, splits.spec.std
 
@@ -175,16 +166,16 @@ def plot_tokens(args: argparse.Namespace) -> str:
     pool_k = args.pool_k[0] if len(args.pool_k) == 1 else args.pool_k
     if args.arch:
         if not timm.is_model(args.arch):
-            raise ToolError(f"--arch: unknown timm model {args.arch!r}")
+            raise CLIError(f"--arch: unknown timm model {args.arch!r}")
         model = timm.create_model(args.arch)
         if not hasattr(model, "patch_embed") or not hasattr(model, "blocks"):
-            raise ToolError(f"--arch {args.arch}: not a Vision Transformer")
+            raise CLIError(f"--arch {args.arch}: not a Vision Transformer")
         num_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
         depth, prefix, name = len(model.blocks), model.num_prefix_tokens, f"{args.arch}: "
     elif args.num_tokens and args.depth:
         num_tokens, depth, prefix, name = args.num_tokens, args.depth, args.num_prefix_tokens, ""
     else:
-        raise ToolError("tokens: give --arch, or --num_tokens and --depth")
+        raise CLIError("tokens: give --arch, or --num_tokens and --depth")
     title = f"{name}{num_tokens} tokens, {depth} blocks, pool_k={pool_k}"
     return save_tokens_per_block_plot(args.out, num_tokens, depth, pool_k, num_prefix_tokens=prefix, title=title)
 
@@ -195,7 +186,7 @@ def draw_grid(args: argparse.Namespace) -> str:
     for label, path in checkpoint_labels(args.checkpoint):
         model, settings = load_trained(path)
         if first is not None and any(settings.get(key) != first.get(key) for key in ("data_name", "img_size")):
-            raise ToolError(f"--checkpoint: {path} was trained on {settings.get('data_name')} at "
+            raise CLIError(f"--checkpoint: {path} was trained on {settings.get('data_name')} at "
                             f"{settings.get('img_size')} px, unlike the first ({first.get('data_name')} at "
                             f"{first.get('img_size')} px)")
         first = first or settings
@@ -208,16 +199,16 @@ def run(args: argparse.Namespace) -> str:
     try:
         return plot_tokens(args) if args.command == "tokens" else draw_grid(args)
     except ValueError as err:  # the library names the argument: blocks, pool_k, ...
-        raise ToolError(f"--{_first_line(err)}") from None
+        raise CLIError(f"--{_first_line(err)}") from None
     except OSError as err:  # the PNG cannot be written
-        raise ToolError(f"--out: {args.out}: {err.strerror or _first_line(err)}") from None
+        raise CLIError(f"--out: {args.out}: {err.strerror or _first_line(err)}") from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry: bad input ends as one line on stderr and exit code 2, never a traceback."""
     try:
         print(run(build_parser().parse_args(argv)))
-    except ToolError as err:
+    except CLIError as err:
         print(f"{PROG}: error: {_first_line(err)}", file=sys.stderr)
         return 2
     return 0
