@@ -1,9 +1,14 @@
 """tools/sweep.py, issue 15: a fixed baseline checkpoint, method-restricted levels, matched-cost levels,
 the statistics of summary.md (bootstrap, McNemar, t-intervals), --jobs and the v2 config."""
 import concurrent.futures
+import contextlib
 import copy
 import math
 import shlex
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -358,3 +363,68 @@ def test_an_interrupted_parallel_sweep_keeps_finished_rows_and_continues(tmp_pat
                          pool_factory=lambda: concurrent.futures.ThreadPoolExecutor(2)) == []
     assert len(rest.calls) == len(plan) - len(saved)
     assert [sweep.row_key(r) for r in read_csv(csv_path)] == [spec.key for spec in plan]
+
+
+# --- stopping a parallel sweep -------------------------------------------------------------------------
+
+def _children(pid: int) -> list:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == pid and fields[0] != "Z":
+                    found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return False
+
+
+def _start_two_long_baselines(tmp_path: Path):
+    """``tools/sweep.py`` in a process of its own training two long baselines at once; returns it and its two
+    workers once both are training."""
+    config = write_config(tmp_path, seeds=[0, 1], methods=["none"], protocols=["offtheshelf"], levels=[{"name": "k1", "reduce_token": 1}],
+                          baseline_args={"epochs": 500}, jobs=2, threads=1)
+    sweep_process = subprocess.Popen([sys.executable, "tools/sweep.py", "--config", config], cwd=ROOT,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    logs = tmp_path / "work" / "logs"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        workers = _children(sweep_process.pid)
+        training = [p for p in logs.glob("*.log") if "epoch" in p.read_text()] if logs.is_dir() else []
+        if len(training) == 2 and len(workers) >= 2:
+            return sweep_process, workers
+        time.sleep(0.5)
+    sweep_process.kill()
+    pytest.fail("the two baselines did not start training within 120 s")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker processes through /proc")
+def test_sigterm_stops_a_parallel_sweep_and_its_runs_keep_their_checkpoints(tmp_path):
+    sweep_process, workers = _start_two_long_baselines(tmp_path)
+    sweep_process.send_signal(signal.SIGTERM)
+    output, _ = sweep_process.communicate(timeout=120)
+    assert sweep_process.returncode == 128 + signal.SIGTERM, output
+    assert "interrupted" in output and "run the same command again to continue" in output
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in workers)
+    for seed in (0, 1):  # each run in flight stopped after its step and wrote its checkpoint
+        assert (tmp_path / "work" / "baseline" / f"seed{seed}" / "last.pt").is_file()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker processes through /proc")
+def test_workers_end_when_the_sweep_process_is_killed_outright(tmp_path):
+    sweep_process, workers = _start_two_long_baselines(tmp_path)
+    sweep_process.kill()
+    sweep_process.communicate(timeout=60)
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in workers)

@@ -486,9 +486,33 @@ class RunInterrupted(Exception):
     """A run in a worker process was stopped by SIGINT/SIGTERM."""
 
 
-def _ignore_sigint() -> None:
-    """Worker processes ignore Ctrl-C between runs (the sweep process decides when to stop)."""
+def _init_worker(sweep_pid: int) -> None:
+    """A worker process ignores Ctrl-C between runs (the sweep process decides when to stop) and ends when
+    the sweep process is gone (killed outright: nothing would read its results, and it would wait forever)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_when_orphaned, args=(sweep_pid,), daemon=True).start()
+
+
+def _exit_when_orphaned(sweep_pid: int, poll_seconds: float = 1.0) -> None:
+    while os.getppid() == sweep_pid:
+        time.sleep(poll_seconds)
+    os._exit(1)
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """While inside, SIGTERM (``kill``, a scheduler) stops the sweep as Ctrl-C does: the runs in flight are told
+    to stop and write their checkpoints, the finished rows stay in runs.csv."""
+    from engine.errors import Interrupted
+
+    def interrupt(signum, frame):
+        raise Interrupted("SIGTERM", signum)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_in_worker(run_fn: RunFn, threads: int, options: Dict[str, Any], log_path: Optional[str]
@@ -614,7 +638,8 @@ def execute(plan: List[RunSpec], runs_csv: Path, run_fn: RunFn = run_main,
     import multiprocessing
 
     pool = pool_factory() if pool_factory else futures.ProcessPoolExecutor(
-        max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint)
+        max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+        initargs=(os.getpid(),))
     try:
         while waiting or running:
             for spec in next_runs(jobs - len(running)):
@@ -1190,8 +1215,9 @@ def main(argv: Optional[List[str]] = None, run_fn: RunFn = run_main,
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
-    except KeyboardInterrupt:
+        with sigterm_interrupts():
+            sys.exit(main())
+    except KeyboardInterrupt as stopped:
         print("sweep: interrupted; the finished runs are in runs.csv: run the same command again to continue",
               file=sys.stderr)
-        sys.exit(130)
+        sys.exit(getattr(stopped, "exit_code", 130))
