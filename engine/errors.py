@@ -5,6 +5,7 @@
 - :class:`Interrupted`: SIGINT/SIGTERM after ``last.pt`` was written; exit code 128 + the signal.
 """
 import re
+import sys
 from typing import Optional
 
 
@@ -53,3 +54,17 @@ def one_line(err: BaseException, *, named: bool = False, limit: Optional[int] = 
     else:
         text = " ".join(lines)
     return text[:limit] if limit else text
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of ``err``'s message, else its type's name (a library's later lines are
+    advice for another context)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def report_error(prog: str, err: BaseException) -> int:
+    """``prog: error: <first line>`` on stderr, as argparse words it; returns the exit code (the error's own,
+    else 2: bad input). The one ending of every command line's bad input."""
+    print(f"{prog}: error: {first_line(err)}", file=sys.stderr)
+    return getattr(err, "exit_code", 2)

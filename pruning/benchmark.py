@@ -12,7 +12,7 @@ import copy
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -41,30 +41,40 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.inference_mode()
-def time_forward(model: nn.Module, inputs: torch.Tensor) -> float:
-    """Seconds for one forward pass of ``inputs``."""
-    _sync(inputs.device)
-    start = time.perf_counter()
-    model(inputs)
-    _sync(inputs.device)
-    return time.perf_counter() - start
+def time_interleaved(calls: Dict[str, Callable[[], Any]], rounds: int, warmup: int = 2) -> Dict[str, List[float]]:
+    """Seconds of each call over ``rounds`` rounds in which every call runs once; ``warmup`` untimed calls
+    each first. The order rotates from round to round, so no call always runs right after the same other
+    one (whose threads, or another runtime's, may still be spinning down)."""
+    names = list(calls)
+    for name in names:
+        for _ in range(warmup):
+            calls[name]()
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def measure_throughput(models: Dict[str, nn.Module], inputs: torch.Tensor, warmup: int = 2, rounds: int = 7,
                        autocast_dtype: Optional[torch.dtype] = None) -> Dict[str, float]:
-    """Images per second of each model: ``warmup`` untimed passes each, then ``rounds`` rounds in which
-    every model runs once; the median time per model over the rounds."""
+    """Images per second of each model: the median over interleaved rounds (:func:`time_interleaved`) of
+    one forward pass, finished on the device before the clock stops."""
+    def forward(model: nn.Module) -> Callable[[], None]:
+        def call() -> None:
+            model(inputs)
+            _sync(inputs.device)
+        return call
+
     for model in models.values():
         model.eval()
-    with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        for model in models.values():
-            for _ in range(warmup):
-                time_forward(model, inputs)
-        times: Dict[str, List[float]] = {name: [] for name in models}
-        for _ in range(rounds):
-            for name, model in models.items():
-                times[name].append(time_forward(model, inputs))
+    with torch.inference_mode(), torch.autocast(inputs.device.type, dtype=autocast_dtype,
+                                                enabled=autocast_dtype is not None):
+        _sync(inputs.device)
+        times = time_interleaved({name: forward(model) for name, model in models.items()}, rounds, warmup)
     return {name: inputs.shape[0] / statistics.median(t) for name, t in times.items()}
 
 

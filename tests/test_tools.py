@@ -9,7 +9,9 @@ import timm
 import torch
 from PIL import Image
 
+import pruning.benchmark
 import pruning.models  # noqa: F401  (registers the vit_pico_* models)
+from pruning.benchmark import time_interleaved
 from pruning.visualize import CAPTION_INCHES, DPI, PANEL_INCHES, TITLE_INCHES, display_images, patch_columns
 from tools import benchmark as bench_tool
 from tools import visualize as vis_tool
@@ -31,6 +33,29 @@ def run_script(*argv, cwd):
     env = dict(os.environ, PYTHONPATH="")  # the tool itself must find the repository
     return subprocess.run([sys.executable, *map(str, argv)], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=300)
+
+
+# --- timing: pruning.benchmark.time_interleaved (every tool's clock) ----------------------------------
+
+def test_time_interleaved_warms_up_then_rotates_the_order_every_round():
+    calls = []
+    functions = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = time_interleaved(functions, rounds=4, warmup=2)
+    assert calls[:6] == ["a", "a", "b", "b", "c", "c"]  # warm-up: each twice, untimed
+    assert calls[6:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    assert {name: len(t) for name, t in times.items()} == {"a": 4, "b": 4, "c": 4}
+
+
+def test_time_interleaved_times_each_call_on_its_own(monkeypatch):
+    ticks = iter(range(1000))  # a fake clock: one second per tick
+    monkeypatch.setattr(pruning.benchmark.time, "perf_counter", lambda: next(ticks))
+    spans = {"short": 1, "long": 3}  # a call of span s lets s - 1 ticks pass inside it
+
+    def call(name):
+        for _ in range(spans[name] - 1):
+            next(ticks)
+    times = time_interleaved({name: (lambda name=name: call(name)) for name in spans}, rounds=3, warmup=0)
+    assert times == {"short": [1, 1, 1], "long": [3, 3, 3]}
 
 
 # --- tools/benchmark.py -------------------------------------------------------------------------

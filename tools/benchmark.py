@@ -28,8 +28,8 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 import pruning.models  # noqa: E402,F401  (registers the vit_pico_* models in timm's registry)
 from engine import zoo  # noqa: E402
-from engine.errors import CLIError  # noqa: E402
-from engine.options import ArgumentParser  # noqa: E402
+from engine.errors import CLIError, first_line, report_error  # noqa: E402
+from engine.options import ArgumentParser, resolve_device  # noqa: E402
 from pruning import METHOD_NAMES  # noqa: E402
 from pruning.benchmark import build_variants, compare_speed  # noqa: E402
 from pruning.flops import vit_shape  # noqa: E402
@@ -72,7 +72,8 @@ def build_parser() -> ArgumentParser:
                         help="interleaved timed rounds, the median reported (default: %(default)s)")
     parser.add_argument("--explicit", action="store_true",
                         help="also time attention that materialises the N×N matrix (default: off)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or "
+                                                       "cuda:N (default: %(default)s)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES,
                         help="autocast dtype; float32 runs without autocast (default: %(default)s)")
     return parser
@@ -103,7 +104,7 @@ def create_model(arch: str, img_size: Optional[int] = None) -> torch.nn.Module:
         model = timm.create_model(arch, **({} if img_size is None else {"img_size": img_size}))
     except (TypeError, ValueError, RuntimeError, AssertionError) as err:
         raise CLIError(f"--arch {arch}: cannot be built{'' if img_size is None else f' at {img_size} px'}: "
-                        f"{_first_line(err)}") from None
+                        f"{first_line(err)}") from None
     if not isinstance(model, VisionTransformer):
         raise CLIError(f"--arch {arch}: token compression needs a timm VisionTransformer, "
                         f"not a {type(model).__name__}")
@@ -124,16 +125,6 @@ def input_shape(model: torch.nn.Module) -> Tuple[int, int, int]:
 def benchmark_inputs(model: VisionTransformer, batch_size: int, device: torch.device) -> torch.Tensor:
     """A random batch of the model's own input shape."""
     return torch.randn(batch_size, *input_shape(model), device=device)
-
-
-def resolve_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CLIError(f"--device: unknown device {name!r}; e.g. cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def run(args: argparse.Namespace) -> None:
@@ -165,18 +156,12 @@ def run(args: argparse.Namespace) -> None:
                   f"{result.ideal_speedup:7.3f} {result.efficiency:9.3f}")
 
 
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry: bad input ends as one line on stderr and exit code 2, never a traceback."""
     try:
         run(build_parser().parse_args(argv))
     except CLIError as err:
-        print(f"{PROG}: error: {_first_line(err)}", file=sys.stderr)
-        return 2
+        return report_error(PROG, err)
     return 0
 
 

@@ -33,15 +33,16 @@ TOOLS = Path(__file__).resolve().parent
 if str(TOOLS) not in sys.path:
     sys.path.insert(0, str(TOOLS))
 
-import numpy as np  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 
 import pruning.models  # noqa: E402,F401
-from engine.errors import CLIError  # noqa: E402
-from export_onnx import (ArgumentParser, compress, export_onnx, input_shape, ort_run, ort_session,  # noqa: E402
+from engine.errors import CLIError, report_error  # noqa: E402
+from engine.options import ArgumentParser  # noqa: E402
+from export_onnx import (compress, export_onnx, input_shape, ort_run, ort_session,  # noqa: E402
                          reduce_token_type)
 from pruning import METHOD_NAMES  # noqa: E402
+from pruning.benchmark import time_interleaved  # noqa: E402
 from pruning.flops import analytic_flops  # noqa: E402
 
 PROG = "deploy_benchmark.py"
@@ -180,24 +181,6 @@ def train_callables(models: Dict[str, torch.nn.Module], batch: int) -> Dict[str,
     return calls
 
 
-def time_interleaved(functions: Dict[str, Callable[[], Any]], rounds: int, warmup: int = 2) -> Dict[str, List[float]]:
-    """Seconds of each call over ``rounds`` rounds in which every function runs once; ``warmup`` untimed
-    calls each first. The order rotates from round to round, so no model is always the one that runs
-    right after another runtime (whose threads may still be spinning) or after the slowest model."""
-    names = list(functions)
-    for name in names:
-        for _ in range(warmup):
-            functions[name]()
-    times: Dict[str, List[float]] = {name: [] for name in names}
-    for round_index in range(rounds):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            functions[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def summarise(times: List[float], batch: int) -> Dict[str, float]:
     ordered = sorted(times)
     p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
@@ -287,8 +270,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         json_path, md_path = args.json, args.md
         report = run(args)
     except CLIError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+        return report_error(PROG, err)
     table = markdown(report)
     print(table, end="")
     if json_path:

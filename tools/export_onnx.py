@@ -22,10 +22,9 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # ``python tools/export_onnx.py`` puts tools/ first on the path, not the repo
@@ -38,9 +37,10 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 import pruning.models  # noqa: E402,F401  (registers the vit_pico_* models with timm)
 from engine.checkpoint import load_weights  # noqa: E402
-from engine.errors import CLIError  # noqa: E402
-from engine.options import int_at_least, reduce_token_type  # noqa: E402
+from engine.errors import CLIError, report_error  # noqa: E402
+from engine.options import ArgumentParser, int_at_least, reduce_token_type  # noqa: E402
 from pruning import METHOD_NAMES, apply_patch  # noqa: E402
+from pruning.benchmark import time_interleaved  # noqa: E402
 from pruning.flops import analytic_flops  # noqa: E402
 
 PROG = "export_onnx.py"
@@ -50,6 +50,8 @@ INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
 class ExportFailed(Exception):
     """The model was built but could not be exported or does not run the same in onnxruntime (exit 1)."""
+
+    exit_code = 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,28 +202,8 @@ def max_difference(model: torch.nn.Module, session, batch_sizes: Sequence[int], 
     return worst
 
 
-def time_interleaved(functions: Dict[str, Callable[[], Any]], rounds: int, warmup: int = 2) -> Dict[str, List[float]]:
-    """Seconds of each call over ``rounds`` rounds in which every function runs once, in turn (so drift
-    in the machine's speed hits all alike); ``warmup`` untimed calls each first."""
-    for fn in functions.values():
-        for _ in range(warmup):
-            fn()
-    times: Dict[str, List[float]] = {name: [] for name in functions}
-    for _ in range(rounds):
-        for name, fn in functions.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 # ----------------------------------------------------------------------------------------------
 # command line
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise CLIError(message)
-
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
@@ -301,12 +283,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         run(build_parser().parse_args(argv))
-    except CLIError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return getattr(err, "exit_code", 2)
-    except ExportFailed as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 1
+    except (CLIError, ExportFailed) as err:
+        return report_error(PROG, err)
     return 0
 
 

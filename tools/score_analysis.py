@@ -42,19 +42,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from engine.errors import CLIError, first_line, report_error  # noqa: E402
+from engine.options import ArgumentParser  # noqa: E402
+
 PROG = "score_analysis.py"
 CRITERIA = ("norm", "attn")
-
-
-class ToolError(Exception):
-    """Bad input: reported as one line on stderr, exit code 2."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that raises :class:`ToolError` instead of printing the usage and exiting."""
-
-    def error(self, message: str):
-        raise ToolError(message)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,37 +350,28 @@ def _fractions(text: str) -> List[float]:
     return values
 
 
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
-
-
 def load_model(arch: str, path: str, num_classes: int, in_chans: int) -> torch.nn.Module:
-    """``arch`` with the weights of ``path``, in eval mode; ToolError for a missing file or weights that do not fit."""
+    """``arch`` with the weights of ``path``, in eval mode; CLIError for a missing file or weights that do not fit."""
     import timm
     import pruning.models  # noqa: F401  (registers the small ViTs in timm's registry)
     from engine.checkpoint import load_weights
-    from engine.errors import CLIError
     from timm.models.vision_transformer import VisionTransformer
 
     if not os.path.isfile(path):
-        raise ToolError(f"--checkpoint: {path}: no such file")
+        raise CLIError(f"--checkpoint: {path}: no such file")
     if not timm.is_model(arch):
-        raise ToolError(f"--arch: unknown timm model {arch!r}")
+        raise CLIError(f"--arch: unknown timm model {arch!r}")
     try:
         model = timm.create_model(arch, num_classes=num_classes, in_chans=in_chans)
     except Exception as err:  # noqa: BLE001  (an arch timm cannot build for this data)
-        raise ToolError(f"--arch {arch}: {_first_line(err)}") from None
+        raise CLIError(f"--arch {arch}: {first_line(err)}") from None
     if not isinstance(model, VisionTransformer) or getattr(model, "cls_token", None) is None:
-        raise ToolError(f"--arch {arch}: not a timm VisionTransformer with a class token")
-    try:
-        # new_head_ok=True: load_weights then reports a body of another width as "does not fit" (with False, any
-        # head of another shape is described as a head for another number of classes, even for a wrong --arch)
-        left_out = load_weights(model, path, new_head_ok=True)
-    except CLIError as err:
-        raise ToolError(_first_line(err)) from None
+        raise CLIError(f"--arch {arch}: not a timm VisionTransformer with a class token")
+    # new_head_ok=True: load_weights then reports a body of another width as "does not fit" (with False, any
+    # head of another shape is described as a head for another number of classes, even for a wrong --arch)
+    left_out = load_weights(model, path, new_head_ok=True)
     if left_out:
-        raise ToolError(f"--checkpoint: {path} has a classifier head of another shape than --arch {arch} on this "
+        raise CLIError(f"--checkpoint: {path} has a classifier head of another shape than --arch {arch} on this "
                         f"dataset ({num_classes} classes); analyse it on the dataset it was trained on")
     return model.eval()
 
@@ -401,11 +384,11 @@ def load_images(name: str, root: str, count: int, img_size: int) -> Tuple[Tensor
         splits = data.build_dataset(name, root, download=False)
         splits.set_transforms(img_size, augment="none")
         items = [splits.test[i] for i in range(min(count, len(splits.test)))]
-    except data.DataError as err:
-        raise ToolError(_first_line(err)) from None
+    except data.DataError:
+        raise
     except (OSError, RuntimeError, KeyError, TypeError, ValueError) as err:
-        raise ToolError(f"--data_root: the test images of {name!r} cannot be read from {root}: "
-                        f"{_first_line(err)}") from None
+        raise CLIError(f"--data_root: the test images of {name!r} cannot be read from {root}: "
+                        f"{first_line(err)}") from None
     images = torch.stack([image for image, _ in items])
     labels = torch.tensor([int(label) for _, label in items])
     mean = torch.tensor(splits.spec.mean).view(1, -1, 1, 1)
@@ -601,11 +584,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     import data
 
     if not os.path.isfile(args.checkpoint):
-        raise ToolError(f"--checkpoint: {args.checkpoint}: no such file")
+        raise CLIError(f"--checkpoint: {args.checkpoint}: no such file")
     if not timm.is_model(args.arch):
-        raise ToolError(f"--arch: unknown timm model {args.arch!r}")
+        raise CLIError(f"--arch: unknown timm model {args.arch!r}")
     if args.data_name not in data.DATASETS:
-        raise ToolError(f"--data_name: unknown dataset {args.data_name!r}; choose from {', '.join(data.DATASETS)}")
+        raise CLIError(f"--data_name: unknown dataset {args.data_name!r}; choose from {', '.join(data.DATASETS)}")
     spec = data.DATASETS[args.data_name]
     model = load_model(args.arch, args.checkpoint, spec.num_classes or 0, spec.in_chans)
     img_size = model.patch_embed.img_size[0]
@@ -615,7 +598,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     try:
         os.makedirs(args.out_dir, exist_ok=True)
     except OSError as err:
-        raise ToolError(f"--out_dir: {args.out_dir}: {err.strerror or _first_line(err)}") from None
+        raise CLIError(f"--out_dir: {args.out_dir}: {err.strerror or first_line(err)}") from None
 
     norms_t, attn_t, logits = block_scores(model, images, args.reduce_at)
     with torch.no_grad():
@@ -657,7 +640,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         write_markdown(report, paths["md"])
         save_figure(report, pixels, norms, attn, paths["png"], args.examples)
     except OSError as err:
-        raise ToolError(f"--out_dir: {args.out_dir}: {err.strerror or _first_line(err)}") from None
+        raise CLIError(f"--out_dir: {args.out_dir}: {err.strerror or first_line(err)}") from None
     return report
 
 
@@ -666,9 +649,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         report = run(args)
-    except ToolError as err:
-        print(f"{PROG}: error: {_first_line(err)}", file=sys.stderr)
-        return 2
+    except CLIError as err:
+        return report_error(PROG, err)
     for level in report["keep_sets"]:
         print(f"IoU {level['label']:<28} " + " ".join(_fmt(v, 2) for v in level["iou"]["mean"])
               + f"   (chance {level['chance_iou']:.2f})")

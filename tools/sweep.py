@@ -1175,7 +1175,7 @@ def main(argv: Optional[List[str]] = None, run_fn: RunFn = run_main,
     """The sweep; ``run_fn`` and ``schedule`` stand in for main.py and the model's shape in tests.
     Returns 1 if some runs failed (run the sweep again to retry them), else 0."""
     opts = parse_cli(argv)
-    from engine.errors import CLIError, one_line
+    from engine.errors import CLIError, report_error
 
     try:  # bad input ends as one line and exit code 2, as in main.py
         config = load_config(opts.config, {"out_dir": opts.out_dir, "work_dir": opts.work_dir, "seeds": opts.seeds,
@@ -1188,8 +1188,7 @@ def main(argv: Optional[List[str]] = None, run_fn: RunFn = run_main,
             threads = config.threads or (1 if config.jobs > 1 else main.choose_threads(reference_args(config.main_args)))
             plan = plan_runs(config, schedule or reference_resolver(config.main_args).schedule)
     except (ValueError, TypeError, CLIError) as err:
-        print(f"sweep.py: error: {one_line(err)}", file=sys.stderr)
-        return 2
+        return report_error("sweep.py", err)
     failed: List[RunSpec] = []
     if not opts.report_only:
         import torch

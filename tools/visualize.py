@@ -28,7 +28,7 @@ from torch import Tensor  # noqa: E402
 import data  # noqa: E402
 import pruning.models  # noqa: E402,F401  (registers the vit_pico_* models in timm's registry)
 from pruning.patch import apply_patch  # noqa: E402
-from engine.errors import CLIError  # noqa: E402
+from engine.errors import CLIError, first_line, report_error  # noqa: E402
 from engine.options import ArgumentParser  # noqa: E402
 from pruning.visualize import save_token_grid_comparison, save_tokens_per_block_plot  # noqa: E402
 
@@ -101,11 +101,6 @@ def checkpoint_labels(specs: Sequence[str]) -> List[Tuple[str, str]]:
                     f"give each its own label as LABEL=PATH")
 
 
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
-
-
 def read_checkpoint(path: str) -> Dict:
     """The checkpoint dict main.py wrote to ``path``, read without running pickled code."""
     if not os.path.isfile(path):
@@ -113,7 +108,7 @@ def read_checkpoint(path: str) -> Dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001  (damaged, not a torch file, pickled code, unreadable: all bad input)
-        reason = _first_line(err)
+        reason = first_line(err)
         if "Weights only load failed" in reason:  # torch's long advice to unpickle untrusted code: not taken
             reason = "it is not a PyTorch file of tensors (or it holds pickled objects, which are not loaded)"
         raise CLIError(f"--checkpoint: {path} cannot be read as a checkpoint: {reason}") from None
@@ -141,7 +136,7 @@ def load_trained(path: str) -> Tuple[torch.nn.Module, Dict]:
     except KeyError as err:
         raise CLIError(f"--checkpoint: {path} lacks {err}; not a checkpoint written by main.py") from None
     except (ValueError, RuntimeError, TypeError) as err:  # weights that do not fit, settings apply_patch refuses
-        raise CLIError(f"--checkpoint: {path}: {_first_line(err)}") from None
+        raise CLIError(f"--checkpoint: {path}: {first_line(err)}") from None
     return model.eval(), settings
 
 
@@ -153,10 +148,10 @@ def load_test_images(settings: Dict, count: int, data_root: Optional[str] = None
         splits.set_transforms(settings["img_size"], settings.get("augment"))
         images = torch.stack([splits.test[i][0] for i in range(min(count, len(splits.test)))])
     except data.DataError as err:
-        raise CLIError(_first_line(err)) from None
+        raise CLIError(first_line(err)) from None
     except (OSError, RuntimeError, KeyError, TypeError) as err:
         raise CLIError(f"--data_root: the test images of {settings.get('data_name')!r} cannot be read "
-                        f"from {root}: {_first_line(err)}") from None
+                        f"from {root}: {first_line(err)}") from None
     return images, splits.spec.mean, splits.spec.std
 
 
@@ -199,9 +194,9 @@ def run(args: argparse.Namespace) -> str:
     try:
         return plot_tokens(args) if args.command == "tokens" else draw_grid(args)
     except ValueError as err:  # the library names the argument: blocks, pool_k, ...
-        raise CLIError(f"--{_first_line(err)}") from None
+        raise CLIError(f"--{first_line(err)}") from None
     except OSError as err:  # the PNG cannot be written
-        raise CLIError(f"--out: {args.out}: {err.strerror or _first_line(err)}") from None
+        raise CLIError(f"--out: {args.out}: {err.strerror or first_line(err)}") from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -209,8 +204,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         print(run(build_parser().parse_args(argv)))
     except CLIError as err:
-        print(f"{PROG}: error: {_first_line(err)}", file=sys.stderr)
-        return 2
+        return report_error(PROG, err)
     return 0
 
 
