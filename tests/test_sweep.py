@@ -9,6 +9,9 @@ import pytest
 import yaml
 
 from tools import sweep
+from tools import sweep_report
+from tools import sweep_rows
+from tools import stats as sweep_stats
 
 METHODS = ["none", "tk", "tk_n"]
 LEVELS = [{"name": "light", "reduce_token": 1}, {"name": "heavy", "reduce_token": 3}]
@@ -57,7 +60,7 @@ class FakeMain:
 @pytest.fixture
 def no_plot(monkeypatch):
     """The resume tests need runs.csv only: skip drawing pareto.png (slow) there."""
-    monkeypatch.setattr(sweep, "plot_pareto", lambda rows, path, levels: None)
+    monkeypatch.setattr(sweep_report, "plot_pareto", lambda rows, path, levels: None)
 
 
 def run_sweep(config_path: str, fake: FakeMain, *extra: str) -> int:
@@ -81,7 +84,7 @@ def test_a_finished_sweep_runs_nothing_again(tmp_path, no_plot):
     assert run_sweep(config, first) == 0
     rows = read_csv(tmp_path / "out" / "runs.csv")
     assert len(first.calls) == len(rows) == PLANNED
-    assert len({sweep.row_key(r) for r in rows}) == PLANNED
+    assert len({sweep_rows.row_key(r) for r in rows}) == PLANNED
 
     again = FakeMain()
     assert run_sweep(config, again) == 0
@@ -101,7 +104,7 @@ def test_an_interrupted_sweep_continues_where_it_stopped(tmp_path, no_plot):
     rows = read_csv(tmp_path / "out" / "runs.csv")
     assert len(rest.calls) == PLANNED - 7
     assert rows[:7] == saved  # rows already there are kept as they were
-    assert len({sweep.row_key(r) for r in rows}) == len(rows) == PLANNED
+    assert len({sweep_rows.row_key(r) for r in rows}) == len(rows) == PLANNED
     done_before = {r["command"] for r in saved}
     assert not any(sweep.command_line(options) in done_before for options in rest.calls)
 
@@ -112,7 +115,7 @@ def test_rows_present_are_skipped_and_missing_ones_run(tmp_path, no_plot):
     csv_path = tmp_path / "out" / "runs.csv"
     rows = read_csv(csv_path)
     dropped = [r for r in rows if r["protocol"] == "finetune" and r["method"] == "tk_n"]
-    sweep.write_rows(csv_path, [r for r in rows if r not in dropped])
+    sweep_rows.write_rows(csv_path, [r for r in rows if r not in dropped])
 
     fake = FakeMain()
     run_sweep(config, fake)
@@ -126,7 +129,7 @@ def test_a_lost_baseline_checkpoint_is_retrained_once(tmp_path, no_plot):
     run_sweep(config, FakeMain())
     csv_path = tmp_path / "out" / "runs.csv"
     rows = read_csv(csv_path)
-    sweep.write_rows(csv_path, [r for r in rows if not (r["protocol"] == "finetune" and r["seed"] == "1")])
+    sweep_rows.write_rows(csv_path, [r for r in rows if not (r["protocol"] == "finetune" and r["seed"] == "1")])
     os.remove(tmp_path / "work" / "baseline" / "seed1" / "last.pt")
 
     fake = FakeMain()
@@ -174,15 +177,15 @@ HAND_ROWS = [
 
 
 def test_mean_and_sample_std():
-    mean, std = sweep.mean_std([80.0, 82.0, 87.0])
+    mean, std = sweep_stats.mean_std([80.0, 82.0, 87.0])
     assert mean == pytest.approx(83.0)
     assert std == pytest.approx(math.sqrt((9 + 1 + 16) / 2))  # 3.6056: n - 1 in the denominator
-    assert math.isnan(sweep.mean_std([70.0])[1])
+    assert math.isnan(sweep_stats.mean_std([70.0])[1])
 
 
 def test_summary_table_shows_mean_and_std_over_seeds(tmp_path):
     path = tmp_path / "summary.md"
-    sweep.write_summary(HAND_ROWS, path, ["light"], [("tk_n", "tk")])
+    sweep_report.write_summary(HAND_ROWS, path, ["light"], [("tk_n", "tk")])
     text = path.read_text()
     assert "| baseline | none | - | 0 | 91.00 ± 1.00 | 0.0300 ± 0.0000 | 1000 ± 100 | – | 3 |" in text
     assert "| finetune | tk | light | 2 | 83.00 ± 3.61 | 0.0200 ± 0.0000 | 1000 ± 0 | 1.20 ± 0.10 | 3 |" in text
@@ -216,7 +219,7 @@ def test_finetune_speedup_without_off_the_shelf_runs_is_over_the_baseline(tmp_pa
 
 def test_pareto_plot_is_written(tmp_path):
     path = tmp_path / "pareto.png"
-    sweep.plot_pareto(HAND_ROWS, path, ["light"])
+    sweep_report.plot_pareto(HAND_ROWS, path, ["light"])
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path.stat().st_size > 10_000
 

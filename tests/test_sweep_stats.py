@@ -16,6 +16,9 @@ import pytest
 import yaml
 
 from tools import sweep
+from tools import sweep_report
+from tools import sweep_rows
+from tools import stats as sweep_stats
 from test_sweep import FakeMain, read_csv, write_config  # noqa: E402  (tests/ is on the path)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +39,7 @@ def run_fake(config: str, fake, *extra: str) -> int:
 
 @pytest.fixture
 def no_plot(monkeypatch):
-    monkeypatch.setattr(sweep, "plot_pareto", lambda rows, path, levels: None)
+    monkeypatch.setattr(sweep_report, "plot_pareto", lambda rows, path, levels: None)
 
 
 # --- a fixed baseline ----------------------------------------------------------------------------------
@@ -155,13 +158,13 @@ def test_runs_csv_records_schedule_environment_and_analytic_gflops(tmp_path, no_
 
 def test_bootstrap_ci_is_seeded_and_is_the_straightforward_loop():
     correct = (np.arange(500) % 7 != 0).astype(float) * 100  # 85.8% right
-    mean, low, high = sweep.bootstrap_ci(correct, resamples=300, seed=5)
+    mean, low, high = sweep_stats.bootstrap_ci(correct, resamples=300, seed=5)
     rng = np.random.default_rng(5)
     means = [correct[rng.integers(0, 500, 500)].mean() for _ in range(300)]
     assert (low, high) == tuple(np.percentile(means, [2.5, 97.5]))
     assert mean == pytest.approx(correct.mean())
-    assert sweep.bootstrap_ci(correct, resamples=300, seed=5) == (mean, low, high)
-    assert sweep.bootstrap_ci(correct, resamples=300, seed=6) != (mean, low, high)
+    assert sweep_stats.bootstrap_ci(correct, resamples=300, seed=5) == (mean, low, high)
+    assert sweep_stats.bootstrap_ci(correct, resamples=300, seed=6) != (mean, low, high)
     # close to the normal approximation of a proportion
     p = correct.mean() / 100
     half = 196 * math.sqrt(p * (1 - p) / 500)
@@ -174,7 +177,7 @@ def test_mcnemar_exact_matches_the_binomial_test(a_only, b_only):
     both, neither = 50, 20
     a = [True] * a_only + [False] * b_only + [True] * both + [False] * neither
     b = [False] * a_only + [True] * b_only + [True] * both + [False] * neither
-    found = sweep.mcnemar_exact(a, b)
+    found = sweep_stats.mcnemar_exact(a, b)
     expected = 1.0 if a_only + b_only == 0 else stats.binomtest(a_only, a_only + b_only, 0.5).pvalue
     assert found[:2] == (a_only, b_only)
     assert found[2] == pytest.approx(expected, rel=1e-9)
@@ -183,12 +186,12 @@ def test_mcnemar_exact_matches_the_binomial_test(a_only, b_only):
 def test_t_interval_matches_scipy():
     stats = pytest.importorskip("scipy.stats")
     for df in (1, 2, 5, 30):
-        assert sweep.t_quantile_95(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-3)
+        assert sweep_stats.t_quantile_95(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-3)
     values = [1.0, 3.0, -1.0]
-    mean, low, high = sweep.t_interval(values)
+    mean, low, high = sweep_stats.t_interval(values)
     half = stats.t.ppf(0.975, 2) * 2.0 / math.sqrt(3)
     assert (mean, low, high) == pytest.approx((1.0, 1.0 - half, 1.0 + half), abs=1e-3)
-    assert math.isnan(sweep.t_interval([2.0])[1])
+    assert math.isnan(sweep_stats.t_interval([2.0])[1])
 
 
 def write_predictions(out: Path, name: str, predicted, labels) -> str:
@@ -218,19 +221,19 @@ def test_summary_off_the_shelf_paired_bootstrap_and_mcnemar(tmp_path):
         predicted = np.where(right, labels, (labels + 1) % 10)
         path = write_predictions(out, f"{method}.npz", predicted, labels)
         rows.append(shelf_row(method, "f80", 100 * right.mean(), path))
-    sweep.write_summary(rows, out / "summary.md", ["f80"], [("tk_n", "tk"), ("tome", "best")])
+    sweep_report.write_summary(rows, out / "summary.md", ["f80"], [("tk_n", "tk"), ("tome", "best")])
     text = (out / "summary.md").read_text()
 
     diff = (right_tk_n.astype(float) - right_tk.astype(float)) * 100
-    _, low, high = sweep.bootstrap_ci(diff)
-    p = sweep.mcnemar_exact(right_tk_n.tolist(), right_tk.tolist())[2]
+    _, low, high = sweep_stats.bootstrap_ci(diff)
+    p = sweep_stats.mcnemar_exact(right_tk_n.tolist(), right_tk.tolist())[2]
     assert high < 0 and p < 0.001
     assert f"| offtheshelf | f80 | {diff.mean():+.2f} | [{low:.2f}, {high:.2f}] | McNemar p = {p:.2g} | tk better |" \
         in text
     assert f"| offtheshelf | f80 | tk_n − tk | {diff.mean():.2f} | [{low:.2f}, {high:.2f}] | McNemar p = {p:.2g} " \
            f"| 6 vs 30 images |" in text
     assert "| offtheshelf | f80 | tome − tk (best pruning) |" in text  # tk beats tk_n here
-    _, low, high = sweep.bootstrap_ci(right_tome.astype(float) * 100)
+    _, low, high = sweep_stats.bootstrap_ci(right_tome.astype(float) * 100)
     assert f"| offtheshelf | f80 | tome | {100 * right_tome.mean():.2f} | [{low:.2f}, {high:.2f}] | tk |" in text
     assert f"| offtheshelf | tome | f80 | {100 * right_tome.mean():.2f} | [{low:.2f}, {high:.2f}] | bootstrap over " \
            f"{n} test images |" in text
@@ -239,11 +242,11 @@ def test_summary_off_the_shelf_paired_bootstrap_and_mcnemar(tmp_path):
 def test_summary_fine_tuned_differences_are_t_intervals_over_seeds(tmp_path):
     rows = [shelf_row("tk", "f80", acc, protocol="finetune", seed=s) for s, acc in enumerate((80.0, 82.0, 87.0))]
     rows += [shelf_row("tk_n", "f80", acc, protocol="finetune", seed=s) for s, acc in enumerate((81.0, 85.0, 86.0))]
-    sweep.write_summary(rows, tmp_path / "summary.md", ["f80"], [("tk_n", "tk")])
+    sweep_report.write_summary(rows, tmp_path / "summary.md", ["f80"], [("tk_n", "tk")])
     text = (tmp_path / "summary.md").read_text()
     assert "| finetune | f80 | +1.00 | [-3.97, 5.97] | t = 0.9, 2 df | no difference shown |" in text
     # best at f80: tk_n (mean 84) over tk (83); its own interval over the 3 seeds
-    mean, low, high = sweep.t_interval([81.0, 85.0, 86.0])
+    mean, low, high = sweep_stats.t_interval([81.0, 85.0, 86.0])
     assert f"| finetune | f80 | tk_n | {mean:.2f} | [{low:.2f}, {high:.2f}] | tk | +1.00 | [-3.97, 5.97] |" in text
 
 
@@ -265,11 +268,11 @@ def test_jobs_respect_the_baselines_and_write_rows_in_plan_order(tmp_path, no_pl
                            pool_factory=lambda: concurrent.futures.ThreadPoolExecutor(3))
     assert failed == []
     parallel = read_csv(csv_path)
-    assert [sweep.row_key(r) for r in parallel] == [spec.key for spec in plan]
+    assert [sweep_rows.row_key(r) for r in parallel] == [spec.key for spec in plan]
 
     csv_path.unlink()
     sweep.execute(plan, csv_path, FakeMain(), log=lambda line: None)
-    drop = sweep.TIMING_FIELDS
+    drop = sweep_rows.TIMING_FIELDS
     assert [{k: v for k, v in r.items() if k not in drop} for r in read_csv(csv_path)] == \
         [{k: v for k, v in r.items() if k not in drop} for r in parallel]
 
@@ -311,7 +314,7 @@ def test_tiny_real_sweep_with_two_jobs_equals_one_job(tmp_path):
         assert sweep.main(["--config", config]) == 0
         outputs[jobs] = read_csv(folder / "out" / "runs.csv")
     assert len(outputs[1]) == 1 + 3 + 3 * 2
-    varying = (*sweep.TIMING_FIELDS, "command")  # the command names the run's folder, which differs here
+    varying = (*sweep_rows.TIMING_FIELDS, "command")  # the command names the run's folder, which differs here
 
     def comparable(rows):
         return [{k: v for k, v in r.items() if k not in varying} for r in rows]
@@ -362,7 +365,7 @@ def test_an_interrupted_parallel_sweep_keeps_finished_rows_and_continues(tmp_pat
     assert sweep.execute(plan, csv_path, rest, log=lambda line: None, jobs=2,
                          pool_factory=lambda: concurrent.futures.ThreadPoolExecutor(2)) == []
     assert len(rest.calls) == len(plan) - len(saved)
-    assert [sweep.row_key(r) for r in read_csv(csv_path)] == [spec.key for spec in plan]
+    assert [sweep_rows.row_key(r) for r in read_csv(csv_path)] == [spec.key for spec in plan]
 
 
 # --- stopping a parallel sweep -------------------------------------------------------------------------

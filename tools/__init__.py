@@ -1,0 +1,1 @@
+"""Command-line tools around the library and main.py (benchmark, sweep, export, analysis); not installed."""
