@@ -308,8 +308,9 @@ def given(parser: ArgumentParser, argv: Sequence[str]) -> Dict[str, Any]:
 given_by = given
 
 
-def read_config(parser: ArgumentParser, path: str) -> Dict[str, Any]:
-    """The options of a YAML file, checked as the command line would be, by dest."""
+def read_yaml_mapping(path: str, shape: str = "option: value") -> Dict[str, Any]:
+    """The mapping the ``--config`` YAML file at ``path`` holds (empty file: none); CLIError when it is missing,
+    not YAML, or not a mapping (``shape`` shows what it should hold)."""
     if not os.path.isfile(path):
         raise CLIError(f"--config: {path} not found")
     try:
@@ -318,7 +319,13 @@ def read_config(parser: ArgumentParser, path: str) -> Dict[str, Any]:
     except yaml.YAMLError as err:
         raise CLIError(f"--config: {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(config, dict):
-        raise CLIError(f"--config: {path} must hold a mapping of option: value")
+        raise CLIError(f"--config: {path} must hold a mapping of {shape}")
+    return config
+
+
+def read_config(parser: ArgumentParser, path: str) -> Dict[str, Any]:
+    """The options of a YAML file, checked as the command line would be, by dest."""
+    config = read_yaml_mapping(path)
     tokens = _tokens(parser, config, f"--config: {path}")
     try:
         return given(parser, tokens)

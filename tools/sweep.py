@@ -40,12 +40,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-import yaml
-
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # ``python tools/sweep.py`` puts tools/ first on the path, not the repo
     sys.path.insert(0, str(ROOT))
 
+from engine.options import read_yaml_mapping  # noqa: E402
 from pruning import METHOD_NAMES  # noqa: E402
 from tools.sweep_report import BEST, write_reports  # noqa: E402
 from tools.sweep_rows import (BASELINE, ENVIRONMENT_FIELDS, NO_LEVEL, PREDICTIONS_DIR, PROTOCOLS, Key,  # noqa: E402
@@ -186,15 +185,7 @@ def load_config(path: Optional[str], overrides: Dict[str, Any]) -> SweepConfig:
     """The YAML file at ``path`` (if any) with ``overrides`` (command-line values) on top."""
     raw: Dict[str, Any] = {}
     if path:
-        if not os.path.isfile(path):
-            raise ValueError(f"--config: {path} not found")
-        try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"--config: {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"--config: {path} must hold a mapping (out_dir: ..., levels: ...)")
+        raw = read_yaml_mapping(path, "out_dir: ..., levels: ...")
         unknown = [key for key in raw if key not in CONFIG_KEYS]
         if unknown:
             raise ValueError(f"--config {path}: unknown key {_unknown(unknown[0], CONFIG_KEYS)}")
