@@ -319,8 +319,10 @@ def write_summary(rows: List[Dict[str, str]], path: Path, level_order: Sequence[
             *pivot_table(groups, level_order, value="gflops", digits=4, protocols=PROTOCOLS[:1], spread=False), "",
             "## Top-1 % with 95% intervals", "",
             f"Several seeds: the t-interval of the mean over seeds (mean ± t(0.975, n−1) · std / √n). One run "
-            f"(off the shelf from a fixed baseline): the percentile bootstrap over the test images ({RESAMPLES} "
-            f"resamples, numpy seed {BOOTSTRAP_SEED}), from the run's predictions.npz.", "",
+            f"(off the shelf from a fixed baseline, or a fine-tune run with one seed): the percentile bootstrap over "
+            f"the test images ({RESAMPLES} resamples, numpy seed {BOOTSTRAP_SEED}), from the run's predictions.npz; "
+            f"for a fine-tune it covers the sampling of the test images, not the spread between fine-tune seeds.",
+            "",
             *interval_table(groups, rows, out_dir), "",
             "## Best method at each level", "",
             "The most accurate compression method at each protocol and level, its 95% interval, and its lead over "
@@ -333,7 +335,7 @@ def write_summary(rows: List[Dict[str, str]], path: Path, level_order: Sequence[
             "Top-1 accuracy of a minus b on the same baseline. Several seeds (fine-tuning): paired by seed (same "
             "baseline checkpoint and seed), mean ± std, the 95% t-interval of the mean difference and the paired "
             "t statistic (with 3 seeds, |t| > 4.30 means p < 0.05, two-sided). One run each (off the shelf from a "
-            f"fixed baseline): the difference on the same test images, its paired bootstrap interval ({RESAMPLES} "
+            f"fixed baseline, or fine-tunes with one common seed): the difference on the same test images, its paired bootstrap interval ({RESAMPLES} "
             "resamples of the images) and McNemar's exact test on the images where only one of them is right "
             "(a ahead in: images only a gets right vs only b). `best pruning`: the most accurate of tk, tk_n, "
             "evit, evit_n, n_wa, a_wn at that protocol and level.", "",
