@@ -29,7 +29,7 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 import pruning.models  # noqa: E402,F401  (registers the vit_pico_* models in timm's registry)
 from engine import zoo  # noqa: E402
 from engine.errors import CLIError, first_line, report_error  # noqa: E402
-from engine.options import ArgumentParser, resolve_device  # noqa: E402
+from engine.options import ArgumentParser, int_at_least, resolve_device  # noqa: E402
 from pruning import METHOD_NAMES  # noqa: E402
 from pruning.benchmark import build_variants, compare_speed  # noqa: E402
 from pruning.flops import vit_shape  # noqa: E402
@@ -37,13 +37,6 @@ from pruning.schedules import resolve_schedule  # noqa: E402
 
 PROG = "benchmark.py"
 DTYPES = ("float32", "float16", "bfloat16")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise ValueError(text)
-    return value
 
 
 def _pool_k(text: str) -> Union[int, List[int]]:
@@ -59,16 +52,16 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--arch", default="vit_small_patch16_224",
                         help="timm VisionTransformer name (vit_pico_* included), hf:FOLDER_OR_HUB_ID or "
                              "open_clip:NAME / open_clip:local-dir:FOLDER (default: %(default)s)")
-    parser.add_argument("--img_size", type=_positive_int, default=None,
+    parser.add_argument("--img_size", type=int_at_least(1), default=None,
                         help="input height and width in pixels (default: the model's own input size)")
-    parser.add_argument("--batch_size", type=_positive_int, default=32,
+    parser.add_argument("--batch_size", type=int_at_least(1), default=32,
                         help="images per forward (default: %(default)s)")
     parser.add_argument("--methods", default="tk_n",
                         help=f"comma list from: {', '.join(METHOD_NAMES[1:])} (default: %(default)s)")
     parser.add_argument("--pool_k", type=_pool_k, default=10,
                         help="tokens removed per block: an int, or a comma list with one per block "
                              "(default: %(default)s)")
-    parser.add_argument("--rounds", type=_positive_int, default=7,
+    parser.add_argument("--rounds", type=int_at_least(1), default=7,
                         help="interleaved timed rounds, the median reported (default: %(default)s)")
     parser.add_argument("--explicit", action="store_true",
                         help="also time attention that materialises the N×N matrix (default: off)")

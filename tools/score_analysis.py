@@ -43,7 +43,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from engine.errors import CLIError, first_line, report_error  # noqa: E402
-from engine.options import ArgumentParser  # noqa: E402
+from engine.options import ArgumentParser, int_at_least  # noqa: E402
 
 PROG = "score_analysis.py"
 CRITERIA = ("norm", "attn")
@@ -297,7 +297,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--arch", required=True, metavar="NAME", help="timm ViT the checkpoint was trained as (required)")
     parser.add_argument("--data_name", default="FashionMNIST", help="dataset (default: %(default)s)")
     parser.add_argument("--data_root", default="../shared/datasets", help="dataset folder (default: %(default)s)")
-    parser.add_argument("--images", type=_positive_int, default=1000, help="first N test images (default: %(default)s)")
+    parser.add_argument("--images", type=int_at_least(1), default=1000, help="first N test images (default: %(default)s)")
     parser.add_argument("--reduce_token", type=_non_negative_int, default=2,
                         help="tokens removed per block: the kept set compared first has patches - K tokens "
                              "(default: %(default)s)")
@@ -312,21 +312,14 @@ def build_parser() -> ArgumentParser:
                              "norm (default: %(default)s)")
     parser.add_argument("--background_threshold", type=float, default=0.05,
                         help="a patch is background when its mean pixel (0..1) is below this (default: %(default)s)")
-    parser.add_argument("--bootstrap", type=_positive_int, default=2000,
+    parser.add_argument("--bootstrap", type=int_at_least(1), default=2000,
                         help="bootstrap resamples for the CIs (default: %(default)s)")
     parser.add_argument("--examples", type=_non_negative_int, default=4,
                         help="example images drawn with both kept sets (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
-    parser.add_argument("--threads", type=_positive_int, default=1, help="CPU threads (default: %(default)s)")
+    parser.add_argument("--threads", type=int_at_least(1), default=1, help="CPU threads (default: %(default)s)")
     parser.add_argument("--out_dir", required=True, metavar="DIR", help="folder for the JSON, markdown and PNG (required)")
     return parser
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise ValueError(text)
-    return value
 
 
 def _non_negative_int(text: str) -> int:

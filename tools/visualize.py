@@ -29,7 +29,7 @@ import data  # noqa: E402
 import pruning.models  # noqa: E402,F401  (registers the vit_pico_* models in timm's registry)
 from pruning.patch import apply_patch  # noqa: E402
 from engine.errors import CLIError, first_line, report_error  # noqa: E402
-from engine.options import ArgumentParser  # noqa: E402
+from engine.options import ArgumentParser, int_at_least  # noqa: E402
 from pruning.visualize import save_token_grid_comparison, save_tokens_per_block_plot  # noqa: E402
 
 PROG = "visualize.py"
@@ -42,13 +42,6 @@ def _int_list(text: str) -> List[int]:
     return values
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise ValueError(text)
-    return value
-
-
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
@@ -56,9 +49,9 @@ def build_parser() -> ArgumentParser:
     tokens.add_argument("--arch", default=None,
                         help="timm ViT to read the token count and depth from (default: none; then give "
                              "--num_tokens and --depth)")
-    tokens.add_argument("--num_tokens", type=_positive_int, default=None,
+    tokens.add_argument("--num_tokens", type=int_at_least(1), default=None,
                         help="tokens entering block 0, without --arch (default: none)")
-    tokens.add_argument("--depth", type=_positive_int, default=None, help="blocks, without --arch (default: none)")
+    tokens.add_argument("--depth", type=int_at_least(1), default=None, help="blocks, without --arch (default: none)")
     tokens.add_argument("--num_prefix_tokens", type=int, default=1,
                         help="class and register tokens, without --arch (default: %(default)s)")
     tokens.add_argument("--pool_k", type=_int_list, required=True,
@@ -68,7 +61,7 @@ def build_parser() -> ArgumentParser:
     grid.add_argument("--checkpoint", action="append", required=True, metavar="[LABEL=]PATH",
                       help="a main.py checkpoint; repeat to compare, each gets its own columns (label default: "
                            "the file name, with parent folders where file names repeat)")
-    grid.add_argument("--images", type=_positive_int, default=4, help="first N test images (default: %(default)s)")
+    grid.add_argument("--images", type=int_at_least(1), default=4, help="first N test images (default: %(default)s)")
     grid.add_argument("--blocks", type=_int_list, default=None,
                       help="0-based block indices, comma separated (default: a few spread over the depth)")
     grid.add_argument("--data_root", default=None, help="dataset folder (default: the first checkpoint's)")
