@@ -5,7 +5,7 @@ The patch keeps one ``CompressionConfig`` on the model (and on each patched bloc
 (the patch, the FLOPs arithmetic, the visualisation) goes through here.
 """
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +56,24 @@ class CompressionConfig:
     trace_source: bool = False
     fused_attn: bool = True
     state: CompressionState = field(default_factory=CompressionState)
+
+    def begin_block(self, index: int, x: Tensor) -> Tuple[int, Optional[Tensor]]:
+        """What block ``index`` does to ``x``: (tokens it removes, the token sizes its attention weighs by, or
+        None without proportional attention). Block 0 starts a new forward pass."""
+        if index == 0:
+            self.state.reset(x, self.trace_source)
+        return self.schedule[index], self.state.size if self.prop_attn else None
+
+    def reduces(self, k: int, size: Optional[Tensor]) -> bool:
+        """Whether a block removing ``k`` tokens, with these sizes, differs from the plain block."""
+        return not ((k == 0 or self.method.reduction == "none") and size is None)
+
+    def end_block(self, x: Tensor) -> Tensor:
+        """Record the tokens (and, when traced, the source map) leaving a block; returns ``x``."""
+        if self.trace_source:
+            self.state.block_sources.append(self.state.source)
+        self.state.tokens_per_block.append(x.shape[1])
+        return x
 
 
 def get_config(model: nn.Module) -> Optional[CompressionConfig]:

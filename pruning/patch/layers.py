@@ -91,23 +91,14 @@ class CompressedLayer:
     _layout: LayerLayout
 
     def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
-        cfg, index = get_config(self), self._compression_index
-        state = cfg.state
-        if index == 0:  # the first layer starts a new forward pass
-            state.reset(hidden_states, cfg.trace_source)
-        k = cfg.schedule[index]
-        size = state.size if cfg.prop_attn else None
-        if (k == 0 or cfg.method.reduction == "none") and size is None and cfg.fused_attn == self._own_attn_fused:
-            x = super().forward(hidden_states, *args, **kwargs)  # the layer's own forward: bit-identical
-        else:
-            if any(isinstance(a, Tensor) for a in (*args, *kwargs.values())):
-                raise ValueError("attention_mask: token compression changes the token set, so attention masks "
-                                 "and separate key/value inputs are not supported")
-            x = self._compressed_forward(cfg, hidden_states, k, size)
-        if cfg.trace_source:
-            state.block_sources.append(state.source)
-        state.tokens_per_block.append(x.shape[1])
-        return x
+        cfg = get_config(self)
+        k, size = cfg.begin_block(self._compression_index, hidden_states)  # layer 0 starts a forward pass
+        if not cfg.reduces(k, size) and cfg.fused_attn == self._own_attn_fused:
+            return cfg.end_block(super().forward(hidden_states, *args, **kwargs))  # the layer's own: bit-identical
+        if any(isinstance(a, Tensor) for a in (*args, *kwargs.values())):
+            raise ValueError("attention_mask: token compression changes the token set, so attention masks "
+                             "and separate key/value inputs are not supported")
+        return cfg.end_block(self._compressed_forward(cfg, hidden_states, k, size))
 
     def _compressed_forward(self, cfg: CompressionConfig, x: Tensor, k: int, size: Optional[Tensor]) -> Tensor:
         layout, method = self._layout, cfg.method

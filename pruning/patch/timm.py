@@ -83,20 +83,13 @@ class CompressedBlock(Block):
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
             raise ValueError("attn_mask: token compression changes the token set, so masks are not supported")
-        cfg, index = get_config(self), self._compression_index
-        state = cfg.state
-        if index == 0:  # the first block starts a new forward pass (works for forward_features and friends)
-            state.reset(x, cfg.trace_source)
-        k = cfg.schedule[index]
-        size = state.size if cfg.prop_attn else None
-        if (k == 0 or cfg.method.reduction == "none") and size is None:
-            x = super().forward(x)  # nothing to do: the plain block, bit for bit
-        else:
+        cfg = get_config(self)
+        k, size = cfg.begin_block(self._compression_index, x)  # block 0 starts a forward pass (forward_features too)
+        if cfg.reduces(k, size):
             x = self._compressed_forward(cfg, x, k, size)
-        if cfg.trace_source:
-            state.block_sources.append(state.source)
-        state.tokens_per_block.append(x.shape[1])
-        return x
+        else:
+            x = super().forward(x)  # nothing to do: the plain block, bit for bit
+        return cfg.end_block(x)
 
     def _compressed_forward(self, cfg: CompressionConfig, x: Tensor, k: int, size: Optional[Tensor]) -> Tensor:
         method = cfg.method
