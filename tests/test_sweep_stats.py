@@ -90,6 +90,34 @@ def test_a_missing_fixed_baseline_dry_runs_and_skips_when_run(tmp_path, no_plot,
     assert fake.calls == []
 
 
+def test_more_seeds_later_add_fine_tunes_without_evaluating_the_fixed_baseline_again(tmp_path, no_plot):
+    config = fixed_config(tmp_path, seeds=[0])
+    assert run_fake(config, FakeMain()) == 0
+    fake = FakeMain()
+    assert run_fake(config, fake, "--seeds", "1,2") == 0
+    assert {(c["seed"], bool(c.get("eval_only"))) for c in fake.calls} == {(1, False), (2, False)}
+    rows = read_csv(tmp_path / "out" / "runs.csv")
+    assert [r["seed"] for r in rows if r["protocol"] in ("baseline", "offtheshelf")] == ["0"] * 7
+
+
+def test_levels_option_runs_only_the_levels_named_and_the_summary_keeps_every_level(tmp_path, no_plot):
+    config = fixed_config(tmp_path, seeds=[0])
+    assert run_fake(config, FakeMain(), "--protocols", "offtheshelf") == 0
+    fake = FakeMain()
+    assert run_fake(config, fake, "--levels", "k3", "--protocols", "finetune") == 0
+    ran = sorted((c["method"], c["reduce_token"]) for c in fake.calls if not c.get("eval_only"))
+    assert ran == [("none", "0"), ("tk", "3"), ("tk_n", "3")]  # method none compresses at no level: it runs
+    header = next(line for line in (tmp_path / "out" / "summary.md").read_text().splitlines()
+                  if line.startswith("| method | offtheshelf"))
+    assert header == "| method | offtheshelf f80 | offtheshelf k3 | finetune k3 |"
+
+
+def test_an_unknown_level_name_is_one_line(tmp_path, capsys):
+    assert run_fake(fixed_config(tmp_path), FakeMain(), "--levels", "k9") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "sweep.py: error: --levels: unknown level 'k9'; the config's levels are f80, k3"
+
+
 def test_per_seed_baselines_still_train_when_no_checkpoint_is_named(tmp_path, no_plot):
     fake = FakeMain()
     assert run_fake(write_config(tmp_path, seeds=[0, 1]), fake) == 0

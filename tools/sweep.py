@@ -138,6 +138,9 @@ class SweepConfig:
     offtheshelf_args: Options = field(default_factory=dict)  # ... for the off-the-shelf protocol
     compare: List[Tuple[str, str]] = field(default_factory=lambda: [("tk_n", "tk")])  # paired differences
     threads: Optional[int] = None  # torch CPU threads (None: main.py's rule, 1 for models under 5 M parameters)
+    # with a fixed baseline, the seed of its evaluations (baseline, off the shelf), which run once: the YAML's
+    # first seed, so that ``--seeds 1,2`` adds fine-tunes without evaluating the same checkpoint again
+    evaluation_seed: int = 0
     baseline_checkpoint: Optional[str] = None  # a fixed, trained baseline: no baseline is trained
     jobs: int = 1  # runs at once, each in a process of its own
 
@@ -189,6 +192,7 @@ def load_config(path: Optional[str], overrides: Dict[str, Any]) -> SweepConfig:
         unknown = [key for key in raw if key not in CONFIG_KEYS]
         if unknown:
             raise ValueError(f"--config {path}: unknown key {_unknown(unknown[0], CONFIG_KEYS)}")
+    file_seeds = raw.get("seeds")
     if overrides.get("out_dir") and not overrides.get("work_dir"):
         raw.pop("work_dir", None)  # --out_dir moves everything the sweep writes, run folders included
     raw.update({k: v for k, v in overrides.items() if v is not None})
@@ -216,6 +220,7 @@ def load_config(path: Optional[str], overrides: Dict[str, Any]) -> SweepConfig:
     return SweepConfig(
         out_dir=out_dir, work_dir=Path(raw.get("work_dir") or out_dir / "runs"),
         seeds=[int(s) for s in raw.get("seeds", [0])], methods=methods,
+        evaluation_seed=int((file_seeds or raw.get("seeds") or [0])[0]),
         levels=[Level.from_dict(entry) for entry in raw["levels"]], protocols=protocols,
         main_args=raw.get("main_args") or {}, baseline_args=raw.get("baseline_args") or {},
         finetune_args=raw.get("finetune_args") or {}, offtheshelf_args=raw.get("offtheshelf_args") or {},
@@ -339,9 +344,9 @@ def plan_runs(config: SweepConfig, schedule: Callable[[str, Level], Schedule]) -
     method × level (so an interrupted sweep has whole seeds). ``schedule(method, level)`` gives the
     per-block reduction; method ``none`` runs once per protocol and seed (level ``-``), the
     uncompressed control. With a fixed baseline checkpoint the baseline and off-the-shelf runs
-    (evaluations) run for the first seed only.
+    (evaluations) run once, with ``config.evaluation_seed``.
     """
-    once = config.seeds[:1]  # a fixed baseline: evaluations do not depend on the seed
+    once = [config.evaluation_seed]  # a fixed baseline: evaluations do not depend on the seed
     plan = [_spec(config, BASELINE, "none", NO_LEVEL, "0", seed)
             for seed in (once if config.baseline_checkpoint else config.seeds)]
     for protocol in config.protocols:
@@ -377,6 +382,15 @@ def make_row(spec: RunSpec, results: Results, seconds: float) -> Dict[str, Any]:
         "speedup": _number(results.get("speedup"), 3), "params_m": _number(results.get("params_m"), 4),
         "seconds": round(seconds, 1), "command": spec.command,
     }
+
+
+def only_levels(plan: List[RunSpec], names: Sequence[str], levels: Sequence[Level]) -> List[RunSpec]:
+    """The runs of ``plan`` at the levels named, and those at no level (baselines, method none)."""
+    known = [level.name for level in levels]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"--levels: unknown level {unknown[0]!r}; the config's levels are {', '.join(known)}")
+    return [spec for spec in plan if spec.level == NO_LEVEL or spec.level in names]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -614,6 +628,8 @@ def parse_cli(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--work_dir", help="run folders and checkpoints (default <out_dir>/runs)")
     parser.add_argument("--seeds", type=csv_list(int), help="e.g. 0,1,2")
     parser.add_argument("--methods", type=csv_list(str), help="e.g. none,tk,tk_n")
+    parser.add_argument("--levels", type=csv_list(str), help="run only the config's levels of these names, e.g. "
+                                                             "f80,f50 (summary.md still shows every level)")
     parser.add_argument("--protocols", type=csv_list(str), help="finetune,offtheshelf")
     parser.add_argument("--threads", type=int, help="torch CPU threads for the runs (default: main.py's rule: 1 "
                                                     "for models under 5 M parameters, else torch's own)")
@@ -644,6 +660,8 @@ def main(argv: Optional[List[str]] = None, run_fn: RunFn = run_main,
 
             threads = config.threads or (1 if config.jobs > 1 else main.choose_threads(reference_args(config.main_args)))
             plan = plan_runs(config, schedule or reference_resolver(config.main_args).schedule)
+            if opts.levels:
+                plan = only_levels(plan, opts.levels, config.levels)
     except (ValueError, TypeError, CLIError) as err:
         return report_error("sweep.py", err)
     failed: List[RunSpec] = []
