@@ -356,8 +356,8 @@ PARETO_AXES = (("gflops", "GFLOPs / image", "GFLOPs"),
 
 def plot_pareto(rows: List[Dict[str, str]], path: Path, level_order: Sequence[str]) -> None:
     """Accuracy against GFLOPs (left) and throughput speedup (right), one row of plots per protocol,
-    one line per method through its levels (light to heavy, as configured); error bars are the std
-    over seeds, the star is the baseline (speedup 1 by definition)."""
+    one line per method through its levels in order of cost (matched-FLOPs and equal-k levels on one
+    curve); error bars are the std over seeds, the star is the baseline (speedup 1 by definition)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -398,7 +398,7 @@ def _draw_line(ax, points: List[Group], x_name: str, label: str, color) -> None:
             coords.append((x, y, 0.0 if math.isnan(y_std) else y_std))
     if not coords:
         return
-    xs, ys, errs = zip(*coords)
+    xs, ys, errs = zip(*sorted(coords))
     ax.errorbar(xs, ys, yerr=errs, marker="o", markersize=4, capsize=2, label=label, color=color)
 
 
