@@ -204,7 +204,28 @@ def test_the_tool_end_to_end_as_a_script(pico_checkpoint, tmp_path):
         assert len(background[key]) == depth
     png = (out / "score_analysis.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    assert "| block |" in (out / "score_analysis.md").read_text()
+    text = (out / "score_analysis.md").read_text()
+    assert "| block |" in text and sa.in_short(report) in text
+
+
+def test_in_short_states_the_ranges_after_block_0():
+    nan = float("nan")
+    report = {
+        "depth": 3,
+        "keep_sets": [{"label": "K=45 (reduce_token 4)", "iou": {"mean": [0.9, 0.8, 0.85]}, "chance_iou": 0.85},
+                      {"label": "K=12 (keep 0.25)", "iou": {"mean": [0.5, 0.07, 0.14]}, "chance_iou": 0.144}],
+        "spearman": {"mean": [0.4, -0.29, 0.02]},
+        "background": {"top_norm": [0.1, 0.81, 0.86], "top_attn": [0.3, 0.22, 0.11], "kept_keep": 12,
+                       "kept_norm": [0.5, 0.73, 0.77], "kept_attn": [0.5, 0.26, 0.16], "patch_fraction": 0.4},
+        "norm_outliers": {"factor": 3.0, "images_with_outlier": [0.0, 0.0, nan],
+                          "max_over_median": {"mean": [2.0, 1.8, 1.49]}},
+    }
+    assert sa.in_short(report) == (
+        "After block 0, the kept sets of norm and attention overlap with IoU 0.07 to 0.14 at K=12 (random sets: "
+        "0.14) and the scores' rank correlation is -0.29 to 0.02. The top-norm token is a background patch in "
+        "81 to 86 % of the images, the top-attention token in 11 to 22 %; of the K=12 tokens each keeps, 73 to 77 % "
+        "are background by norm and 16 to 26 % by attention (40 % of all patches are background). Images with an "
+        "outlying norm (over 3× the median): 0 %; the largest norm is 1.49 to 1.80× the median.")
 
 
 def one_error_line(capsys, argv):

@@ -459,9 +459,38 @@ def write_markdown(report: Dict[str, Any], path: str) -> None:
             f"| {_pct(bg['top_norm'][b])} | {_pct(bg['top_attn'][b])} | {_pct(bg['outlier_tokens'][b])} "
             f"| {_pct(bg['kept_norm'][b])} / {_pct(bg['kept_attn'][b])} | {cell(mode_n)} | {cell(mode_a)} "
             f"| {_pct(pos['same_top_token'][b])} |")
-    lines += ["", "## Interpretation", "", "_To be written on the final baseline model._", ""]
+    lines += ["", "## In short", "", in_short(report), ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
+
+
+def _span(values: Sequence[float], show: Any) -> str:
+    """``low to high`` of the finite values, each shown by ``show``; ``–`` without any."""
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    if not finite:
+        return "–"
+    low, high = show(min(finite)), show(max(finite))
+    return low if low == high else f"{low} to {high}"
+
+
+def in_short(report: Dict[str, Any]) -> str:
+    """The tables' main facts in one paragraph, over the blocks after the first (block 0 reads the embedding
+    more than the image, and in a one-block model the first is all there is). Measured, not interpreted."""
+    later = slice(1, None) if report["depth"] > 1 else slice(None)
+    blocks = "after block 0" if report["depth"] > 1 else "in its block"
+    smallest = report["keep_sets"][-1]
+    out, bg = report["norm_outliers"], report["background"]
+    pct = lambda v: f"{100 * v:.0f}"  # noqa: E731
+    return (f"{blocks[0].upper()}{blocks[1:]}, the kept sets of norm and attention overlap with IoU "
+            f"{_span(smallest['iou']['mean'][later], lambda v: f'{v:.2f}')} at {smallest['label'].split(' (')[0]} "
+            f"(random sets: {smallest['chance_iou']:.2f}) and the scores' rank correlation is "
+            f"{_span(report['spearman']['mean'][later], lambda v: f'{v:.2f}')}. The top-norm token is a background "
+            f"patch in {_span(bg['top_norm'][later], pct)} % of the images, the top-attention token in "
+            f"{_span(bg['top_attn'][later], pct)} %; of the K={bg['kept_keep']} tokens each keeps, "
+            f"{_span(bg['kept_norm'][later], pct)} % are background by norm and {_span(bg['kept_attn'][later], pct)} % "
+            f"by attention ({pct(bg['patch_fraction'])} % of all patches are background). Images with an outlying "
+            f"norm (over {out['factor']:g}× the median): {_span(out['images_with_outlier'][later], pct)} %; the "
+            f"largest norm is {_span(out['max_over_median']['mean'][later], lambda v: f'{v:.2f}')}× the median.")
 
 
 def save_figure(report: Dict[str, Any], pixels: np.ndarray, norms: np.ndarray, attn: np.ndarray, path: str,
