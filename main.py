@@ -202,6 +202,13 @@ def train_or_evaluate(r: Run) -> Tuple[Optional[float], Optional[float]]:
     if processes.enabled:  # the same weights everywhere (DDP starts from rank 0's), other augmentations
         seed_everything(args.seed + processes.rank)
     train_loader, test_loader, generator = train.build_loaders(r.splits, args, device, processes, r.training)
+    with train.workers_stopped(train_loader, test_loader):
+        return run_loops(r, train_loader, test_loader, generator)
+
+
+def run_loops(r: Run, train_loader, test_loader, generator) -> Tuple[Optional[float], Optional[float]]:
+    """The evaluation (--eval_only) or the training loop, over the loaders; (final, best) top-1."""
+    args, device, processes = r.args, r.device, r.processes
     eval_model = torch.compile(r.model) if args.compile else r.model
     dtype = options.amp_dtype(args, device)
     if args.eval_only:

@@ -5,6 +5,7 @@ after every epoch, an exact continuation of a ``--resume``d run, and stopping cl
     history = fit(args, loop, resume=None, settings=settings, stop=stop)
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -76,6 +77,22 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
 def autocast(device: torch.device, dtype: Optional[torch.dtype]):
     """Autocast to ``dtype``; a no-op when it is None."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+@contextlib.contextmanager
+def workers_stopped(*loaders: Optional[DataLoader]):
+    """While inside, the loaders' persistent workers serve every epoch; on leaving, by any path, they are
+    stopped. A run that failed would otherwise leave them to its exception's traceback, and as they ignore
+    SIGTERM (:func:`engine.signals.ignore_stop_signals`), a process that ran it in process could not exit."""
+    try:
+        yield
+    finally:
+        for loader in loaders:
+            iterator = getattr(loader, "_iterator", None)  # where DataLoader keeps its persistent workers
+            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()
+            if loader is not None:
+                loader._iterator = None
 
 
 def build_loaders(splits: data.Splits, args: argparse.Namespace, device: torch.device, processes: Processes,

@@ -1,5 +1,6 @@
 """ImageFolder data (--data_name folder): files that do not decode are named by path; folders with no
 images, or with a single class, are refused before anything is trained."""
+import multiprocessing
 import os
 
 import numpy as np
@@ -40,8 +41,11 @@ def test_an_image_that_does_not_decode_is_named(capsys, tmp_path, workers, damag
     else:  # a valid header, the pixel data cut off
         whole = (tmp_path / "train" / "dog" / "0.png").read_bytes()
         bad.write_bytes(whole[: len(whole) // 2])
+    before = set(multiprocessing.active_children())
     line = fails(capsys, tmp_path, "--num_workers", workers)
     assert f"cannot decode {bad}" in line and "--data_name folder" in line and "replace or delete" in line
+    left = [child for child in multiprocessing.active_children() if child not in before]
+    assert left == []  # the failed run's loader workers are stopped: they would keep this process from exiting
 
 
 def test_a_folder_without_class_folders(capsys, tmp_path):
