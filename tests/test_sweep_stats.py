@@ -267,6 +267,27 @@ def test_summary_off_the_shelf_paired_bootstrap_and_mcnemar(tmp_path):
            f"{n} test images |" in text
 
 
+def test_one_common_seed_is_compared_on_that_seeds_predictions(tmp_path):
+    """a ran seeds 0 and 1, b only seed 0: their difference and its interval come from seed 0 of both,
+    whatever order runs.csv lists the rows in."""
+    out = tmp_path / "out"
+    n = 300
+    labels = np.arange(n) % 10
+    rng = np.random.default_rng(2)
+    right = {("tk", 0): rng.random(n) < 0.8, ("tk", 1): rng.random(n) < 0.5, ("tk_n", 0): rng.random(n) < 0.7}
+    rows = []
+    for (method, seed), correct in right.items():
+        predicted = np.where(correct, labels, (labels + 1) % 10)
+        path = write_predictions(out, f"{method}{seed}.npz", predicted, labels)
+        rows.append(shelf_row(method, "f80", 100 * correct.mean(), path, protocol="finetune", seed=seed))
+    rows.reverse()  # seed 1 of tk first
+    diff = (right["tk_n", 0].astype(float) - right["tk", 0].astype(float)) * 100
+    _, low, high = sweep_stats.bootstrap_ci(diff)
+    found = sweep_report.pair_interval(rows, "tk_n", "tk", "finetune", "f80", out)
+    assert (found.mean, found.low, found.high) == pytest.approx((diff.mean(), low, high))
+    assert sweep_report.paired_differences(rows, "tk_n", "tk", "finetune", "f80") == pytest.approx([diff.mean()])
+
+
 def test_summary_fine_tuned_differences_are_t_intervals_over_seeds(tmp_path):
     rows = [shelf_row("tk", "f80", acc, protocol="finetune", seed=s) for s, acc in enumerate((80.0, 82.0, 87.0))]
     rows += [shelf_row("tk_n", "f80", acc, protocol="finetune", seed=s) for s, acc in enumerate((81.0, 85.0, 86.0))]

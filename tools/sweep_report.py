@@ -98,16 +98,26 @@ def _cell(group: Optional[Group], value: str, digits: int, spread: bool) -> str:
     return fmt_mean_std(values, digits) if spread else f"{mean_std(values)[0]:.{digits}f}"
 
 
+def _rows_of(rows: List[Dict[str, str]], protocol: str, method: str, level: str) -> List[Dict[str, str]]:
+    level = NO_LEVEL if method == "none" else level
+    return [r for r in rows if r["protocol"] == protocol and r["method"] == method and r["level"] == level
+            and r.get("accuracy") not in (None, "")]
+
+
+def paired_rows(rows: List[Dict[str, str]], a: str, b: str, protocol: str, level: str
+                ) -> List[Tuple[Dict[str, str], Dict[str, str]]]:
+    """(row of a, row of b) for each seed both have at ``protocol`` and ``level``, by seed: the same baseline
+    checkpoint and the same training seed."""
+    of_a = {r["seed"]: r for r in _rows_of(rows, protocol, a, level)}
+    of_b = {r["seed"]: r for r in _rows_of(rows, protocol, b, level)}
+    return [(of_a[seed], of_b[seed]) for seed in sorted(of_a.keys() & of_b.keys(), key=int)]
+
+
 def paired_differences(rows: List[Dict[str, str]], method_a: str, method_b: str, protocol: str,
                        level: str) -> List[float]:
-    """accuracy(a) - accuracy(b) for each seed that has both (same baseline, same training seed)."""
-    by_seed: Dict[Tuple[str, str], float] = {}
-    for r in rows:
-        if r["protocol"] == protocol and r["level"] == level and r["method"] in (method_a, method_b) and r["accuracy"]:
-            by_seed[(r["method"], r["seed"])] = float(r["accuracy"])
-    seeds = sorted({s for (_, s) in by_seed}, key=int)
-    return [by_seed[(method_a, s)] - by_seed[(method_b, s)] for s in seeds
-            if (method_a, s) in by_seed and (method_b, s) in by_seed]
+    """accuracy(a) - accuracy(b) for each seed that has both."""
+    return [float(row_a["accuracy"]) - float(row_b["accuracy"])
+            for row_a, row_b in paired_rows(rows, method_a, method_b, protocol, level)]
 
 
 def load_correct(out_dir: Path, row: Dict[str, str]):
@@ -138,12 +148,6 @@ class Interval:
         return "–" if math.isnan(self.low) else f"[{self.low:.{digits}f}, {self.high:.{digits}f}]"
 
 
-def _rows_of(rows: List[Dict[str, str]], protocol: str, method: str, level: str) -> List[Dict[str, str]]:
-    level = NO_LEVEL if method == "none" else level
-    return [r for r in rows if r["protocol"] == protocol and r["method"] == method and r["level"] == level
-            and r.get("accuracy") not in (None, "")]
-
-
 def accuracy_interval(members: List[Dict[str, str]], out_dir: Path) -> Optional[Interval]:
     """Top-1 (%) of one protocol × method × level: over seeds (t-interval) when there are several; one run
     with predictions: the bootstrap over its test images; else the value alone."""
@@ -172,9 +176,8 @@ def pair_interval(rows: List[Dict[str, str]], a: str, b: str, protocol: str, lev
         return Interval(mean, low, high, f"t over {len(diffs)} seeds",
                         test="–" if math.isnan(t) else f"t = {t:.1f}, {len(diffs) - 1} df",
                         ahead=f"{sum(d > 0 for d in diffs)}/{len(diffs)} seeds")
-    loaded = [load_correct(out_dir, r) for r in (_rows_of(rows, protocol, a, level)[:1] + _rows_of(rows, protocol, b,
-                                                                                                   level)[:1])]
-    if len(loaded) < 2 or None in loaded or loaded[0][1] != loaded[1][1]:
+    loaded = [load_correct(out_dir, row) for row in paired_rows(rows, a, b, protocol, level)[0]]  # the one seed
+    if None in loaded or loaded[0][1] != loaded[1][1]:
         return Interval(diffs[0], math.nan, math.nan, "one run")
     (correct_a, _), (correct_b, _) = loaded
     mean, low, high = bootstrap_ci((correct_a.astype(float) - correct_b.astype(float)) * 100)
