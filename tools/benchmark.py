@@ -87,10 +87,7 @@ def create_model(arch: str, img_size: Optional[int] = None) -> torch.nn.Module:
     """The timm model ``arch`` (at ``img_size`` if given, else at its own size), in eval mode; a transformers or
     OpenCLIP model (``hf:``, ``open_clip:``, a model folder): the module the library patches, random weights."""
     if zoo.parse_arch(arch).family != "timm":
-        try:
-            return zoo.geometry(zoo.build(arch, None, 3, img_size=img_size)).module.eval()
-        except CLIError as err:
-            raise CLIError(str(err)) from None
+        return zoo.geometry(zoo.build(arch, None, 3, img_size=img_size)).module.eval()
     if not timm.is_model(arch):
         raise CLIError(f"--arch: unknown timm model {arch!r}")
     try:

@@ -377,8 +377,6 @@ def load_images(name: str, root: str, count: int, img_size: int) -> Tuple[Tensor
         splits = data.build_dataset(name, root, download=False)
         splits.set_transforms(img_size, augment="none")
         items = [splits.test[i] for i in range(min(count, len(splits.test)))]
-    except data.DataError:
-        raise
     except (OSError, RuntimeError, KeyError, TypeError, ValueError) as err:
         raise CLIError(f"--data_root: the test images of {name!r} cannot be read from {root}: "
                         f"{first_line(err)}") from None

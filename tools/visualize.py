@@ -140,8 +140,6 @@ def load_test_images(settings: Dict, count: int, data_root: Optional[str] = None
         splits = data.build_dataset(settings["data_name"], root, download=False)
         splits.set_transforms(settings["img_size"], settings.get("augment"))
         images = torch.stack([splits.test[i][0] for i in range(min(count, len(splits.test)))])
-    except data.DataError as err:
-        raise CLIError(first_line(err)) from None
     except (OSError, RuntimeError, KeyError, TypeError) as err:
         raise CLIError(f"--data_root: the test images of {settings.get('data_name')!r} cannot be read "
                         f"from {root}: {first_line(err)}") from None
