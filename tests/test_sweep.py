@@ -124,6 +124,31 @@ def test_rows_present_are_skipped_and_missing_ones_run(tmp_path, no_plot):
     assert len(read_csv(csv_path)) == PLANNED
 
 
+def test_runs_csv_keeps_the_whole_sweeps_order_whichever_part_ran_last(tmp_path, no_plot):
+    config = write_config(tmp_path)
+    csv_path = tmp_path / "out" / "runs.csv"
+    assert run_sweep(config, FakeMain(), "--methods", "tk_n", "--seeds", "1") == 0
+    assert run_sweep(config, FakeMain(), "--levels", "heavy") == 0
+    assert run_sweep(config, FakeMain(), "--methods", "tk,tk_n", "--levels", "light") == 0
+    in_parts = [sweep_rows.row_key(r) for r in read_csv(csv_path)]
+
+    csv_path.unlink()
+    assert run_sweep(config, FakeMain()) == 0
+    assert in_parts == [sweep_rows.row_key(r) for r in read_csv(csv_path)]
+
+
+def test_a_runs_csv_written_out_of_order_is_put_in_order(tmp_path, no_plot):
+    config = write_config(tmp_path)
+    csv_path = tmp_path / "out" / "runs.csv"
+    run_sweep(config, FakeMain())
+    rows = read_csv(csv_path)
+    sweep_rows.write_rows(csv_path, rows[::-1])
+
+    fake = FakeMain()
+    assert run_sweep(config, fake) == 0
+    assert fake.calls == [] and read_csv(csv_path) == rows
+
+
 def test_a_lost_baseline_checkpoint_is_retrained_once(tmp_path, no_plot):
     config = write_config(tmp_path)
     run_sweep(config, FakeMain())

@@ -481,10 +481,11 @@ def run_in_worker(run_fn: RunFn, threads: int, options: Dict[str, Any], log_path
             signal.signal(signal.SIGINT, previous)
 
 
-def ordered_rows(rows: List[Dict[str, Any]], plan: List[RunSpec]) -> List[Dict[str, Any]]:
-    """Rows in plan order (rows of runs no longer planned last, as they were), whatever order the runs ended in."""
-    order = {spec.key: index for index, spec in enumerate(plan)}
-    return [r for _, r in sorted(enumerate(rows), key=lambda item: (order.get(row_key(item[1]), len(order)), item[0]))]
+def ordered_rows(rows: List[Dict[str, Any]], order: Sequence[Key]) -> List[Dict[str, Any]]:
+    """Rows in the order of the run keys ``order`` (rows of other runs last, as they were), whatever order the
+    runs ended in."""
+    rank = {key: index for index, key in enumerate(order)}
+    return [r for _, r in sorted(enumerate(rows), key=lambda item: (rank.get(row_key(item[1]), len(rank)), item[0]))]
 
 
 def keep_predictions(spec: RunSpec, results: Results, out_dir: Path) -> str:
@@ -505,7 +506,8 @@ def keep_predictions(spec: RunSpec, results: Results, out_dir: Path) -> str:
 
 def execute(plan: List[RunSpec], runs_csv: Path, run_fn: RunFn = run_main,
             log: Callable[[str], None] = print, jobs: int = 1, threads: int = 1,
-            pool_factory: Optional[Callable[[], Any]] = None, log_dir: Optional[Path] = None) -> List[RunSpec]:
+            pool_factory: Optional[Callable[[], Any]] = None, log_dir: Optional[Path] = None,
+            row_order: Sequence[Key] = ()) -> List[RunSpec]:
     """Run what runs.csv lacks, saving each row as soon as its run ends; returns the runs that failed.
 
     A failed run is logged and left out of runs.csv (the next sweep retries it); runs that need a
@@ -513,9 +515,15 @@ def execute(plan: List[RunSpec], runs_csv: Path, run_fn: RunFn = run_main,
     process of its own (spawned, ``threads`` torch threads, its output in ``log_dir/<run>.log``), a run
     that needs a baseline checkpoint starting once the baseline has finished; runs.csv is written by
     this process, in plan order, as runs finish, so an interruption loses only the runs in flight.
-    ``pool_factory`` (tests): the executor to use instead of a process pool.
+    ``row_order``: the keys of the whole sweep's runs, when ``plan`` is part of it (``--methods``, ``--levels``):
+    runs.csv keeps their order, whichever part ran last. ``pool_factory`` (tests): the executor to use instead
+    of a process pool.
     """
+    order = list(row_order) + [spec.key for spec in plan if spec.key not in set(row_order)]
     rows = read_rows(runs_csv)
+    if rows and ordered_rows(rows, order) != rows:  # written by a run of a part of the sweep
+        rows = ordered_rows(rows, order)
+        write_rows(runs_csv, rows)
     todo = pending_runs(plan, rows)
     log(f"sweep: {len(plan)} runs planned, {len(plan) - len(todo)} already in {runs_csv}, {len(todo)} to run"
         + (f", {jobs} at once" if jobs > 1 else ""))
@@ -535,7 +543,7 @@ def execute(plan: List[RunSpec], runs_csv: Path, run_fn: RunFn = run_main,
         nonlocal rows
         row = make_row(spec, results, seconds)
         row["predictions"] = keep_predictions(spec, results, runs_csv.parent)
-        rows = ordered_rows(derive_speedups([r for r in rows if row_key(r) != spec.key] + [row]), plan)
+        rows = ordered_rows(derive_speedups([r for r in rows if row_key(r) != spec.key] + [row]), order)
         write_rows(runs_csv, rows)
         log(f"  {spec.name}: accuracy {row['accuracy']}  gflops {row['gflops']}  {row['seconds']} s")
 
@@ -651,15 +659,17 @@ def main(argv: Optional[List[str]] = None, run_fn: RunFn = run_main,
     from engine.errors import CLIError, report_error
 
     try:  # bad input ends as one line and exit code 2, as in main.py
-        config = load_config(opts.config, {"out_dir": opts.out_dir, "work_dir": opts.work_dir, "seeds": opts.seeds,
-                                           "methods": opts.methods, "protocols": opts.protocols,
-                                           "threads": opts.threads, "jobs": opts.jobs,
-                                           "baseline_checkpoint": opts.baseline_checkpoint})
+        settings = {"out_dir": opts.out_dir, "work_dir": opts.work_dir, "threads": opts.threads, "jobs": opts.jobs,
+                    "baseline_checkpoint": opts.baseline_checkpoint}
+        parts = {"seeds": opts.seeds, "methods": opts.methods, "protocols": opts.protocols}
+        config = load_config(opts.config, {**settings, **parts})
         if not opts.report_only:
             import main
 
             threads = config.threads or (1 if config.jobs > 1 else main.choose_threads(reference_args(config.main_args)))
-            plan = plan_runs(config, schedule or reference_resolver(config.main_args).schedule)
+            schedule = schedule or reference_resolver(config.main_args).schedule
+            plan = plan_runs(config, schedule)
+            whole_plan = plan_runs(load_config(opts.config, settings), schedule) if any(parts.values()) else plan
             if opts.levels:
                 plan = only_levels(plan, opts.levels, config.levels)
     except (ValueError, TypeError, CLIError) as err:
@@ -677,7 +687,7 @@ def main(argv: Optional[List[str]] = None, run_fn: RunFn = run_main,
                 print(f"sweep: nothing left to do: all {len(plan)} runs are in {config.runs_csv}")
             return 0
         failed = execute(plan, config.runs_csv, run_fn, jobs=config.jobs, threads=threads,
-                         log_dir=config.work_dir / "logs")
+                         log_dir=config.work_dir / "logs", row_order=[spec.key for spec in whole_plan])
         if failed:
             names = "; ".join(spec.name for spec in failed[:5]) + ("; ..." if len(failed) > 5 else "")
             print(f"sweep: {len(failed)} runs failed or were skipped ({names}); run the sweep again to retry them",
