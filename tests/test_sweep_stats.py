@@ -299,6 +299,21 @@ def test_summary_fine_tuned_differences_are_t_intervals_over_seeds(tmp_path):
     assert f"| finetune | f80 | tk_n | {mean:.2f} | [{low:.2f}, {high:.2f}] | tk | +1.00 | [-3.97, 5.97] |" in text
 
 
+def test_summary_pivots_each_protocols_intervals_by_method_and_level(tmp_path):
+    rows = [shelf_row("tk", "f80", acc, protocol="finetune", seed=s) for s, acc in enumerate((80.0, 82.0, 87.0))]
+    rows += [shelf_row("none", "-", acc, protocol="finetune", seed=s) for s, acc in enumerate((90.0, 91.0, 92.0))]
+    rows += [shelf_row("tk_n", "f50", 70.0, protocol="finetune")]  # one run, no predictions: no interval
+    sweep_report.write_summary(rows, tmp_path / "summary.md", ["f80", "f50"], [("tk_n", "tk")])
+    text = (tmp_path / "summary.md").read_text()
+    tk, none = sweep_stats.t_interval([80.0, 82.0, 87.0]), sweep_stats.t_interval([90.0, 91.0, 92.0])
+    none_cell = f"{none[0]:.2f} [{none[1]:.2f}, {none[2]:.2f}]"
+    assert "finetune:\n\n| method | f80 | f50 |\n|---|---|---|\n" in text
+    assert f"| none | {none_cell} | {none_cell} |" in text  # uncompressed: every level
+    assert f"| tk | {tk[0]:.2f} [{tk[1]:.2f}, {tk[2]:.2f}] |  |" in text  # tk did not run at f50
+    assert "| tk_n |  | 70.00 – |" not in text and "| tk_n |  | 70.00 |" in text
+    assert "offtheshelf:" not in text  # no off-the-shelf runs: no table
+
+
 # --- --jobs ----------------------------------------------------------------------------------------------
 
 def test_jobs_respect_the_baselines_and_write_rows_in_plan_order(tmp_path, no_plot):

@@ -233,6 +233,24 @@ def interval_table(groups: List[Group], rows: List[Dict[str, str]], out_dir: Pat
     return lines
 
 
+def interval_pivot(rows: List[Dict[str, str]], protocol: str, level_order: Sequence[str], out_dir: Path) -> List[str]:
+    """One protocol's top-1 with its 95% interval (as :func:`accuracy_interval`), a line per method and a
+    column per level; method ``none`` fills every column."""
+    levels = _levels_of(rows, protocol, level_order)
+    lines = ["| method | " + " | ".join(levels) + " |", "|---|" + "---|" * len(levels)]
+    for method in METHOD_NAMES:
+        found = [accuracy_interval(_rows_of(rows, protocol, method, level), out_dir) for level in levels]
+        if any(found):
+            lines.append(f"| {method} | " + " | ".join(_with_interval(f) for f in found) + " |")
+    return lines
+
+
+def _with_interval(found: Optional[Interval]) -> str:
+    if found is None:
+        return ""
+    return f"{found.mean:.2f}" if math.isnan(found.low) else f"{found.mean:.2f} {found.ci()}"
+
+
 def best_table(rows: List[Dict[str, str]], level_order: Sequence[str], out_dir: Path) -> List[str]:
     """At each protocol and cost level: the most accurate compression method, its 95% interval, and its lead
     over the next one (paired)."""
@@ -326,6 +344,8 @@ def write_summary(rows: List[Dict[str, str]], path: Path, level_order: Sequence[
             f"the test images ({RESAMPLES} resamples, numpy seed {BOOTSTRAP_SEED}), from the run's predictions.npz; "
             f"for a fine-tune it covers the sampling of the test images, not the spread between fine-tune seeds.",
             "",
+            *[line for protocol in PROTOCOLS if _levels_of(rows, protocol, level_order)
+              for line in (f"{protocol}:", "", *interval_pivot(rows, protocol, level_order, out_dir), "")],
             *interval_table(groups, rows, out_dir), "",
             "## Best method at each level", "",
             "The most accurate compression method at each protocol and level, its 95% interval, and its lead over "
