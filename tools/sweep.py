@@ -519,7 +519,8 @@ def execute(plan: List[RunSpec], runs_csv: Path, run_fn: RunFn = run_main,
     runs.csv keeps their order, whichever part ran last. ``pool_factory`` (tests): the executor to use instead
     of a process pool.
     """
-    order = list(row_order) + [spec.key for spec in plan if spec.key not in set(row_order)]
+    whole = set(row_order)
+    order = list(row_order) + [spec.key for spec in plan if spec.key not in whole]
     rows = read_rows(runs_csv)
     if rows and ordered_rows(rows, order) != rows:  # written by a run of a part of the sweep
         rows = ordered_rows(rows, order)
