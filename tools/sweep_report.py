@@ -224,22 +224,42 @@ def comparison_table(rows: List[Dict[str, str]], pairs: Sequence[Tuple[str, str]
     return lines
 
 
-def interval_table(groups: List[Group], rows: List[Dict[str, str]], out_dir: Path) -> List[str]:
+Intervals = Dict[Tuple[str, str, str], Interval]  # (protocol, method, level) -> top-1 with its interval
+
+
+def accuracy_intervals(rows: List[Dict[str, str]], out_dir: Path) -> Intervals:
+    """:func:`accuracy_interval` of every (protocol, method, level) the rows hold, each computed once (a
+    bootstrap over the test images is the slow part of the summary)."""
+    intervals = {}
+    for key in dict.fromkeys((r["protocol"], r["method"], r["level"]) for r in rows):
+        found = accuracy_interval(_rows_of(rows, *key), out_dir)
+        if found is not None:
+            intervals[key] = found
+    return intervals
+
+
+def interval_at(intervals: Intervals, protocol: str, method: str, level: str) -> Optional[Interval]:
+    """The interval of ``method`` at ``level`` (method ``none``: its one level ``-``, whatever the column)."""
+    return intervals.get((protocol, method, NO_LEVEL if method == "none" else level))
+
+
+def interval_table(groups: List[Group], intervals: Intervals) -> List[str]:
     lines = ["| protocol | method | level | top-1 % | 95% CI | interval |", "|---|---|---|---|---|---|"]
     for g in groups:
-        found = accuracy_interval(_rows_of(rows, g.protocol, g.method, g.level), out_dir)
+        found = interval_at(intervals, g.protocol, g.method, g.level)
         if found is not None:
             lines.append(f"| {g.protocol} | {g.method} | {g.level} | {found.mean:.2f} | {found.ci()} | {found.how} |")
     return lines
 
 
-def interval_pivot(rows: List[Dict[str, str]], protocol: str, level_order: Sequence[str], out_dir: Path) -> List[str]:
+def interval_pivot(rows: List[Dict[str, str]], intervals: Intervals, protocol: str, level_order: Sequence[str]
+                   ) -> List[str]:
     """One protocol's top-1 with its 95% interval (as :func:`accuracy_interval`), a line per method and a
     column per level; method ``none`` fills every column."""
     levels = _levels_of(rows, protocol, level_order)
     lines = ["| method | " + " | ".join(levels) + " |", "|---|" + "---|" * len(levels)]
     for method in METHOD_NAMES:
-        found = [accuracy_interval(_rows_of(rows, protocol, method, level), out_dir) for level in levels]
+        found = [interval_at(intervals, protocol, method, level) for level in levels]
         if any(found):
             lines.append(f"| {method} | " + " | ".join(_with_interval(f) for f in found) + " |")
     return lines
@@ -251,7 +271,8 @@ def _with_interval(found: Optional[Interval]) -> str:
     return f"{found.mean:.2f}" if math.isnan(found.low) else f"{found.mean:.2f} {found.ci()}"
 
 
-def best_table(rows: List[Dict[str, str]], level_order: Sequence[str], out_dir: Path) -> List[str]:
+def best_table(rows: List[Dict[str, str]], intervals: Intervals, level_order: Sequence[str], out_dir: Path
+               ) -> List[str]:
     """At each protocol and cost level: the most accurate compression method, its 95% interval, and its lead
     over the next one (paired)."""
     lines = ["| protocol | level | best method | top-1 % | 95% CI | next best | lead (points) | lead 95% CI | test |",
@@ -262,7 +283,7 @@ def best_table(rows: List[Dict[str, str]], level_order: Sequence[str], out_dir: 
             best = best_method(rows, protocol, level, compressing)
             if best is None:
                 continue
-            found = accuracy_interval(_rows_of(rows, protocol, best, level), out_dir)
+            found = interval_at(intervals, protocol, best, level)
             second = best_method(rows, protocol, level, [m for m in compressing if m != best])
             lead = pair_interval(rows, best, second, protocol, level, out_dir) if second else None
             lead_text = "– | – | – | –" if lead is None else \
@@ -325,6 +346,7 @@ def write_summary(rows: List[Dict[str, str]], path: Path, level_order: Sequence[
     comparisons and the environments; ``out_dir``: where the rows' predictions lie (default: summary.md's folder)."""
     out_dir = path.parent if out_dir is None else out_dir
     groups = sort_groups(group_rows(rows), level_order)
+    intervals = accuracy_intervals(rows, out_dir)
     text = ["# Sweep summary", "",
             f"Mean ± sample std over seeds, from {len(rows)} runs in runs.csv. `baseline`: the trained "
             "uncompressed model; `offtheshelf`: the baseline evaluated with compression; `finetune`: the "
@@ -345,12 +367,12 @@ def write_summary(rows: List[Dict[str, str]], path: Path, level_order: Sequence[
             f"for a fine-tune it covers the sampling of the test images, not the spread between fine-tune seeds.",
             "",
             *[line for protocol in PROTOCOLS if _levels_of(rows, protocol, level_order)
-              for line in (f"{protocol}:", "", *interval_pivot(rows, protocol, level_order, out_dir), "")],
-            *interval_table(groups, rows, out_dir), "",
+              for line in (f"{protocol}:", "", *interval_pivot(rows, intervals, protocol, level_order), "")],
+            *interval_table(groups, intervals), "",
             "## Best method at each level", "",
             "The most accurate compression method at each protocol and level, its 95% interval, and its lead over "
             "the next best (paired, as below).", "",
-            *best_table(rows, level_order, out_dir), "",
+            *best_table(rows, intervals, level_order, out_dir), "",
             "## Does tk_n beat tk?", "",
             "tk_n − tk, paired (as below); the verdict says whether the 95% interval excludes 0.", "",
             *tk_n_table(rows, level_order, out_dir), "",
