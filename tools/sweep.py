@@ -522,8 +522,9 @@ def execute(plan: List[RunSpec], runs_csv: Path, run_fn: RunFn = run_main,
     whole = set(row_order)
     order = list(row_order) + [spec.key for spec in plan if spec.key not in whole]
     rows = read_rows(runs_csv)
-    if rows and ordered_rows(rows, order) != rows:  # written by a run of a part of the sweep
-        rows = ordered_rows(rows, order)
+    in_order = ordered_rows(rows, order)
+    if in_order != rows:  # written by a run of a part of the sweep
+        rows = in_order
         write_rows(runs_csv, rows)
     todo = pending_runs(plan, rows)
     log(f"sweep: {len(plan)} runs planned, {len(plan) - len(todo)} already in {runs_csv}, {len(todo)} to run"
