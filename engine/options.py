@@ -221,7 +221,7 @@ def build_parser(defaults: Mapping[str, Any], recipes: Mapping[str, Recipe]) -> 
     group.add_argument("--output_dir", metavar="DIR", default=None,
                        help="results.json, checkpoints and logs; refused if it holds another run's files (see "
                             "--overwrite) (default: a new folder output/<time>_<arch>_<method>_k<tokens>, "
-                            "output/latest points to it; with --resume the checkpoint's folder)")
+                            "output/latest points to it when the run trains; with --resume the checkpoint's folder)")
     group.add_argument("--config", default=None, metavar="FILE.yaml",
                        help="YAML file of options (keys as above, without --); the command line overrides it "
                             "(default: none)")
@@ -417,7 +417,7 @@ def check_options(args: argparse.Namespace) -> None:
         raise CLIError("--resume continues training; to evaluate or benchmark a checkpoint use "
                        "--eval_only/--benchmark with --checkpoint FILE")
     if args.eval_only and not (args.checkpoint or args.pretrained):
-        raise CLIError("--eval_only needs weights to evaluate: --checkpoint FILE (e.g. output/best.pt) or "
+        raise CLIError("--eval_only needs weights to evaluate: --checkpoint FILE (e.g. output/latest/best.pt) or "
                        "--pretrained")
     if args.checkpoint and not args.resume and not os.path.isfile(args.checkpoint):
         raise CLIError(f"--checkpoint: {args.checkpoint} not found")

@@ -1,7 +1,8 @@
 """Where a run writes: a folder of its own, never another run's, created only once the run starts.
 
-Without ``--output_dir`` every run gets ``output/<time>_<arch>_<method>_k<tokens>`` and ``output/latest``
-points to the newest; an explicit folder holding another run's files is refused (unless ``--overwrite``);
+Without ``--output_dir`` every run gets ``output/<time>_<arch>_<method>_k<tokens>``, and ``output/latest``
+points to the newest run that holds checkpoints (a training run: evaluations and benchmarks write none, so
+they leave it where it is and ``--checkpoint output/latest/best.pt`` keeps working); an explicit folder holding another run's files is refused (unless ``--overwrite``);
 ``--resume`` continues in the checkpoint's own folder. A run that fails before writing a checkpoint or
 results leaves the disk as it found it.
 """
@@ -16,7 +17,8 @@ from .checkpoint import write_text_atomic
 from .distributed import Processes
 from .errors import CLIError
 
-OUTPUT_ROOT = "output"  # without --output_dir every run gets a folder of its own here; OUTPUT_ROOT/latest: the newest
+OUTPUT_ROOT = "output"  # without --output_dir every run gets a folder of its own here
+LATEST = "latest"  # OUTPUT_ROOT/LATEST: the newest run that holds checkpoints
 
 
 # The files that make a folder a run's: an explicit --output_dir holding any of them is refused (unless
@@ -86,15 +88,18 @@ def refuse_another_run(path: str) -> None:
 class RunFolder:
     """The output folder of one run, created only when the run starts training or evaluating.
 
-    ``unique``: a new folder named ``path`` (``path-2``, ``path-3``, ... when that exists already), and
-    ``<parent>/latest`` pointed at it (a symlink, replaced atomically; ``<parent>/LATEST``, a text file
-    holding the name, where symlinks cannot be made). ``own``: the folder is already this run's (--resume):
+    ``unique``: a new folder named ``path`` (``path-2``, ``path-3``, ... when that exists already). With
+    ``points_latest`` (a run that writes checkpoints, into a folder of output/) ``<parent>/latest`` is pointed at it (a symlink,
+    replaced atomically; ``<parent>/LATEST``, a text file holding the name, where symlinks cannot be
+    made). ``own``: the folder is already this run's (--resume):
     nothing in it is removed. ``overwrite``: the files of an earlier run are removed first. A run that
     fails before writing a checkpoint or results leaves the disk as it found it (:meth:`discard`).
     """
 
-    def __init__(self, path: str, *, unique: bool = False, own: bool = False, overwrite: bool = False):
+    def __init__(self, path: str, *, unique: bool = False, own: bool = False, overwrite: bool = False,
+                 points_latest: bool = False):
         self.path, self.unique, self.own, self.overwrite = path, unique, own, overwrite
+        self.points_latest = points_latest
         self.created: List[str] = []  # folders made by this run, innermost first
         self.opened = False
         self.latest: Optional[Tuple[str, Optional[str]]] = None  # (pointer path, what it held before)
@@ -125,13 +130,13 @@ class RunFolder:
             for name in OVERWRITTEN:
                 if os.path.isfile(os.path.join(self.path, name)):
                     os.remove(os.path.join(self.path, name))
-        if self.unique:
+        if self.points_latest:
             self._point_latest()
         return self.path
 
     def _point_latest(self) -> None:
         parent, name = os.path.dirname(self.path) or ".", os.path.basename(self.path)
-        link, tmp = os.path.join(parent, "latest"), os.path.join(parent, f".latest.{os.getpid()}")
+        link, tmp = os.path.join(parent, LATEST), os.path.join(parent, f".{LATEST}.{os.getpid()}")
         try:
             before = os.readlink(link) if os.path.islink(link) else None
             if os.path.lexists(tmp):
@@ -143,7 +148,7 @@ class RunFolder:
         except (OSError, NotImplementedError):
             if os.path.lexists(tmp):
                 os.remove(tmp)
-        text = os.path.join(parent, "LATEST")
+        text = os.path.join(parent, LATEST.upper())
         before = open(text).read() if os.path.isfile(text) else None
         write_text_atomic(name + "\n", text)
         self.latest = (text, before)
@@ -191,19 +196,24 @@ def plan_output_dir(args: argparse.Namespace, arch: str, processes: Processes, s
     """Where the run writes (``args.output_dir`` set), checked before any data is read (nothing is created
     yet): a new folder under OUTPUT_ROOT without --output_dir; --resume: the checkpoint's own folder (the
     real one, not output/latest); an explicit --output_dir must not hold another run's files (unless
-    --overwrite). ``arch``: how the model is named in a new folder's name."""
+    --overwrite). ``arch``: how the model is named in a new folder's name. Only a training run into a
+    folder of output/ (its own, or ``--output_dir output/NAME``) moves ``output/latest``: evaluations and
+    benchmarks write no checkpoints, and a resumed run keeps its place."""
+    trains = not (args.eval_only or args.benchmark)
     if args.resume:
         own = os.path.realpath(os.path.dirname(os.path.abspath(args.resume)))
         args.output_dir = args.output_dir or _short(own)
         same = os.path.realpath(args.output_dir) == own
         folder = RunFolder(args.output_dir, own=same, overwrite=args.overwrite)
         refuse = not same and not args.overwrite
-    elif args.output_dir:
-        folder, refuse = RunFolder(args.output_dir, overwrite=args.overwrite), not args.overwrite
+    elif args.output_dir:  # latest names it too when it is a folder of output/ (--output_dir output/NAME)
+        in_output = os.path.dirname(os.path.abspath(args.output_dir)) == os.path.abspath(OUTPUT_ROOT)
+        folder = RunFolder(args.output_dir, overwrite=args.overwrite, points_latest=trains and in_output)
+        refuse = not args.overwrite
     else:
         name = distributed.gather(run_folder_name(args, arch, started), processes)[0]  # rank 0's clock
         args.output_dir = os.path.join(OUTPUT_ROOT, name)
-        folder, refuse = RunFolder(args.output_dir, unique=True), False
+        folder, refuse = RunFolder(args.output_dir, unique=True, points_latest=trains), False
 
     def check() -> None:
         check_output_dir(OUTPUT_ROOT if folder.unique else args.output_dir)

@@ -79,14 +79,15 @@ def arrows(tokens: Sequence[int]) -> str:
     return " → ".join(map(str, tokens))
 
 
-def unmet_warning(method: str, reduce_token: Any, unmet: Sequence[Tuple[int, int, int]], tokens: Sequence[int]) -> str:
+def unmet_warning(method: str, reduce_token: Any, unmet: Sequence[Tuple[int, int, int]], tokens: Sequence[int],
+                  prog: str = "main.py") -> str:
     """The one stderr line for blocks that cannot remove what ``--reduce_token`` asks; ``unmet``: (block,
-    tokens asked, tokens removed) of each such block."""
+    tokens asked, tokens removed) of each such block; ``prog``: the program that warns."""
     plural = len(unmet) > 1
     blocks = ", ".join(str(block) for block, _, _ in unmet)
     removed = ", ".join(str(n) for _, _, n in unmet)
     asked = ", ".join(sorted({str(k) for _, k, _ in unmet}, key=int))
-    return (f"main.py: warning: --reduce_token {tokens_text(reduce_token)} cannot be honoured: block"
+    return (f"{prog}: warning: --reduce_token {tokens_text(reduce_token)} cannot be honoured: block"
             f"{'s' if plural else ''} {blocks} remove{'' if plural else 's'} {removed} of the {asked} tokens asked "
             f"({tokens[0]} tokens enter block 1 and {method} keeps the prefix tokens and at least one patch); "
             f"tokens {arrows(tokens)}; ask for fewer")

@@ -54,12 +54,12 @@ def test_each_run_gets_its_own_folder_and_latest_points_to_the_newest(tmp_path, 
     before = open(os.path.join("output", second, "results.json")).read()
     run("--eval_only", "--checkpoint", trained)
     assert len(run_folders("output")) == 3 and open(os.path.join("output", second, "results.json")).read() == before
-    assert os.readlink(os.path.join("output", "latest")).endswith("_eval")
+    assert os.readlink(os.path.join("output", "latest")) == second  # it holds no checkpoints: latest stays
 
 
 def test_two_runs_in_the_same_second_get_two_folders(tmp_path):
-    a = engine.outputs.RunFolder(str(tmp_path / "output" / "20261125-134501_x"), unique=True).open()
-    b = engine.outputs.RunFolder(str(tmp_path / "output" / "20261125-134501_x"), unique=True).open()
+    a = engine.outputs.RunFolder(str(tmp_path / "output" / "20261125-134501_x"), unique=True, points_latest=True).open()
+    b = engine.outputs.RunFolder(str(tmp_path / "output" / "20261125-134501_x"), unique=True, points_latest=True).open()
     assert a != b and os.path.isdir(a) and os.path.isdir(b) and b.endswith("-2")
     assert os.readlink(tmp_path / "output" / "latest") == os.path.basename(b)
 
@@ -69,7 +69,7 @@ def test_latest_is_a_text_file_where_symlinks_fail(tmp_path, monkeypatch):
         raise OSError(1, "Operation not permitted")
 
     monkeypatch.setattr(engine.checkpoint.os, "symlink", no_symlinks)
-    path = engine.outputs.RunFolder(str(tmp_path / "output" / "20261125-134501_x"), unique=True).open()
+    path = engine.outputs.RunFolder(str(tmp_path / "output" / "20261125-134501_x"), unique=True, points_latest=True).open()
     assert (tmp_path / "output" / "LATEST").read_text() == os.path.basename(path) + "\n"
     assert not (tmp_path / "output" / "latest").exists() and not list((tmp_path / "output").glob(".latest*"))
 

@@ -1,7 +1,7 @@
 """Export a token-compressed ViT to ONNX, check it in onnxruntime, and time it against the plain model.
 
     python tools/export_onnx.py --arch vit_small_patch16_224 --model tk_n --reduce_token 10 --out tk_n.onnx
-    python tools/export_onnx.py --checkpoint output/best.pt --out model.onnx   # method, arch from main.py's settings
+    python tools/export_onnx.py --checkpoint output/latest/best.pt --out model.onnx   # method, arch from main.py's settings
 
 The token schedule is fixed (``--reduce_token``: one int, or one value per block), so every tensor
 shape in the graph is static except the batch dimension, which stays dynamic (input ``images``
@@ -38,7 +38,9 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 import pruning.models  # noqa: E402,F401  (registers the vit_pico_* models with timm)
 from engine.checkpoint import load_weights  # noqa: E402
 from engine.errors import CLIError, report_error  # noqa: E402
+from engine.model import tokens_per_block, unmet_reductions  # noqa: E402
 from engine.options import ArgumentParser, int_at_least, reduce_token_type  # noqa: E402
+from engine.report import unmet_warning  # noqa: E402
 from pruning import METHOD_NAMES, apply_patch  # noqa: E402
 from pruning.benchmark import time_interleaved  # noqa: E402
 from pruning.flops import analytic_flops  # noqa: E402
@@ -248,6 +250,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     torch.manual_seed(args.seed)
     plain = build_model(args)
     model = compress(plain, args.model, args.reduce_token, args.reduce_at)
+    unmet = unmet_reductions(model)
+    if unmet:
+        print(unmet_warning(args.model, args.reduce_token, unmet, tokens_per_block(model), prog=PROG),
+              file=sys.stderr, flush=True)
 
     export_onnx(model, args.out)
     session = ort_session(args.out, args.threads)

@@ -1,6 +1,6 @@
 """Why norm or attention? How the two Top-K scores relate, block by block, on an uncompressed ViT.
 
-    python tools/score_analysis.py --checkpoint output/baseline/last.pt --arch vit_nano_patch4_28 \\
+    python tools/score_analysis.py --checkpoint results/fashionmnist_v2/baseline/last.pt --arch vit_nano_patch4_28 \\
         --data_name FashionMNIST --data_root ../shared/datasets --images 1000 --reduce_token 2 --out_dir analysis
 
 The model runs with every block seeing all tokens (nothing is removed). At every block the two scores
@@ -296,7 +296,7 @@ def build_parser() -> ArgumentParser:
                         help="weights: a main.py checkpoint or a timm .pth/.safetensors (required)")
     parser.add_argument("--arch", required=True, metavar="NAME", help="timm ViT the checkpoint was trained as (required)")
     parser.add_argument("--data_name", default="FashionMNIST", help="dataset (default: %(default)s)")
-    parser.add_argument("--data_root", default="../shared/datasets", help="dataset folder (default: %(default)s)")
+    parser.add_argument("--data_root", default="datasets", help="dataset folder (default: %(default)s, as main.py)")
     parser.add_argument("--images", type=int_at_least(1), default=1000, help="first N test images (default: %(default)s)")
     parser.add_argument("--reduce_token", type=_non_negative_int, default=2,
                         help="tokens removed per block: the kept set compared first has patches - K tokens "

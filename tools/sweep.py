@@ -184,8 +184,9 @@ def command_line(values: Dict[str, Any]) -> str:
     return "python main.py " + shlex.join(options_to_argv(values))
 
 
-def load_config(path: Optional[str], overrides: Dict[str, Any]) -> SweepConfig:
-    """The YAML file at ``path`` (if any) with ``overrides`` (command-line values) on top."""
+def load_config(path: Optional[str], overrides: Dict[str, Any], data_root: Optional[str] = None) -> SweepConfig:
+    """The YAML file at ``path`` (if any) with ``overrides`` (command-line values) on top; ``data_root``
+    (``--data_root``) replaces every run's ``data_root``."""
     raw: Dict[str, Any] = {}
     if path:
         raw = read_yaml_mapping(path, "out_dir: ..., levels: ...")
@@ -196,6 +197,8 @@ def load_config(path: Optional[str], overrides: Dict[str, Any]) -> SweepConfig:
     if overrides.get("out_dir") and not overrides.get("work_dir"):
         raw.pop("work_dir", None)  # --out_dir moves everything the sweep writes, run folders included
     raw.update({k: v for k, v in overrides.items() if v is not None})
+    if data_root:
+        raw["main_args"] = {**merge_options(raw.get("main_args") or {}), "data_root": data_root}
     for name in MAIN_OPTION_KEYS:
         if raw.get(name):
             check_main_options(name, raw[name])
@@ -636,6 +639,8 @@ def parse_cli(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--out_dir", help="where runs.csv, summary.md and pareto.png go, and the run folders "
                                           "(<out_dir>/runs unless --work_dir is given)")
     parser.add_argument("--work_dir", help="run folders and checkpoints (default <out_dir>/runs)")
+    parser.add_argument("--data_root", metavar="DIR", help="where every run reads its dataset (main.py's "
+                                                           "--data_root), replacing the config's")
     parser.add_argument("--seeds", type=csv_list(int), help="e.g. 0,1,2")
     parser.add_argument("--methods", type=csv_list(str), help="e.g. none,tk,tk_n")
     parser.add_argument("--levels", type=csv_list(str), help="run only the config's levels of these names, e.g. "
@@ -653,6 +658,24 @@ def parse_cli(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_baseline_exists(config: SweepConfig, todo: Sequence[RunSpec]) -> None:
+    """A fixed baseline checkpoint that pending runs need must be there before anything runs."""
+    path = config.baseline_checkpoint
+    if path and not os.path.isfile(path) and any(spec.needs == path for spec in todo):
+        raise ValueError(f"baseline_checkpoint: {path} not found (relative paths are read from the folder you run "
+                         f"the sweep in, {os.getcwd()}): run from the repository root, or give --baseline_checkpoint "
+                         f"FILE")
+
+
+def failure_recorder(failures: List[str]) -> Callable[[str], None]:
+    """The sweep's log: printed, and each failed or skipped run's line kept in ``failures``."""
+    def log(line: str) -> None:
+        print(line)
+        if line.lstrip().startswith(("failed:", "skipped ")):
+            failures.append(line.strip().removeprefix("failed: "))
+    return log
+
+
 def main(argv: Optional[List[str]] = None, run_fn: RunFn = run_main,
          schedule: Optional[Callable[[str, Level], Schedule]] = None) -> int:
     """The sweep; ``run_fn`` and ``schedule`` stand in for main.py and the model's shape in tests.
@@ -664,7 +687,7 @@ def main(argv: Optional[List[str]] = None, run_fn: RunFn = run_main,
         settings = {"out_dir": opts.out_dir, "work_dir": opts.work_dir, "threads": opts.threads, "jobs": opts.jobs,
                     "baseline_checkpoint": opts.baseline_checkpoint}
         parts = {"seeds": opts.seeds, "methods": opts.methods, "protocols": opts.protocols}
-        config = load_config(opts.config, {**settings, **parts})
+        config = load_config(opts.config, {**settings, **parts}, data_root=opts.data_root)
         if not opts.report_only:
             import main
 
@@ -674,6 +697,8 @@ def main(argv: Optional[List[str]] = None, run_fn: RunFn = run_main,
             whole_plan = plan_runs(load_config(opts.config, settings), schedule) if any(parts.values()) else plan
             if opts.levels:
                 plan = only_levels(plan, opts.levels, config.levels)
+            if not opts.dry_run:
+                check_baseline_exists(config, pending_runs(plan, read_rows(config.runs_csv)))
     except (ValueError, TypeError, CLIError) as err:
         return report_error("sweep.py", err)
     failed: List[RunSpec] = []
@@ -688,8 +713,14 @@ def main(argv: Optional[List[str]] = None, run_fn: RunFn = run_main,
             if not todo:
                 print(f"sweep: nothing left to do: all {len(plan)} runs are in {config.runs_csv}")
             return 0
-        failed = execute(plan, config.runs_csv, run_fn, jobs=config.jobs, threads=threads,
-                         log_dir=config.work_dir / "logs", row_order=[spec.key for spec in whole_plan])
+        failures: List[str] = []
+        failed = execute(plan, config.runs_csv, run_fn, log=failure_recorder(failures), jobs=config.jobs,
+                         threads=threads, log_dir=config.work_dir / "logs", row_order=[spec.key for spec in whole_plan])
+        if failed and not read_rows(config.runs_csv):
+            print(f"sweep: error: none of the {len(plan)} runs finished, so there is nothing to summarise (no "
+                  f"summary.md or pareto.png written); the first failure: {failures[0] if failures else '?'}; fix "
+                  f"that (a dataset elsewhere: --data_root DIR) and run the same command again", file=sys.stderr)
+            return 1
         if failed:
             names = "; ".join(spec.name for spec in failed[:5]) + ("; ..." if len(failed) > 5 else "")
             print(f"sweep: {len(failed)} runs failed or were skipped ({names}); run the sweep again to retry them",
