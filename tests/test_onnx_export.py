@@ -146,3 +146,19 @@ def test_script_error_has_no_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("export_onnx.py: error: --model: unknown method") and "Traceback" not in \
         result.stderr
+
+
+def test_a_schedule_the_blocks_cannot_honour_is_said_as_main_py_says_it(tmp_path, capsys):
+    """Issue 20: 30 tokens per block from a 50-token model leave 2 tokens; the export says so."""
+    code, out, err = run_cli(["--arch", "vit_pico_patch4_28", "--model", "tk_n", "--reduce_token", "30", "--out",
+                              str(tmp_path / "m.onnx"), "--rounds", "0"], capsys)
+    assert code == 0 and "wrote" in out
+    warning = [line for line in err.splitlines() if "warning" in line]
+    assert len(warning) == 1 and warning[0].startswith("export_onnx.py: warning: --reduce_token 30 cannot be honoured")
+    assert "tokens 50 → 20 → 2 → 2 → 2 → 2 → 2" in warning[0]
+
+
+def test_a_schedule_the_blocks_honour_exports_without_a_warning(tmp_path, capsys):
+    code, _, err = run_cli(["--arch", "vit_pico_patch4_28", "--model", "tk_n", "--reduce_token", "4", "--out",
+                            str(tmp_path / "m.onnx"), "--rounds", "0"], capsys)
+    assert code == 0 and "warning" not in err

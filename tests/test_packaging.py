@@ -12,9 +12,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+COPIED = {"pyproject.toml", "README.md", "LICENSE", "pruning", "main.py", "data", "engine", "tools", "tests"}
+
+
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    """The wheel `pip install .` would install, built from a copy so that the clone stays clean."""
+def source(tmp_path_factory) -> Path:
+    """A copy of the clone's files, to build in, so that the clone stays clean."""
     source = tmp_path_factory.mktemp("source")
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in ("pyproject.toml", "README.md", "LICENSE"):
@@ -22,11 +25,25 @@ def wheel(tmp_path_factory) -> Path:
     for name in ("pruning", "main.py", "data", "engine", "tools", "tests"):  # all there, so the filter is tested
         copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
         copy(ROOT / name, source / name, **({"ignore": ignore} if (ROOT / name).is_dir() else {}))
+    return source
+
+
+@pytest.fixture(scope="module")
+def wheel(source, tmp_path_factory) -> Path:
+    """The wheel `pip install .` would install."""
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
                     "--disable-pip-version-check", "-w", str(out), str(source)], check=True)
     (built,) = out.glob("*.whl")
     return built
+
+
+def test_what_the_build_leaves_in_the_clone_is_ignored_by_git(wheel, source):
+    """Issue 20: `pip install .` leaves build/ and *.egg-info/ beside the sources; git ignores them."""
+    left = sorted(p.name + "/" for p in source.iterdir() if p.name not in COPIED and p.is_dir())
+    assert any(name.endswith(".egg-info/") for name in left), left  # what setuptools leaves, so the check sees it
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *left], cwd=ROOT, capture_output=True, text=True)
+    assert sorted(ignored.stdout.split()) == left
 
 
 def test_the_wheel_holds_the_library_package_only(wheel):
