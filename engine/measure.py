@@ -43,11 +43,19 @@ def count_gflops(model: nn.Module, input_shape: Sequence[int], device: torch.dev
     # nn.MultiheadAttention's fused inference kernel (an OpenCLIP block that reduces nothing) is missing from
     # flop_counter's table too: counted on its unfused path (linear, scaled_dot_product_attention, linear)
     torch.backends.mha.set_fastpath_enabled(False)
+    # flop_counter's module tracker hooks the gradients of module inputs that require them, which fails
+    # without autograd when a module's input is a parameter (timm's attention-pool head expands its latent
+    # query): the parameters are counted as constants
+    trainable = [p for p in model.parameters() if p.requires_grad]
     try:
+        for parameter in trainable:
+            parameter.requires_grad_(False)
         with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
             model(torch.zeros(1, *input_shape, device=device))
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
+        for parameter in trainable:
+            parameter.requires_grad_(True)
     return counter.get_total_flops() / 1e9
 
 

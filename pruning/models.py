@@ -11,6 +11,11 @@ pretrained weights for them.
 | ``vit_pico_patch4_28`` | 28    | 4     | 49 + 1 | 64    | 6     | 4     | Fashion-MNIST  |
 | ``vit_pico_patch4_32`` | 32    | 4     | 64 + 1 | 64    | 6     | 4     | CIFAR-10/100   |
 | ``vit_nano_patch4_28`` | 28    | 4     | 49 + 1 | 128   | 6     | 4     | Fashion-MNIST  |
+| ``vit_nano_map_patch4_28`` | 28 | 4     | 49     | 128   | 6     | 4     | Fashion-MNIST, no class token |
+
+``vit_nano_map_patch4_28`` is ``vit_nano_patch4_28`` without a class token, pooled by an attention-pool
+head (timm's ``global_pool="map"``: one learned query attends over all tokens), as SigLIP's vision tower
+is: the model where Top-K by class-token attention cannot run and the norm score can.
 """
 from typing import Any, Dict
 
@@ -18,7 +23,8 @@ from timm.models import register_model
 from timm.models._registry import generate_default_cfgs
 from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer
 
-__all__ = ["vit_pico_patch2_8", "vit_pico_patch4_28", "vit_pico_patch4_32", "vit_nano_patch4_28", "DIGITS_MEAN", "DIGITS_STD",
+__all__ = ["vit_pico_patch2_8", "vit_pico_patch4_28", "vit_pico_patch4_32", "vit_nano_patch4_28", "vit_nano_map_patch4_28",
+           "DIGITS_MEAN", "DIGITS_STD",
            "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "CIFAR_MEAN", "CIFAR_STD"]
 
 # Per-channel mean and std of the training images (0..1 pixels) each small model is meant for: the
@@ -45,6 +51,7 @@ default_cfgs = generate_default_cfgs({
     "vit_pico_patch4_28": _cfg(1, 28, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD),
     "vit_pico_patch4_32": _cfg(3, 32, mean=CIFAR_MEAN, std=CIFAR_STD),
     "vit_nano_patch4_28": _cfg(1, 28, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD),
+    "vit_nano_map_patch4_28": _cfg(1, 28, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD),
 })
 
 
@@ -82,3 +89,11 @@ def vit_nano_patch4_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
     Fashion-MNIST, capacity-bound); the experiment's baseline."""
     return _create("vit_nano_patch4_28", pretrained, dict(PICO_ARGS, embed_dim=128, img_size=28, patch_size=4,
                                                           in_chans=1, num_classes=10), **kwargs)
+
+
+@register_model
+def vit_nano_map_patch4_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """ViT-Nano/4 without a class token, pooled by an attention-pool head (SigLIP-style): 49 patch tokens."""
+    return _create("vit_nano_map_patch4_28", pretrained, dict(PICO_ARGS, embed_dim=128, img_size=28, patch_size=4,
+                                                              in_chans=1, num_classes=10, class_token=False,
+                                                              global_pool="map"), **kwargs)
