@@ -109,10 +109,9 @@ def seed_draws(model: nn.Module, seed: int) -> None:
     cfg = _patched_config(model)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed: expected an int, got {seed!r}")
-    try:
-        cfg.generator.manual_seed(seed)
-    except RuntimeError:
-        raise ValueError(f"seed: {seed} is outside the range a torch generator takes (a 64-bit integer)") from None
+    if not -2 ** 63 <= seed < 2 ** 64:
+        raise ValueError(f"seed: {seed} is outside the range a torch generator takes (-2**63 to 2**64 - 1)")
+    cfg.generator.manual_seed(seed)
     cfg.seed = seed
 
 
