@@ -334,6 +334,10 @@ def test_one_run_against_the_draws_of_random_is_a_bootstrap_of_the_per_image_mea
     assert f"| offtheshelf | f80 | tk − random (control) | {np.mean(diffs):.2f} ± {np.std(diffs, ddof=1):.2f} " \
            f"| [{low:.2f}, {high:.2f}] | – | {a_only} vs {b_only} images (3 draws) |" in text
     assert "| random (control) |" in text
+    # random's own accuracy: the bootstrap over the images of its correctness averaged over the draws
+    mean, low, high = sweep_stats.bootstrap_ci(np.mean([d.astype(float) for d in draws], axis=0) * 100)
+    assert f"| offtheshelf | random (control) | f80 | {mean:.2f} | [{low:.2f}, {high:.2f}] | bootstrap over {n} " \
+           f"test images, mean of 3 draws |" in text
 
 
 def test_a_control_is_never_the_best_method(tmp_path):

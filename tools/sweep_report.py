@@ -168,9 +168,19 @@ class Interval:
 
 def accuracy_interval(members: List[Dict[str, str]], out_dir: Path) -> Optional[Interval]:
     """Top-1 (%) of one protocol × method × level: over seeds (t-interval) when there are several; one run
-    with predictions: the bootstrap over its test images; else the value alone."""
+    with predictions: the bootstrap over its test images; the off-the-shelf draws of a stochastic method
+    (one run per seed, the same weights): the bootstrap over the images of their per-image mean correctness;
+    else the value alone."""
     if not members:
         return None
+    if _are_draws(members):
+        loaded = [load_correct(out_dir, row) for row in members]
+        if None not in loaded and len({identity for _, identity in loaded}) == 1:
+            import numpy as np
+
+            mean, low, high = bootstrap_ci(np.mean([correct.astype(float) for correct, _ in loaded], axis=0) * 100)
+            return Interval(mean, low, high, f"bootstrap over {len(loaded[0][0])} test images, mean of "
+                            f"{len(loaded)} draws")
     if len(members) > 1:
         mean, low, high = t_interval([float(r["accuracy"]) for r in members])
         return Interval(mean, low, high, f"t over {len(members)} seeds")
@@ -179,6 +189,13 @@ def accuracy_interval(members: List[Dict[str, str]], out_dir: Path) -> Optional[
         return Interval(float(members[0]["accuracy"]), math.nan, math.nan, "one run")
     mean, low, high = bootstrap_ci(loaded[0].astype(float) * 100)
     return Interval(mean, low, high, f"bootstrap over {len(loaded[0])} test images")
+
+
+def _are_draws(members: List[Dict[str, str]]) -> bool:
+    """Several off-the-shelf runs of a stochastic method: draws of its kept tokens on the same weights."""
+    method = members[0]["method"]
+    return len(members) > 1 and members[0]["protocol"] == "offtheshelf" and method in METHODS and \
+        METHODS[method].stochastic
 
 
 def pair_interval(rows: List[Dict[str, str]], a: str, b: str, protocol: str, level: str,
@@ -408,7 +425,9 @@ def write_summary(rows: List[Dict[str, str]], path: Path, level_order: Sequence[
             "## GFLOPs per image by method and level", "",
             *pivot_table(groups, level_order, value="gflops", digits=4, protocols=PROTOCOLS[:1], spread=False), "",
             "## Top-1 % with 95% intervals", "",
-            f"Several seeds: the t-interval of the mean over seeds (mean ± t(0.975, n−1) · std / √n). One run "
+            f"Several seeds: the t-interval of the mean over seeds (mean ± t(0.975, n−1) · std / √n); off the shelf, "
+            f"the draws of a stochastic control (one run per seed): the percentile bootstrap over the test images of "
+            f"the per-image correctness averaged over the draws. One run "
             f"(off the shelf from a fixed baseline, or a fine-tune run with one seed): the percentile bootstrap over "
             f"the test images ({RESAMPLES} resamples, numpy seed {BOOTSTRAP_SEED}), from the run's predictions.npz; "
             f"for a fine-tune it covers the sampling of the test images, not the spread between fine-tune seeds.",
