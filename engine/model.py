@@ -18,6 +18,7 @@ import data
 import pruning.models  # noqa: F401  (registers the vit_pico_* models in timm's registry)
 from pruning.counting import tokens_after
 from pruning.flops import model_token_counts, vit_shape
+from pruning.methods import get_method
 from pruning.patch import apply_patch, get_config
 from pruning.state import seed_draws
 
@@ -141,7 +142,8 @@ def compress(model: nn.Module, args: argparse.Namespace, trace_source: bool = Fa
                     prop_attn=getattr(args, "prop_attn", "auto") != "off", trace_source=trace_source)
     except ValueError as err:
         raise CLIError(f"--model {args.method} / --reduce_token / --reduce_at: {err}") from None
-    seed_draws(geometry(model).module, getattr(args, "seed", 0))
+    if get_method(args.method).stochastic:
+        seed_draws(geometry(model).module, getattr(args, "seed", 0))
     return model
 
 
