@@ -41,7 +41,7 @@ from pruning.patch import get_config
 
 # What a run does when no option says otherwise (by dest: --model is `method`). Edit here; --help shows them.
 DEFAULTS = dict(
-    method="tk_n",  # --model: none, tk, tk_n, evit, evit_n, n_wa, a_wn, tome
+    method="tk_n",  # --model: none, tk, tk_n, evit, evit_n, n_wa, a_wn, tome; controls: random, low_norm
     reduce_token=2,  # tokens removed per block; or one value per block, e.g. [0, 2, 2, 2]
     data_name="digits",  # digits, FashionMNIST, CIFAR10, CIFAR100, STL10, folder
     data_root="datasets",  # where datasets are read from and downloaded to

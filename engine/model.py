@@ -18,7 +18,9 @@ import data
 import pruning.models  # noqa: F401  (registers the vit_pico_* models in timm's registry)
 from pruning.counting import tokens_after
 from pruning.flops import model_token_counts, vit_shape
+from pruning.methods import get_method
 from pruning.patch import apply_patch, get_config
+from pruning.state import seed_draws
 
 from . import zoo
 from .checkpoint import load_weights
@@ -134,12 +136,14 @@ def _announce_head(model: nn.Module, args: argparse.Namespace, num_classes: int,
 def compress(model: nn.Module, args: argparse.Namespace, trace_source: bool = False) -> nn.Module:
     """Patch ``model`` (its backbone, ``geometry(model).module``) in place with ``--model`` (the method),
     ``--reduce_token``, ``--reduce_at`` and ``--prop_attn`` (``auto`` not yet resolved by the run: on, the
-    library's default); returns ``model``."""
+    library's default); its random draws (the ``random`` control) seeded with ``--seed``; returns ``model``."""
     try:
         apply_patch(geometry(model).module, args.method, args.reduce_token, reduce_at=args.reduce_at,
                     prop_attn=getattr(args, "prop_attn", "auto") != "off", trace_source=trace_source)
     except ValueError as err:
         raise CLIError(f"--model {args.method} / --reduce_token / --reduce_at: {err}") from None
+    if get_method(args.method).stochastic:
+        seed_draws(geometry(model).module, getattr(args, "seed", 0))
     return model
 
 

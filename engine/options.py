@@ -18,7 +18,7 @@ import torch
 import yaml
 
 import data
-from pruning import METHOD_NAMES
+from pruning import CONTROL_NAMES, METHOD_NAMES
 
 from . import distributed
 from .checkpoint import read_resume
@@ -140,7 +140,8 @@ def build_parser(defaults: Mapping[str, Any], recipes: Mapping[str, Recipe]) -> 
 
     group = parser.add_argument_group("compression")
     group.add_argument("--model", dest="method", choices=METHOD_NAMES, metavar="METHOD",
-                       help=f"compression method: {', '.join(METHOD_NAMES)} (default: %(default)s)")
+                       help=f"compression method: {', '.join(METHOD_NAMES)}; {' and '.join(CONTROL_NAMES)} are "
+                            f"controls (random keep drawn from --seed, lowest norm kept) (default: %(default)s)")
     group.add_argument("--reduce_token", type=reduce_token_type, metavar="K",
                        help="tokens removed per block: an int, or a comma list with one value per block "
                             "(default: %(default)s)")

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import data
+from pruning.state import evaluation_draws
 
 from . import distributed
 from .checkpoint import append_line, rng_states, save_atomic, set_rng_states, write_text_atomic
@@ -167,17 +168,18 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dtype: 
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
     predicted, labels = [], []
-    for images, targets in tqdm(loader, desc=desc, leave=False, disable=None if processes.is_main else True,
-                                dynamic_ncols=True):
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with autocast(device, dtype):
-            logits = model(images)
-        total_loss += F.cross_entropy(logits.float(), targets, reduction="sum").item()
-        correct += (logits.argmax(dim=-1) == targets).sum().item()
-        seen += len(targets)
-        if predictions:
-            predicted.append(logits.argmax(dim=-1).cpu())
-            labels.append(targets.cpu())
+    with evaluation_draws(model):  # the random control keeps the same tokens in every evaluation pass
+        for images, targets in tqdm(loader, desc=desc, leave=False, disable=None if processes.is_main else True,
+                                    dynamic_ncols=True):
+            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            with autocast(device, dtype):
+                logits = model(images)
+            total_loss += F.cross_entropy(logits.float(), targets, reduction="sum").item()
+            correct += (logits.argmax(dim=-1) == targets).sum().item()
+            seen += len(targets)
+            if predictions:
+                predicted.append(logits.argmax(dim=-1).cpu())
+                labels.append(targets.cpu())
     total_loss, correct, seen = distributed.sum_over_ranks([total_loss, correct, seen], processes, device)
     scores: Dict[str, Any] = {"test_loss": total_loss / max(seen, 1), "test_acc": 100.0 * correct / max(seen, 1)}
     if predictions:

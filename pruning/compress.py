@@ -1,8 +1,8 @@
 """One compression step, whatever the model family: a method's reduction applied to the tokens.
 
-Pruning keeps the best-scored tokens (by class-token attention or by norm) and may fuse the dropped ones
-into one token; merging is ToMe's bipartite soft matching. The per-forward state (token sizes, source
-maps) is updated on the way.
+Pruning keeps the best-scored tokens (by class-token attention, by norm, by the smallest norm or at
+random) and may fuse the dropped ones into one token; merging is ToMe's bipartite soft matching. The
+per-forward state (token sizes, source maps) is updated on the way.
 """
 from typing import Optional
 
@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .merging import bipartite_soft_matching, merge_source, merge_wavg
 from .reduction import prune_tokens, select_tokens, tokens_kept
-from .scoring import fusion_weights, token_norm
+from .scoring import fusion_weights, keep_scores, token_norm
 from .state import CompressionConfig
 
 __all__ = ["reduce_tokens"]
@@ -33,8 +33,8 @@ def reduce_tokens(cfg: CompressionConfig, x: Tensor, k: int, cls_attn: Optional[
     keep = tokens_kept(x.shape[1], k, num_prefix)
     if keep == x.shape[1]:
         return x
-    norms = token_norm(x) if "norm" in (method.keep_by, method.fuse_by) else None
-    scores = cls_attn if method.keep_by == "attn" else norms
+    norms = token_norm(x) if method.needs_norms else None
+    scores = keep_scores(method.keep_by, x, cls_attn, norms, cfg.generator)
     keep_idx, drop_idx = select_tokens(scores, keep, num_prefix, want_dropped=method.fuses)
     weights = None
     if method.fuses:

@@ -23,6 +23,26 @@ def class_attention(q: Tensor, k: Tensor, scale: float, bias: Optional[Tensor] =
     return logits.softmax(dim=-1).mean(dim=1)[:, 0]
 
 
+def keep_scores(criterion: str, x: Tensor, cls_attn: Optional[Tensor], norms: Optional[Tensor],
+                generator: torch.Generator) -> Tensor:
+    """The score by which tokens are kept, highest first, (B, N).
+
+    ``attn``: class-token attention; ``norm``: L2 norm; ``low_norm``: the negated L2 norm (the smallest
+    norms kept); ``random``: independent uniform draws, one per token and image, from ``generator`` (a CPU
+    generator, so that a seed gives the same draws on every device), whose top-k is a uniformly random
+    subset. The draws are float64, so ties (which would favour the lower index) practically never occur.
+    """
+    if criterion == "attn":
+        return cls_attn
+    if criterion == "norm":
+        return norms
+    if criterion == "low_norm":
+        return -norms
+    if criterion == "random":
+        return torch.rand(x.shape[:2], generator=generator, dtype=torch.float64).to(x.device)
+    raise ValueError(f"keep_by: unknown criterion {criterion!r}; expected 'attn', 'norm', 'low_norm' or 'random'")
+
+
 def fusion_weights(criterion: str, dropped_cls_attn: Optional[Tensor], dropped_norms: Optional[Tensor]) -> Tensor:
     """Weights of the dropped tokens in the fused token, (B, D).
 

@@ -2,10 +2,14 @@
 
 The patch keeps one ``CompressionConfig`` on the model (and on each patched block) under
 ``CONFIG_ATTR``; ``get_config`` reads it. Everything that asks "how is this model compressed"
-(the patch, the FLOPs arithmetic, the visualisation) goes through here.
+(the patch, the FLOPs arithmetic, the visualisation) goes through here, and so do the random draws of the
+``random`` control: a CPU generator on the config, seeded with ``DEFAULT_SEED`` when the model is patched,
+restarted from another seed by ``seed_draws``, and from the model's seed for one evaluation pass by
+``evaluation_draws``.
 """
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -13,6 +17,7 @@ from torch import Tensor, nn
 from .methods import CompressionMethod
 
 CONFIG_ATTR = "_compression"  # the attribute holding the CompressionConfig of a patched model
+DEFAULT_SEED = 0  # the seed of a newly patched model's random draws
 
 
 @dataclass
@@ -46,6 +51,8 @@ class CompressionConfig:
 
     method: the compression method; schedule: tokens removed by each block; fused_attn: whether
     every block's attention runs through scaled_dot_product_attention (the one switch for it).
+    seed, generator: the random draws of a stochastic method (``random``): one stream, advanced by every
+    forward that reduces, so each forward (each training step, each evaluation batch) draws afresh.
     """
 
     method: CompressionMethod
@@ -56,6 +63,9 @@ class CompressionConfig:
     trace_source: bool = False
     fused_attn: bool = True
     state: CompressionState = field(default_factory=CompressionState)
+    seed: int = DEFAULT_SEED
+    generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(DEFAULT_SEED),
+                                       compare=False, repr=False)
 
     def begin_block(self, index: int, x: Tensor) -> Tuple[int, Optional[Tensor]]:
         """What block ``index`` does to ``x``: (tokens it removes, the token sizes its attention weighs by, or
@@ -81,9 +91,48 @@ def get_config(model: nn.Module) -> Optional[CompressionConfig]:
     return getattr(model, CONFIG_ATTR, None)
 
 
-def get_state(model: nn.Module) -> CompressionState:
-    """The state left by the last forward pass: sizes, source map, tokens per block."""
+def _patched_config(model: nn.Module) -> CompressionConfig:
     cfg = get_config(model)
     if cfg is None:
         raise ValueError("model: not patched; call pruning.patch.apply_patch first")
-    return cfg.state
+    return cfg
+
+
+def get_state(model: nn.Module) -> CompressionState:
+    """The state left by the last forward pass: sizes, source map, tokens per block."""
+    return _patched_config(model).state
+
+
+def seed_draws(model: nn.Module, seed: int) -> None:
+    """Restart the random draws of a patched model from ``seed``: from here on it keeps the same tokens as any
+    model seeded alike, given the same inputs and batch size. Methods that draw nothing ignore the seed."""
+    cfg = _patched_config(model)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed: expected an int, got {seed!r}")
+    if not -2 ** 63 <= seed < 2 ** 64:
+        raise ValueError(f"seed: {seed} is outside the range a torch generator takes (-2**63 to 2**64 - 1)")
+    cfg.generator.manual_seed(seed)
+    cfg.seed = seed
+
+
+def find_config(model: nn.Module) -> Optional[CompressionConfig]:
+    """The compression of ``model`` or of the first patched module inside it (a wrapper, a transformers or
+    OpenCLIP model whose backbone was patched, torch.compile's module), or None."""
+    return next((cfg for cfg in map(get_config, model.modules()) if cfg is not None), None)
+
+
+@contextmanager
+def evaluation_draws(model: nn.Module) -> Iterator[None]:
+    """One evaluation pass: inside, the random draws restart from the model's seed (as after ``seed_draws``),
+    so every pass over the same batches keeps the same tokens; afterwards the stream continues where it was
+    (training draws are not replayed). Does nothing for an unpatched model."""
+    cfg = find_config(model)
+    if cfg is None:
+        yield
+        return
+    outside = cfg.generator.get_state()
+    cfg.generator.manual_seed(cfg.seed)
+    try:
+        yield
+    finally:
+        cfg.generator.set_state(outside)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import transformers as T
 from open_clip.transformer import QuickGELU, VisionTransformer
 
-from reference_vit import reduce
+from reference_vit import reduce_step
 
 DEPTH, PATCHES = 4, 16  # the small test models: 32 px images, 8 px patches
 
@@ -101,18 +101,20 @@ def _scaled(gamma, x):
     return x if gamma is None else x * gamma
 
 
-def run_blocks(blocks, x, method, schedule, num_prefix, reduce_at, prop_attn):
-    """The pre-norm blocks with the rules applied; returns (tokens, sizes)."""
-    size = [1.0] * x.shape[0]
-    for w, k in zip(blocks, schedule):
+def run_blocks(blocks, x, method, schedule, num_prefix, reduce_at, prop_attn, kept=None):
+    """The pre-norm blocks with the rules applied; returns (tokens, sizes). ``kept``: for ``random``, per block
+    the original indices of the tokens it keeps."""
+    size, ids = [1.0] * x.shape[0], list(range(x.shape[0]))
+    for block_index, (w, k) in enumerate(zip(blocks, schedule)):
         use_size = size if (method == "tome" and prop_attn and any(s != 1 for s in size)) else None
         out, cls_attn, keys = _attention(w, _ln(x, w["ln1"]), use_size)
         x = x + _scaled(w["ls1"], out)
+        listed = kept[block_index] if kept else None
         if reduce_at == "attn" and k > 0 and method != "none":
-            x, size = reduce(method, x, cls_attn, keys, size, k, num_prefix)
+            x, size, ids = reduce_step(method, x, cls_attn, keys, size, ids, k, num_prefix, listed)
         x = x + _scaled(w["ls2"], _mlp(w, _ln(x, w["ln2"])))
         if reduce_at == "block" and k > 0 and method != "none":
-            x, size = reduce(method, x, cls_attn, keys, size, k, num_prefix)
+            x, size, ids = reduce_step(method, x, cls_attn, keys, size, ids, k, num_prefix, listed)
     return x, size
 
 
@@ -158,27 +160,29 @@ def _family_parts(model):
 
 
 @torch.no_grad()
-def reference_outputs(model, images, method, schedule, reduce_at=None, prop_attn=True):
+def reference_outputs(model, images, method, schedule, reduce_at=None, prop_attn=True, kept=None):
     """What ``model`` (unpatched) returns under the rules, one image at a time: the logits of a classifier, the
     pooled output of a backbone (ViT: the pooler; DINOv2 and CLIP: the pooled class token), an OpenCLIP
-    VisionTransformer's image features."""
+    VisionTransformer's image features. ``random`` needs ``kept``: per image, per block, the original indices of
+    the tokens that block keeps."""
     reduce_at = reduce_at or ("attn" if method == "tome" else "block")
     name = type(model).__name__
     outputs = []
-    for image in images:
+    for index, image in enumerate(images):
+        listed = kept[index] if kept else None
         if name == "VisionTransformer":  # OpenCLIP
             x = _patches(image, model.conv1.weight, None, model.patch_size[0])
             x = torch.cat([model.class_embedding[None], x]) + model.positional_embedding
             x = _ln(x, model.ln_pre)
             blocks = [_open_clip_block(b) for b in model.transformer.resblocks]
-            x, _ = run_blocks(blocks, x, method, schedule, 1, reduce_at, prop_attn)
+            x, _ = run_blocks(blocks, x, method, schedule, 1, reduce_at, prop_attn, listed)
             pooled = _ln(x[0], model.ln_post)
             outputs.append(pooled @ model.proj if model.proj is not None else pooled)
             continue
         backbone, kind, layers, num_prefix = _family_parts(model)
         x = _hf_embed(backbone, image, kind)
         blocks = [_hf_block(layer, kind) for layer in layers]
-        x, size = run_blocks(blocks, x, method, schedule, num_prefix, reduce_at, prop_attn)
+        x, size = run_blocks(blocks, x, method, schedule, num_prefix, reduce_at, prop_attn, listed)
         if kind == "clip":
             pooled = _ln(x[0], backbone.post_layernorm)
             outputs.append(_linear(pooled, model.visual_projection) if name.endswith("WithProjection") else pooled)

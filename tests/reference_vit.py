@@ -70,15 +70,40 @@ def tome_merge(tokens, keys, size, r, num_prefix):
     return torch.stack(new_tokens), new_size
 
 
+def keep_listed(tokens, ids, listed):
+    """Keep the tokens whose original indices are ``listed``, in that order (the rule of ``random`` once its
+    draw is known): returns (tokens, their original indices)."""
+    position = {token_id: i for i, token_id in enumerate(ids)}
+    return torch.stack([tokens[position[token_id]] for token_id in listed]), list(listed)
+
+
+def kept_ids(block_sources):
+    """Per image, per block, the original index of each token leaving that block, read from source maps
+    ((B, N, N0) 0/1 tensors, one per block) of a pruning method that fuses nothing (one patch per token)."""
+    return [[[int(row.argmax()) for row in source[image]] for source in block_sources]
+            for image in range(block_sources[0].shape[0])]
+
+
+def reduce_step(method, tokens, cls_attn, keys, size, ids, k, num_prefix, listed=None):
+    """One reduction by the rules, tracking each token's original index (``ids``): returns (tokens, size, ids).
+    ``random`` keeps the original indices ``listed`` (its draw, taken from the model under test)."""
+    if method == "random":
+        tokens, ids = keep_listed(tokens, ids, listed)
+        return tokens, size, ids
+    tokens, size = reduce(method, tokens, cls_attn, keys, size, k, num_prefix)
+    return tokens, size, None
+
+
 def reduce(method, tokens, cls_attn, keys, size, k, num_prefix):
     if method == "tome":
         return tome_merge(tokens, keys, size, k, num_prefix)
     keep_by, fuse_by = {
         "tk": ("attn", None), "tk_n": ("norm", None), "evit": ("attn", "attn"),
         "evit_n": ("norm", "norm"), "n_wa": ("norm", "attn"), "a_wn": ("attn", "norm"),
+        "low_norm": ("low_norm", None),
     }[method]
     norms = tokens.norm(dim=-1)
-    scores = cls_attn if keep_by == "attn" else norms
+    scores = {"attn": cls_attn, "norm": norms, "low_norm": -norms}[keep_by]
     fuse = None
     if fuse_by == "attn":
         fuse = lambda dropped: [cls_attn[i] for i in dropped]  # noqa: E731
@@ -90,23 +115,25 @@ def reduce(method, tokens, cls_attn, keys, size, k, num_prefix):
 
 
 @torch.no_grad()
-def reference_logits(model, images, method, schedule, reduce_at=None, prop_attn=True):
-    """Logits of ``model`` (unpatched) under the compression rules, one image at a time."""
+def reference_logits(model, images, method, schedule, reduce_at=None, prop_attn=True, kept=None):
+    """Logits of ``model`` (unpatched) under the compression rules, one image at a time. ``random`` needs
+    ``kept``: per image, per block, the original indices of the tokens that block keeps (in order)."""
     reduce_at = reduce_at or ("attn" if method == "tome" else "block")
     num_prefix = model.num_prefix_tokens
     outputs = []
-    for image in images:
+    for index, image in enumerate(images):
         x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(image[None]))))[0]
-        size = [1.0] * x.shape[0]
-        for block, k in zip(model.blocks, schedule):
+        size, ids = [1.0] * x.shape[0], list(range(x.shape[0]))
+        for block_index, (block, k) in enumerate(zip(model.blocks, schedule)):
             use_size = size if (method == "tome" and prop_attn and any(s != 1 for s in size)) else None
             out, cls_attn, keys = attention(block, block.norm1(x), use_size)
             x = x + block.ls1(out)
+            listed = kept[index][block_index] if kept else None
             if reduce_at == "attn" and k > 0 and method != "none":
-                x, size = reduce(method, x, cls_attn, keys, size, k, num_prefix)
+                x, size, ids = reduce_step(method, x, cls_attn, keys, size, ids, k, num_prefix, listed)
             x = x + block.ls2(block.mlp(block.norm2(x)))
             if reduce_at == "block" and k > 0 and method != "none":
-                x, size = reduce(method, x, cls_attn, keys, size, k, num_prefix)
+                x, size, ids = reduce_step(method, x, cls_attn, keys, size, ids, k, num_prefix, listed)
         outputs.append(model.forward_head(model.norm(x[None]))[0])
     return torch.stack(outputs)
 

@@ -33,3 +33,9 @@ def test_bad_runtime_is_one_line(capsys):
     assert deploy_benchmark.main(["--runtimes", "tensorrt"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("deploy_benchmark.py: error: --runtimes: unknown runtime 'tensorrt'") and err.count("\n") == 1
+
+
+def test_random_keep_is_refused_for_onnxruntime_in_one_line(capsys):
+    assert deploy_benchmark.main(["--methods", "tk_n,random", "--runtimes", "eager,onnxruntime"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deploy_benchmark.py: error: --methods random: not exported to ONNX") and err.count("\n") == 1

@@ -11,7 +11,7 @@ import torch
 import timm
 
 import pruning.models  # noqa: F401
-from pruning import METHOD_NAMES, apply_patch, get_state
+from pruning import METHOD_NAMES, apply_patch, get_method, get_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -39,7 +39,7 @@ def plain():
     return timm.create_model(ARCH).eval()
 
 
-@pytest.mark.parametrize("method", METHOD_NAMES)
+@pytest.mark.parametrize("method", [m for m in METHOD_NAMES if not get_method(m).stochastic])  # random: refused
 def test_export_matches_pytorch_and_reduces_tokens(method, plain, tmp_path):
     model = apply_patch(timm.create_model(ARCH).eval(), method, POOL_K)
     model.load_state_dict(plain.state_dict())
@@ -123,6 +123,7 @@ def test_cli_timm_safetensors(tmp_path, capsys):
     (["--arch", ARCH, "--model", "tk", "--reduce_token", "2,2"], "2 values given, but --arch"),
     (["--arch", ARCH, "--model", "tk", "--reduce_token", "two"], "--reduce_token"),
     (["--arch", ARCH, "--reduce_token", "2"], "--model is required"),
+    (["--arch", ARCH, "--model", "random", "--reduce_token", "2"], "--model random: not exported to ONNX"),
 ])
 def test_cli_errors_are_one_line(argv, message, tmp_path, capsys):
     code, out, err = run_cli(argv + ["--out", str(tmp_path / "m.onnx")], capsys)

@@ -68,6 +68,22 @@ def test_a_fixed_baseline_is_evaluated_not_trained(tmp_path):
         assert vars(main.parse_args(shlex.split(spec.command)[2:])) == vars(main.parse_args([], settings=spec.options))
 
 
+def test_a_stochastic_method_is_evaluated_once_per_seed_off_the_shelf(tmp_path):
+    """random draws other tokens with every seed, so even an evaluation of the fixed baseline runs once per seed;
+    low_norm, deterministic, once."""
+    config = sweep.load_config(fixed_config(tmp_path, methods=["none", "tk", "random", "low_norm"]), {})
+    plan = sweep.plan_runs(config, lambda method, level: level.reduce_token)
+    seeds = {}
+    for spec in plan:
+        seeds.setdefault((spec.protocol, spec.method, spec.level), []).append(spec.seed)
+    assert seeds["offtheshelf", "random", "f80"] == [0, 1, 2] and seeds["offtheshelf", "low_norm", "f80"] == [0]
+    assert seeds["offtheshelf", "tk", "f80"] == [0] and seeds["finetune", "random", "f80"] == [0, 1, 2]
+    assert ("offtheshelf", "random", "k3") not in seeds  # k3 runs tk and tk_n only
+    assert [spec.options["seed"] for spec in plan if spec.protocol == "offtheshelf" and spec.method == "random"] == \
+        [0, 1, 2]
+    assert len({spec.options["output_dir"] for spec in plan}) == len(plan)
+
+
 def test_a_fixed_baseline_sweep_runs_and_fills_the_speedups(tmp_path, no_plot):
     fake = FakeMain()
     assert run_fake(fixed_config(tmp_path), fake) == 0
@@ -288,6 +304,49 @@ def test_one_common_seed_is_compared_on_that_seeds_predictions(tmp_path):
     assert sweep_report.paired_differences(rows, "tk_n", "tk", "finetune", "f80") == pytest.approx([diff.mean()])
 
 
+def test_one_run_against_the_draws_of_random_is_a_bootstrap_of_the_per_image_mean(tmp_path):
+    """Off the shelf tk ran once, random once per seed (3 draws): tk − random pairs tk's run with each draw; the
+    interval is the bootstrap over the images of tk's correctness minus random's averaged over its draws."""
+    out = tmp_path / "out"
+    n = 300
+    labels = np.arange(n) % 10
+    rng = np.random.default_rng(4)
+    right_tk = rng.random(n) < 0.85
+    draws = [rng.random(n) < 0.6 for _ in range(3)]
+    rows = []
+    for method, seed, correct in [("tk", 0, right_tk)] + [("random", s, d) for s, d in enumerate(draws)]:
+        predicted = np.where(correct, labels, (labels + 1) % 10)
+        rows.append(shelf_row(method, "f80", 100 * correct.mean(),
+                              write_predictions(out, f"{method}{seed}.npz", predicted, labels), seed=seed))
+    per_image = (right_tk.astype(float) - np.mean([d.astype(float) for d in draws], axis=0)) * 100
+    mean, low, high = sweep_stats.bootstrap_ci(per_image)
+    found = sweep_report.pair_interval(rows, "tk", "random", "offtheshelf", "f80", out)
+    assert (found.mean, found.low, found.high) == pytest.approx((mean, low, high))
+    assert found.how == f"paired bootstrap over {n} test images, mean of 3 draws" and not found.test
+    a_only = sum(int((right_tk & ~d).sum()) for d in draws)
+    b_only = sum(int((d & ~right_tk).sum()) for d in draws)
+    assert found.ahead == f"{a_only} vs {b_only} images (3 draws)"
+    diffs = [100 * (right_tk.mean() - d.mean()) for d in draws]
+    assert sweep_report.paired_differences(rows, "tk", "random", "offtheshelf", "f80") == pytest.approx(diffs)
+    assert sweep_report.pair_interval(rows, "random", "tk", "offtheshelf", "f80", out).mean == pytest.approx(-mean)
+    sweep_report.write_summary(rows, out / "summary.md", ["f80"], [("tk", "random")])
+    text = (out / "summary.md").read_text()
+    assert f"| offtheshelf | f80 | tk − random (control) | {np.mean(diffs):.2f} ± {np.std(diffs, ddof=1):.2f} " \
+           f"| [{low:.2f}, {high:.2f}] | – | {a_only} vs {b_only} images (3 draws) |" in text
+    assert "| random (control) |" in text
+    # random's own accuracy: the bootstrap over the images of its correctness averaged over the draws
+    mean, low, high = sweep_stats.bootstrap_ci(np.mean([d.astype(float) for d in draws], axis=0) * 100)
+    assert f"| offtheshelf | random (control) | f80 | {mean:.2f} | [{low:.2f}, {high:.2f}] | bootstrap over {n} " \
+           f"test images, mean of 3 draws |" in text
+
+
+def test_a_control_is_never_the_best_method(tmp_path):
+    rows = [shelf_row("tk", "f80", 70.0), shelf_row("low_norm", "f80", 75.0)]
+    rows += [shelf_row("random", "f80", acc, seed=s) for s, acc in enumerate((80.0, 81.0, 82.0))]
+    lines = sweep_report.best_table(rows, sweep_report.accuracy_intervals(rows, tmp_path), ["f80"], tmp_path)
+    assert [line.split(" | ")[2] for line in lines[2:]] == ["tk"]
+
+
 def test_summary_fine_tuned_differences_are_t_intervals_over_seeds(tmp_path):
     rows = [shelf_row("tk", "f80", acc, protocol="finetune", seed=s) for s, acc in enumerate((80.0, 82.0, 87.0))]
     rows += [shelf_row("tk_n", "f80", acc, protocol="finetune", seed=s) for s, acc in enumerate((81.0, 85.0, 86.0))]
@@ -411,9 +470,11 @@ def test_v2_config_dry_runs_without_its_baseline(tmp_path, capsys):
     path.write_text(yaml.safe_dump(config))
     assert sweep.main(["--config", str(path), "--dry_run"]) == 0
     commands = capsys.readouterr().out.strip().splitlines()
-    # baseline 1; off the shelf: none + 7 methods x 3 matched levels + tk, tk_n x 3 equal-k levels; fine-tune x 3 seeds
-    assert len(commands) == 1 + 28 + 3 * 28
-    assert sum("--epochs 1" in c for c in commands) == 84
+    # baseline 1; off the shelf: none + 7 methods x 3 matched levels + tk, tk_n x 3 equal-k levels, and the controls at
+    # the 3 matched levels (random once per seed); fine-tune: all but the baseline x 3 seeds
+    assert len(commands) == 1 + (28 + 3 * 3 + 3) + 3 * (28 + 6)
+    assert sum("--epochs 1" in c for c in commands) == 102
+    assert sum("--eval_only --model random" in c for c in commands) == 9
 
 
 def test_an_interrupted_parallel_sweep_keeps_finished_rows_and_continues(tmp_path, no_plot):

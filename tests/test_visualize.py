@@ -221,8 +221,8 @@ def test_tokens_per_block_match_a_real_forward(method):
 
 def test_token_curves_share_lines_for_identical_counts(tmp_path):
     curves = token_curves(197, 12, 10)
-    assert set(curves) == {"none", "tk, tk_n, tome", "evit, evit_n, n_wa, a_wn"}
-    assert curves["tk, tk_n, tome"][-1] == 197 - 12 * 10
+    assert set(curves) == {"none", "tk, tk_n, tome, random, low_norm", "evit, evit_n, n_wa, a_wn"}
+    assert curves["tk, tk_n, tome, random, low_norm"][-1] == 197 - 12 * 10
     assert curves["evit, evit_n, n_wa, a_wn"][1] == 197 - 10 + 1
     path = save_tokens_per_block_plot(str(tmp_path / "tokens.png"), 197, 12, 10)
     assert Image.open(path).size == (640, 400)

@@ -39,9 +39,9 @@ import torch  # noqa: E402
 import pruning.models  # noqa: E402,F401
 from engine.errors import CLIError, report_error  # noqa: E402
 from engine.options import ArgumentParser  # noqa: E402
-from export_onnx import (compress, export_onnx, input_shape, ort_run, ort_session,  # noqa: E402
+from export_onnx import (compress, export_onnx, input_shape, ort_run, ort_session, refuse_stochastic,  # noqa: E402
                          reduce_token_type)
-from pruning import METHOD_NAMES  # noqa: E402
+from pruning import METHOD_NAMES, METHODS  # noqa: E402
 from pruning.benchmark import time_interleaved  # noqa: E402
 from pruning.flops import analytic_flops  # noqa: E402
 
@@ -84,8 +84,8 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="vit_small_patch16_224", help="timm ViT name (default: %(default)s)")
     parser.add_argument("--img_size", type=int, default=None)
-    parser.add_argument("--methods", default=",".join(METHOD_NAMES[1:]),
-                        help="comma list (default: every method)")
+    parser.add_argument("--methods", default=",".join(m for m in METHOD_NAMES[1:] if not METHODS[m].control),
+                        help="comma list (default: every method but the controls)")
     parser.add_argument("--reduce_token", type=reduce_token_type, default=10,
                         help="tokens removed per block: an int or one value per block (default: %(default)s)")
     parser.add_argument("--batch_sizes", default="1,32", help="comma list; 1 = latency (default: %(default)s)")
@@ -114,6 +114,8 @@ def check(args: argparse.Namespace) -> None:
     for r in args.runtimes:
         if r not in RUNTIMES:
             raise CLIError(f"--runtimes: unknown runtime {r!r}; choose from {', '.join(RUNTIMES)}")
+    for m in args.methods if "onnxruntime" in args.runtimes else ():
+        refuse_stochastic(m, "--methods")
     try:
         args.batch_sizes = [int(b) for b in csv_list(args.batch_sizes)]
     except ValueError:

@@ -41,7 +41,7 @@ from engine.errors import CLIError, report_error  # noqa: E402
 from engine.model import tokens_per_block, unmet_reductions  # noqa: E402
 from engine.options import ArgumentParser, int_at_least, reduce_token_type  # noqa: E402
 from engine.report import unmet_warning  # noqa: E402
-from pruning import METHOD_NAMES, apply_patch  # noqa: E402
+from pruning import METHOD_NAMES, apply_patch, get_method  # noqa: E402
 from pruning.benchmark import time_interleaved  # noqa: E402
 from pruning.flops import analytic_flops  # noqa: E402
 
@@ -98,12 +98,21 @@ def resolve_options(args: argparse.Namespace) -> None:
             raise CLIError(f"--{option} is required (it can only be taken from a checkpoint written by main.py)")
     if args.model not in METHOD_NAMES:
         raise CLIError(f"--model: unknown method {args.model!r}; choose from {', '.join(METHOD_NAMES)}")
+    refuse_stochastic(args.model, "--model")
     head, embed = shapes.get("head.weight"), shapes.get("patch_embed.proj.weight")
     for option, found in (("num_classes", head[0] if head else None), ("in_chans", embed[1] if embed else None)):
         given = getattr(args, option)
         if found is not None and given is not None and given != found:
             raise CLIError(f"--{option} {given}: the checkpoint {args.checkpoint} has {found}; drop --{option}")
         setattr(args, option, given if given is not None else found)
+
+
+def refuse_stochastic(method: str, option: str) -> None:
+    """A method that draws its kept tokens at random on every forward cannot become a deterministic graph."""
+    if get_method(method).stochastic:
+        raise CLIError(f"{option} {method}: not exported to ONNX: it draws a fresh random kept set on every forward "
+                       f"from torch's generator, which an ONNX graph cannot reproduce (it would freeze one draw or "
+                       f"use onnxruntime's own random stream)")
 
 
 def build_model(args: argparse.Namespace) -> VisionTransformer:

@@ -26,10 +26,11 @@ for path in (ROOT, os.path.join(ROOT, "tests")):
 import transformers as T  # noqa: E402
 from open_clip.transformer import QuickGELU, VisionTransformer  # noqa: E402
 
-from pruning import METHOD_NAMES  # noqa: E402
+from pruning import METHOD_NAMES, get_method  # noqa: E402
 from pruning.benchmark import compare_speed  # noqa: E402
-from pruning.patch import apply_patch  # noqa: E402
+from pruning.patch import apply_patch, get_state, remove_patch  # noqa: E402
 from reference_families import make_model, output, reference_outputs  # noqa: E402
+from reference_vit import kept_ids  # noqa: E402
 
 FAMILIES = {  # table row: (test family, description)
     "vit": ("vit", "transformers ViTForImageClassification"),
@@ -48,11 +49,14 @@ def conformance(family: str, method: str) -> float:
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     worst = 0.0
     for attn, reduce_at in (("sdpa", None), ("eager", "block" if method == "tome" else "attn")):
-        model = make_model(family, attn)
-        expected = reference_outputs(model, images, method, SCHEDULE, reduce_at)
-        apply_patch(model, method, SCHEDULE, reduce_at=reduce_at, fused_attn=attn == "sdpa")
+        stochastic = get_method(method).stochastic  # random: the reference keeps the tokens the model drew
+        model = apply_patch(make_model(family, attn), method, SCHEDULE, reduce_at=reduce_at,
+                            fused_attn=attn == "sdpa", trace_source=stochastic)
         with torch.no_grad():
-            worst = max(worst, (output(model, images) - expected).abs().max().item())
+            got = output(model, images)
+        kept = kept_ids(get_state(model).block_sources) if stochastic else None
+        expected = reference_outputs(remove_patch(model), images, method, SCHEDULE, reduce_at, kept=kept)
+        worst = max(worst, (got - expected).abs().max().item())
     return worst
 
 

@@ -7,8 +7,9 @@ For every seed the baseline (method ``none``) is trained first; its checkpoint i
 - ``finetune``: trained further with each method and level in the loop.
 With ``baseline_checkpoint: PATH`` (a main.py checkpoint trained once) no baseline is trained: the
 ``baseline`` row evaluates that checkpoint (``--eval_only --benchmark``), the off-the-shelf runs
-evaluate it compressed (once: evaluation does not depend on the seed) and the fine-tune runs start
-from it, once per seed (the seed changes the fine-tune's data order and augmentation).
+evaluate it compressed (once: evaluation does not depend on the seed; but once per seed for a stochastic
+method such as ``random``, whose seed draws the kept tokens) and the fine-tune runs start from it, once
+per seed (the seed changes the fine-tune's data order and augmentation).
 ``--jobs N`` runs N runs at once, each in a process of its own (a baseline before the runs that use it).
 Each finished run becomes one row of ``<out_dir>/runs.csv`` (with the ``python main.py ...`` command
 that reproduces it); rows already there are skipped, so an interrupted sweep continues where it
@@ -45,7 +46,7 @@ if str(ROOT) not in sys.path:  # ``python tools/sweep.py`` puts tools/ first on 
     sys.path.insert(0, str(ROOT))
 
 from engine.options import read_yaml_mapping  # noqa: E402
-from pruning import METHOD_NAMES  # noqa: E402
+from pruning import METHOD_NAMES, get_method  # noqa: E402
 from tools.sweep_report import BEST, write_reports  # noqa: E402
 from tools.sweep_rows import (BASELINE, ENVIRONMENT_FIELDS, NO_LEVEL, PREDICTIONS_DIR, PROTOCOLS, Key,  # noqa: E402
                               derive_speedups, read_rows, row_key, write_rows)
@@ -342,19 +343,32 @@ def _spec(config: SweepConfig, protocol: str, method: str, level: str, reduce_to
     return RunSpec(protocol, method, level, reduce_token, seed, values, needs)
 
 
+def run_seeds(config: SweepConfig, protocol: str, method: str) -> List[int]:
+    """The seeds ``method`` runs with under ``protocol``: every seed, but an evaluation of a fixed baseline runs
+    once (with ``config.evaluation_seed``) unless the method is stochastic (``random``), whose every evaluation
+    draws other tokens: it runs once per seed, and the seeds are its draws."""
+    if config.baseline_checkpoint and protocol == "offtheshelf" and not get_method(method).stochastic:
+        return [config.evaluation_seed]
+    return config.seeds
+
+
 def plan_runs(config: SweepConfig, schedule: Callable[[str, Level], Schedule]) -> List[RunSpec]:
     """Every run of the sweep: the baselines of all seeds first, then per protocol and seed each
     method × level (so an interrupted sweep has whole seeds). ``schedule(method, level)`` gives the
     per-block reduction; method ``none`` runs once per protocol and seed (level ``-``), the
     uncompressed control. With a fixed baseline checkpoint the baseline and off-the-shelf runs
-    (evaluations) run once, with ``config.evaluation_seed``.
+    (evaluations) run once, with ``config.evaluation_seed``, except those of a stochastic method
+    (:func:`run_seeds`).
     """
     once = [config.evaluation_seed]  # a fixed baseline: evaluations do not depend on the seed
     plan = [_spec(config, BASELINE, "none", NO_LEVEL, "0", seed)
             for seed in (once if config.baseline_checkpoint else config.seeds)]
     for protocol in config.protocols:
-        for seed in (once if config.baseline_checkpoint and protocol == "offtheshelf" else config.seeds):
+        seeds = dict.fromkeys(s for method in config.methods for s in run_seeds(config, protocol, method))
+        for seed in seeds:
             for method in config.methods:
+                if seed not in run_seeds(config, protocol, method):
+                    continue
                 if method == "none":
                     plan.append(_spec(config, protocol, method, NO_LEVEL, "0", seed))
                     continue

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from pruning import METHOD_NAMES
+from pruning import METHOD_NAMES, METHODS
 from tools.stats import BOOTSTRAP_SEED, RESAMPLES, bootstrap_ci, mcnemar_exact, mean_std, paired_t, t_interval
 from tools.sweep_rows import (BASELINE, ENVIRONMENT_FIELDS, NO_LEVEL, PROTOCOLS, Key, derive_speedups, read_rows,
                               write_rows)
@@ -58,6 +58,11 @@ def sort_groups(groups: List[Group], level_order: Sequence[str]) -> List[Group]:
     return sorted(groups, key=rank)
 
 
+def method_label(method: str) -> str:
+    """A method's name in the tables: controls (random keep, lowest norm) marked as such."""
+    return f"{method} (control)" if method in METHODS and METHODS[method].control else method
+
+
 def fmt_mean_std(values: Sequence[float], digits: int) -> str:
     mean, std = mean_std(values)
     if math.isnan(mean):
@@ -69,7 +74,8 @@ def summary_table(groups: List[Group]) -> List[str]:
     lines = ["| protocol | method | level | reduce_token | top-1 % | GFLOPs | img/s | speedup | seeds |",
              "|---|---|---|---|---|---|---|---|---|"]
     for g in groups:
-        lines.append(f"| {g.protocol} | {g.method} | {g.level} | {g.reduce_token} | {fmt_mean_std(g.accuracy, 2)} "
+        lines.append(f"| {g.protocol} | {method_label(g.method)} | {g.level} | {g.reduce_token} "
+                     f"| {fmt_mean_std(g.accuracy, 2)} "
                      f"| {fmt_mean_std(g.gflops, 4)} | {fmt_mean_std(g.throughput, 0)} "
                      f"| {fmt_mean_std(g.speedup, 2)} | {g.n} |")
     return lines
@@ -87,7 +93,8 @@ def pivot_table(groups: List[Group], level_order: Sequence[str], value: str = "a
     for method in METHOD_NAMES:
         found = [cell.get((p, method, level)) or cell.get((p, method, NO_LEVEL)) for p, level in columns]
         if any(found):
-            lines.append(f"| {method} | " + " | ".join(_cell(g, value, digits, spread) for g in found) + " |")
+            lines.append(f"| {method_label(method)} | " + " | ".join(_cell(g, value, digits, spread) for g in found)
+                         + " |")
     return lines
 
 
@@ -107,10 +114,21 @@ def _rows_of(rows: List[Dict[str, str]], protocol: str, method: str, level: str)
 def paired_rows(rows: List[Dict[str, str]], a: str, b: str, protocol: str, level: str
                 ) -> List[Tuple[Dict[str, str], Dict[str, str]]]:
     """(row of a, row of b) for each seed both have at ``protocol`` and ``level``, by seed: the same baseline
-    checkpoint and the same training seed."""
+    checkpoint and the same training seed. Off the shelf, where one method ran once (a fixed baseline evaluated
+    once) and the other, a stochastic one, once per seed (its draws of the kept tokens), the one run pairs with
+    each of the draws."""
     of_a = {r["seed"]: r for r in _rows_of(rows, protocol, a, level)}
     of_b = {r["seed"]: r for r in _rows_of(rows, protocol, b, level)}
+    by_seed = lambda runs: [runs[seed] for seed in sorted(runs, key=int)]  # noqa: E731
+    if protocol == "offtheshelf" and _one_against_draws(a, len(of_a), b, len(of_b)):
+        return [(row_a, row_b) for row_a in by_seed(of_a) for row_b in by_seed(of_b)]
     return [(of_a[seed], of_b[seed]) for seed in sorted(of_a.keys() & of_b.keys(), key=int)]
+
+
+def _one_against_draws(a: str, runs_a: int, b: str, runs_b: int) -> bool:
+    """One run of one method against several of the other, which draws at random."""
+    draws = lambda method, runs, other: runs > 1 and other == 1 and METHODS[method].stochastic  # noqa: E731
+    return draws(a, runs_a, runs_b) or draws(b, runs_b, runs_a)
 
 
 def paired_differences(rows: List[Dict[str, str]], method_a: str, method_b: str, protocol: str,
@@ -150,9 +168,19 @@ class Interval:
 
 def accuracy_interval(members: List[Dict[str, str]], out_dir: Path) -> Optional[Interval]:
     """Top-1 (%) of one protocol × method × level: over seeds (t-interval) when there are several; one run
-    with predictions: the bootstrap over its test images; else the value alone."""
+    with predictions: the bootstrap over its test images; the off-the-shelf draws of a stochastic method
+    (one run per seed, the same weights): the bootstrap over the images of their per-image mean correctness;
+    else the value alone."""
     if not members:
         return None
+    if _are_draws(members):
+        loaded = [load_correct(out_dir, row) for row in members]
+        if None not in loaded and len({identity for _, identity in loaded}) == 1:
+            import numpy as np
+
+            mean, low, high = bootstrap_ci(np.mean([correct.astype(float) for correct, _ in loaded], axis=0) * 100)
+            return Interval(mean, low, high, f"bootstrap over {len(loaded[0][0])} test images, mean of "
+                            f"{len(loaded)} draws")
     if len(members) > 1:
         mean, low, high = t_interval([float(r["accuracy"]) for r in members])
         return Interval(mean, low, high, f"t over {len(members)} seeds")
@@ -163,27 +191,59 @@ def accuracy_interval(members: List[Dict[str, str]], out_dir: Path) -> Optional[
     return Interval(mean, low, high, f"bootstrap over {len(loaded[0])} test images")
 
 
+def _are_draws(members: List[Dict[str, str]]) -> bool:
+    """Several off-the-shelf runs of a stochastic method: draws of its kept tokens on the same weights."""
+    method = members[0]["method"]
+    return len(members) > 1 and members[0]["protocol"] == "offtheshelf" and method in METHODS and \
+        METHODS[method].stochastic
+
+
 def pair_interval(rows: List[Dict[str, str]], a: str, b: str, protocol: str, level: str,
                   out_dir: Path) -> Optional[Interval]:
     """Top-1 of a minus b (points) at one protocol and level: several seeds: paired by seed, t-interval;
-    one run each with predictions on the same images: paired bootstrap over the images and McNemar's test."""
-    diffs = paired_differences(rows, a, b, protocol, level)
-    if not diffs:
+    one run each with predictions on the same images: paired bootstrap over the images and McNemar's test;
+    one run against the draws of a stochastic method (see :func:`paired_rows`): the paired bootstrap over the
+    images of the difference with its per-image mean over the draws."""
+    pairs = paired_rows(rows, a, b, protocol, level)
+    if not pairs:
         return None
-    if len(diffs) > 1:
+    diffs = [float(row_a["accuracy"]) - float(row_b["accuracy"]) for row_a, row_b in pairs]
+    against_draws = len({id(row_a) for row_a, _ in pairs}) == 1 or len({id(row_b) for _, row_b in pairs}) == 1
+    if len(diffs) > 1 and not against_draws:
         mean, low, high = t_interval(diffs)
         t = paired_t(diffs)
         return Interval(mean, low, high, f"t over {len(diffs)} seeds",
                         test="–" if math.isnan(t) else f"t = {t:.1f}, {len(diffs) - 1} df",
                         ahead=f"{sum(d > 0 for d in diffs)}/{len(diffs)} seeds")
-    loaded = [load_correct(out_dir, row) for row in paired_rows(rows, a, b, protocol, level)[0]]  # the one seed
-    if None in loaded or loaded[0][1] != loaded[1][1]:
-        return Interval(diffs[0], math.nan, math.nan, "one run")
-    (correct_a, _), (correct_b, _) = loaded
-    mean, low, high = bootstrap_ci((correct_a.astype(float) - correct_b.astype(float)) * 100)
-    a_only, b_only, p = mcnemar_exact(correct_a.tolist(), correct_b.tolist())
-    return Interval(mean, low, high, f"paired bootstrap over {len(correct_a)} test images",
-                    test=f"McNemar p = {p:.2g}", ahead=f"{a_only} vs {b_only} images", p=p)
+    loaded = {id(row): load_correct(out_dir, row) for pair in pairs for row in pair}  # each run read once
+    if None in loaded.values() or len({identity for _, identity in loaded.values()}) > 1:
+        return Interval(statistics.fmean(diffs), math.nan, math.nan, "one run" if len(diffs) == 1 else "runs without common predictions")
+    correct = {key: found[0] for key, found in loaded.items()}
+    if len(pairs) == 1:
+        correct_a, correct_b = (correct[id(row)] for row in pairs[0])
+        mean, low, high = bootstrap_ci((correct_a.astype(float) - correct_b.astype(float)) * 100)
+        a_only, b_only, p = mcnemar_exact(correct_a.tolist(), correct_b.tolist())
+        return Interval(mean, low, high, f"paired bootstrap over {len(correct_a)} test images",
+                        test=f"McNemar p = {p:.2g}", ahead=f"{a_only} vs {b_only} images", p=p)
+    return draws_interval([(correct[id(row_a)], correct[id(row_b)]) for row_a, row_b in pairs])
+
+
+def draws_interval(pairs) -> Interval:
+    """a − b where one of them is several draws of a stochastic method, from the per-image correctness of each
+    pair of runs: per image, a's minus b's, each averaged over its runs; the percentile bootstrap over the
+    images (the draws are independent from image to image, so resampling images covers the draws too).
+    Ahead: images only a gets right vs only b, summed over the pairs."""
+    import numpy as np
+
+    def mean_over_runs(side: int):
+        runs = {id(pair[side]): pair[side] for pair in pairs}.values()  # the one run of a side counted once
+        return np.mean([run.astype(float) for run in runs], axis=0)
+
+    mean, low, high = bootstrap_ci((mean_over_runs(0) - mean_over_runs(1)) * 100)
+    a_only = sum(int((correct_a & ~correct_b).sum()) for correct_a, correct_b in pairs)
+    b_only = sum(int((correct_b & ~correct_a).sum()) for correct_a, correct_b in pairs)
+    return Interval(mean, low, high, f"paired bootstrap over {len(pairs[0][0])} test images, mean of {len(pairs)} "
+                    f"draws", ahead=f"{a_only} vs {b_only} images ({len(pairs)} draws)")
 
 
 PRUNING = ("tk", "tk_n", "evit", "evit_n", "n_wa", "a_wn")  # what ``best`` in ``compare`` picks from
@@ -212,9 +272,9 @@ def comparison_table(rows: List[Dict[str, str]], pairs: Sequence[Tuple[str, str]
             for a, b in pairs:
                 if b == BEST:
                     b = best_method(rows, protocol, level, [m for m in PRUNING if m != a]) or BEST
-                    label = f"{a} − {b} (best pruning)"
+                    label = f"{method_label(a)} − {b} (best pruning)"
                 else:
-                    label = f"{a} − {b}"
+                    label = f"{method_label(a)} − {method_label(b)}"
                 found = pair_interval(rows, a, b, protocol, level, out_dir)
                 if found is None:
                     continue
@@ -248,7 +308,8 @@ def interval_table(groups: List[Group], intervals: Intervals) -> List[str]:
     for g in groups:
         found = interval_at(intervals, g.protocol, g.method, g.level)
         if found is not None:
-            lines.append(f"| {g.protocol} | {g.method} | {g.level} | {found.mean:.2f} | {found.ci()} | {found.how} |")
+            lines.append(f"| {g.protocol} | {method_label(g.method)} | {g.level} | {found.mean:.2f} | {found.ci()} "
+                         f"| {found.how} |")
     return lines
 
 
@@ -261,7 +322,7 @@ def interval_pivot(rows: List[Dict[str, str]], intervals: Intervals, protocol: s
     for method in METHOD_NAMES:
         found = [interval_at(intervals, protocol, method, level) for level in levels]
         if any(found):
-            lines.append(f"| {method} | " + " | ".join(_with_interval(f) for f in found) + " |")
+            lines.append(f"| {method_label(method)} | " + " | ".join(_with_interval(f) for f in found) + " |")
     return lines
 
 
@@ -273,11 +334,11 @@ def _with_interval(found: Optional[Interval]) -> str:
 
 def best_table(rows: List[Dict[str, str]], intervals: Intervals, level_order: Sequence[str], out_dir: Path
                ) -> List[str]:
-    """At each protocol and cost level: the most accurate compression method, its 95% interval, and its lead
-    over the next one (paired)."""
+    """At each protocol and cost level: the most accurate compression method (controls aside), its 95% interval,
+    and its lead over the next one (paired)."""
     lines = ["| protocol | level | best method | top-1 % | 95% CI | next best | lead (points) | lead 95% CI | test |",
              "|---|---|---|---|---|---|---|---|---|"]
-    compressing = [m for m in METHOD_NAMES if m != "none"]
+    compressing = [m for m in METHOD_NAMES if m != "none" and not METHODS[m].control]
     for protocol in PROTOCOLS:
         for level in _levels_of(rows, protocol, level_order):
             best = best_method(rows, protocol, level, compressing)
@@ -353,7 +414,10 @@ def write_summary(rows: List[Dict[str, str]], path: Path, level_order: Sequence[
             "baseline trained further with compression (method `none`: trained further without). "
             "img/s: inference throughput measured in each run itself. speedup: measured by main.py --benchmark in the "
             "off-the-shelf run, against the uncompressed model in the same run; finetune rows reuse the value of "
-            "the same schedule and seed (speed does not depend on the weights).", "",
+            "the same schedule and seed (speed does not depend on the weights). Methods marked (control) are "
+            "controls, not methods under test: `random` keeps a uniformly random subset of the tokens (drawn from the "
+            "run's seed; off the shelf it runs once per seed, each seed a draw), `low_norm` the smallest norms.",
+            "",
             *summary_table(groups), "",
             "## Top-1 % by method and level", "",
             "Mean ± std over seeds (method `none` compresses nothing: the same value in each level's column).", "",
@@ -361,7 +425,9 @@ def write_summary(rows: List[Dict[str, str]], path: Path, level_order: Sequence[
             "## GFLOPs per image by method and level", "",
             *pivot_table(groups, level_order, value="gflops", digits=4, protocols=PROTOCOLS[:1], spread=False), "",
             "## Top-1 % with 95% intervals", "",
-            f"Several seeds: the t-interval of the mean over seeds (mean ± t(0.975, n−1) · std / √n). One run "
+            f"Several seeds: the t-interval of the mean over seeds (mean ± t(0.975, n−1) · std / √n); off the shelf, "
+            f"the draws of a stochastic control (one run per seed): the percentile bootstrap over the test images of "
+            f"the per-image correctness averaged over the draws. One run "
             f"(off the shelf from a fixed baseline, or a fine-tune run with one seed): the percentile bootstrap over "
             f"the test images ({RESAMPLES} resamples, numpy seed {BOOTSTRAP_SEED}), from the run's predictions.npz; "
             f"for a fine-tune it covers the sampling of the test images, not the spread between fine-tune seeds.",
@@ -382,8 +448,12 @@ def write_summary(rows: List[Dict[str, str]], path: Path, level_order: Sequence[
             "t statistic (with 3 seeds, |t| > 4.30 means p < 0.05, two-sided). One run each (off the shelf from a "
             f"fixed baseline, or fine-tunes with one common seed): the difference on the same test images, its paired bootstrap interval ({RESAMPLES} "
             "resamples of the images) and McNemar's exact test on the images where only one of them is right "
-            "(a ahead in: images only a gets right vs only b). `best pruning`: the most accurate of tk, tk_n, "
-            "evit, evit_n, n_wa, a_wn at that protocol and level.", "",
+            "(a ahead in: images only a gets right vs only b). Off the shelf against a stochastic control "
+            "(`random`, run once per seed: its seeds are draws of the kept tokens, the other method's one run is "
+            "paired with each): mean ± std over the draws, and the paired bootstrap over the images of the per-image "
+            "difference with the control's correctness averaged over its draws (no McNemar test: the draws are not "
+            "one pair of classifiers). `best pruning`: the most accurate of tk, tk_n, evit, evit_n, n_wa, a_wn at that "
+            "protocol and level.", "",
             *comparison_table(rows, pairs, level_order, out_dir), "",
             "## Environment", "", "Where the runs ran (runs.csv's torch, timm, numpy, device and threads).", "",
             *environment_lines(rows), "",
@@ -402,7 +472,8 @@ PARETO_AXES = (("gflops", "GFLOPs / image", "GFLOPs"),
 def plot_pareto(rows: List[Dict[str, str]], path: Path, level_order: Sequence[str]) -> None:
     """Accuracy against GFLOPs (left) and throughput speedup (right), one row of plots per protocol,
     one line per method through its levels in order of cost (matched-FLOPs and equal-k levels on one
-    curve); error bars are the std over seeds, the star is the baseline (speedup 1 by definition)."""
+    curve; controls dashed); error bars are the std over seeds, the star is the baseline (speedup 1 by
+    definition)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -417,7 +488,8 @@ def plot_pareto(rows: List[Dict[str, str]], path: Path, level_order: Sequence[st
         for ax, (x_name, x_label, title) in zip(axes_row, PARETO_AXES):
             for method in METHOD_NAMES:
                 points = [g for g in groups if g.protocol == protocol and g.method == method]
-                _draw_line(ax, points, x_name, method, colors[method])
+                _draw_line(ax, points, x_name, method_label(method), colors[method],
+                           linestyle="--" if METHODS[method].control else "-")
             for g in baseline:
                 x = 1.0 if x_name == "speedup" else mean_std(getattr(g, x_name))[0]
                 y, y_std = mean_std(g.accuracy)
@@ -434,7 +506,7 @@ def plot_pareto(rows: List[Dict[str, str]], path: Path, level_order: Sequence[st
     plt.close(fig)
 
 
-def _draw_line(ax, points: List[Group], x_name: str, label: str, color) -> None:
+def _draw_line(ax, points: List[Group], x_name: str, label: str, color, linestyle: str = "-") -> None:
     coords = []
     for g in points:
         x, _ = mean_std(getattr(g, x_name))
@@ -444,7 +516,7 @@ def _draw_line(ax, points: List[Group], x_name: str, label: str, color) -> None:
     if not coords:
         return
     xs, ys, errs = zip(*sorted(coords))
-    ax.errorbar(xs, ys, yerr=errs, marker="o", markersize=4, capsize=2, label=label, color=color)
+    ax.errorbar(xs, ys, yerr=errs, marker="o", markersize=4, capsize=2, label=label, color=color, linestyle=linestyle)
 
 
 def write_reports(runs_csv: Path, level_order: Sequence[str], pairs: Sequence[Tuple[str, str]]) -> None:
