@@ -29,7 +29,7 @@ import engine.model
 from engine import distributed, options, report, train
 from engine.checkpoint import check_free_space, checkpoint_bytes, seed_everything, write_json_atomic, write_text_atomic
 from engine.distributed import Processes
-from engine.errors import CLIError, Interrupted, TrainingDiverged, one_line
+from engine.errors import BAD_INPUT, Interrupted, TrainingDiverged, one_line
 from engine.outputs import RunFolder, plan_output_dir
 from engine.measure import Bench, measure
 from engine.report import RESULT_KEYS, TIMING_KEYS  # noqa: F401  (what results.json holds; TIMING_KEYS: measured times)
@@ -284,7 +284,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parse_args(argv)
         torch.set_num_threads(choose_threads(args))
         run(args)
-    except (CLIError, TrainingDiverged) as err:
+    except (*BAD_INPUT, TrainingDiverged) as err:
         print(f"main.py: error: {tag}{one_line(err)}", file=sys.stderr)
         return err.exit_code
     except Interrupted as err:

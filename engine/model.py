@@ -2,11 +2,8 @@
 transformers / OpenCLIP model (``hf:``, ``open_clip:``, built by ``zoo``); its starting weights loaded, and
 compressed with the chosen method. ``geometry(model)`` reads image size, patch size and blocks of every family."""
 import argparse
-import os
-import socket
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
-from urllib.parse import urlparse
 
 import timm
 import torch
@@ -20,27 +17,10 @@ from pruning.counting import tokens_after
 from pruning.flops import model_token_counts, vit_shape
 from pruning.patch import apply_patch, get_config
 
-from . import zoo
+from . import hub, zoo
 from .checkpoint import load_weights
 from .errors import CLIError, one_line
 from .zoo import Geometry, analytic_flops, arch_label, geometry  # noqa: F401  (the accessors of every family)
-
-
-def hub_unreachable() -> Optional[str]:
-    """Why the Hugging Face hub cannot be reached (its host name does not resolve), or None.
-
-    Checked before timm tries, since the hub client retries for over a minute when offline.
-    """
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false"):
-        return None  # the user asked for the local cache
-    from huggingface_hub import constants
-
-    host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError as err:
-        return f"{host} cannot be reached ({err.strerror or err})"
-    return None
 
 
 def create_model(arch: str, num_classes: int, in_chans: int, *, pretrained: bool = False,
@@ -59,7 +39,7 @@ def create_model(arch: str, num_classes: int, in_chans: int, *, pretrained: bool
     if pretrained and not any(n == arch or n.startswith(arch + ".") for n in timm.list_pretrained(arch + "*")):
         raise CLIError(f"--pretrained: timm has no pretrained weights for --arch {arch}; drop --pretrained, "
                        f"or load weights with --checkpoint FILE")
-    if pretrained and (why := hub_unreachable()):
+    if pretrained and (why := hub.hub_unreachable()):
         raise CLIError(f"--pretrained: cannot fetch the timm weights of {arch}: {why}; fetch them once online "
                        f"(they stay in the Hugging Face cache; offline, set HF_HUB_OFFLINE=1 to use it), or pass a "
                        f"local weights file with --checkpoint FILE and drop --pretrained")

@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from engine.errors import CLIError, first_line, report_error  # noqa: E402
+from engine.errors import BAD_INPUT, CLIError, first_line, report_error  # noqa: E402
 from engine.options import ArgumentParser, int_at_least  # noqa: E402
 
 PROG = "score_analysis.py"
@@ -669,7 +669,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         report = run(args)
-    except CLIError as err:
+    except BAD_INPUT as err:
         return report_error(PROG, err)
     for level in report["keep_sets"]:
         print(f"IoU {level['label']:<28} " + " ".join(_fmt(v, 2) for v in level["iou"]["mean"])

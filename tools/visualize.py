@@ -28,7 +28,7 @@ from torch import Tensor  # noqa: E402
 import data  # noqa: E402
 import pruning.models  # noqa: E402,F401  (registers the vit_pico_* models in timm's registry)
 from pruning.patch import apply_patch  # noqa: E402
-from engine.errors import CLIError, first_line, report_error  # noqa: E402
+from engine.errors import BAD_INPUT, CLIError, first_line, report_error  # noqa: E402
 from engine.options import ArgumentParser, int_at_least  # noqa: E402
 from pruning.visualize import save_token_grid_comparison, save_tokens_per_block_plot  # noqa: E402
 
@@ -194,7 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry: bad input ends as one line on stderr and exit code 2, never a traceback."""
     try:
         print(run(build_parser().parse_args(argv)))
-    except CLIError as err:
+    except BAD_INPUT as err:
         return report_error(PROG, err)
     return 0
 
