@@ -68,9 +68,9 @@ def create_model(arch: str, num_classes: int, in_chans: int, *, pretrained: bool
     return model
 
 
-def build_model(args: argparse.Namespace, num_classes: int, in_chans: int, resumed: bool) -> nn.Module:
+def build_model(args: Any, num_classes: int, in_chans: int, resumed: bool) -> nn.Module:
     """The model of ``--arch`` with its starting weights (hub, a transformers folder, ``--checkpoint``; none when
-    resuming: the checkpoint's come later)."""
+    resuming: the checkpoint's come later); ``args``: the run's settings (``engine.config.RunConfig``)."""
     family = zoo.parse_arch(args.arch).family
     if family != "timm" and args.visualize:
         raise CLIError(f"--visualize: the token grid is drawn for timm models only (it reads model.patch_embed); "
@@ -89,14 +89,10 @@ def build_model(args: argparse.Namespace, num_classes: int, in_chans: int, resum
         if left_out:
             print(f"--checkpoint: loaded all but {', '.join(left_out)} (another number of classes); the head "
                   f"starts from scratch for {num_classes} classes")
-    depth = geometry(model).depth
-    if isinstance(args.reduce_token, list) and len(args.reduce_token) != depth:
-        raise CLIError(f"--reduce_token: {len(args.reduce_token)} values given, but --arch {args.arch} has "
-                       f"{depth} blocks; give one value per block, or a single int")
     return model
 
 
-def _announce_head(model: nn.Module, args: argparse.Namespace, num_classes: int, trained: bool) -> None:
+def _announce_head(model: nn.Module, args: Any, num_classes: int, trained: bool) -> None:
     """One line on the classifier of a transformers / OpenCLIP model that starts untrained (a warning when it
     is evaluated): a linear head added on the pooled feature, or a classifier built anew."""
     if not getattr(model, "new_head", False) or trained:
@@ -111,13 +107,12 @@ def _announce_head(model: nn.Module, args: argparse.Namespace, num_classes: int,
         print(f"{args.arch}: {where} starts untrained for {num_classes} classes")
 
 
-def compress(model: nn.Module, args: argparse.Namespace, trace_source: bool = False) -> nn.Module:
-    """Patch ``model`` (its backbone, ``geometry(model).module``) in place with ``--model`` (the method),
-    ``--reduce_token``, ``--reduce_at`` and ``--prop_attn`` (``auto`` not yet resolved by the run: on, the
-    library's default); returns ``model``."""
+def compress(model: nn.Module, settings: Any, trace_source: bool = False) -> nn.Module:
+    """Patch ``model`` (its backbone, ``geometry(model).module``) in place with the settings' ``method``,
+    ``schedule``, ``reduce_at`` and ``prop_attn`` (on unless ``off``, the library's default); returns ``model``."""
     try:
-        apply_patch(geometry(model).module, args.method, args.reduce_token, reduce_at=args.reduce_at,
-                    prop_attn=getattr(args, "prop_attn", "auto") != "off", trace_source=trace_source)
+        apply_patch(geometry(model).module, settings.method, settings.schedule, reduce_at=settings.reduce_at,
+                    prop_attn=settings.prop_attn != "off", trace_source=trace_source)
     except ValueError as err:
         raise CLIError(f"--model {args.method} / --reduce_token / --reduce_at: {err}") from None
     return model
@@ -132,6 +127,12 @@ def tokens_per_block(model: nn.Module) -> List[int]:
     last = entering[-1] if cfg is None else tokens_after(cfg.method, entering[-1], cfg.schedule[-1],
                                                          vit_shape(model).num_prefix)
     return entering + [last]
+
+
+def removed_per_block(tokens: Sequence[int]) -> List[int]:
+    """The tokens each block really removed, from :func:`tokens_per_block`'s counts: what the schedule asked, or
+    fewer where too few tokens were left (``[10, 10, 10, 10, 8, 0]`` for 10 per block on 50 tokens)."""
+    return [before - after for before, after in zip(tokens, tokens[1:])]
 
 
 def unmet_reductions(model: nn.Module) -> List[Tuple[int, int, int]]:

@@ -18,7 +18,8 @@ runs.csv. Each run's options are data (``{dest: value}``) handed to
 the CPU threads (``threads``, else main.py's own rule for the model).
 
 A level says how many tokens each block removes, in one of three ways (YAML ``levels`` entries):
-- ``{name: light, reduce_token: 2}`` (or a list with one value per block): the same for every method;
+- ``{name: light, schedule: 2}`` (or a list with one value per block; ``reduce_token:`` is the old name): the
+  same for every method;
 - ``{name: r70, keep_rate: 0.7, at_blocks: [3, 6, 9]}``: EViT-style, keep 70% of the patch tokens at
   those blocks;
 - ``{name: f60, flops_ratio: 0.6}``: matched FLOPs, a per-method schedule landing at 60% of the
@@ -62,9 +63,9 @@ Options = Union[Dict[str, Any], List[str]]  # main.py options in YAML: {epochs: 
 
 @dataclass(frozen=True)
 class Level:
-    """One reduction level; exactly one of ``reduce_token``, ``keep_rate`` or ``flops_ratio`` is set."""
+    """One reduction level; exactly one of ``schedule``, ``keep_rate`` or ``flops_ratio`` is set."""
     name: str
-    reduce_token: Optional[Schedule] = None
+    schedule: Optional[Schedule] = None
     keep_rate: Optional[float] = None
     at_blocks: Tuple[int, ...] = ()
     flops_ratio: Optional[float] = None
@@ -76,14 +77,15 @@ class Level:
     @classmethod
     def from_dict(cls, entry: Dict[str, Any]) -> "Level":
         if not isinstance(entry, dict):
-            raise ValueError(f"levels: each entry must be a mapping such as {{name: light, reduce_token: 2}}, "
+            raise ValueError(f"levels: each entry must be a mapping such as {{name: light, schedule: 2}}, "
                              f"got {entry!r}")
+        entry = {OLD_LEVEL_KEYS.get(key, key): value for key, value in entry.items()}
         unknown = [key for key in entry if key not in LEVEL_KEYS]
         if unknown:
             raise ValueError(f"levels: {entry.get('name', entry)}: unknown key {_unknown(unknown[0], LEVEL_KEYS)}")
-        modes = [m for m in ("reduce_token", "keep_rate", "flops_ratio") if entry.get(m) is not None]
+        modes = [m for m in ("schedule", "keep_rate", "flops_ratio") if entry.get(m) is not None]
         if "name" not in entry or len(modes) != 1:
-            raise ValueError(f"levels: each entry needs a name and exactly one of reduce_token, keep_rate, "
+            raise ValueError(f"levels: each entry needs a name and exactly one of schedule, keep_rate, "
                              f"flops_ratio; got {entry}")
         if "keep_rate" in modes and not entry.get("at_blocks"):
             raise ValueError(f"levels: {entry['name']}: keep_rate needs at_blocks (the blocks that reduce)")
@@ -91,12 +93,13 @@ class Level:
         if isinstance(methods, str) or any(m not in METHOD_NAMES for m in methods):
             raise ValueError(f"levels: {entry['name']}: methods must be a list of {', '.join(METHOD_NAMES)}, "
                              f"got {methods!r}")
-        return cls(name=str(entry["name"]), reduce_token=entry.get("reduce_token"), keep_rate=entry.get("keep_rate"),
+        return cls(name=str(entry["name"]), schedule=entry.get("schedule"), keep_rate=entry.get("keep_rate"),
                    at_blocks=tuple(entry.get("at_blocks") or ()), flops_ratio=entry.get("flops_ratio"),
                    methods=tuple(methods))
 
 
-LEVEL_KEYS = ("name", "reduce_token", "keep_rate", "at_blocks", "flops_ratio", "methods")
+LEVEL_KEYS = ("name", "schedule", "keep_rate", "at_blocks", "flops_ratio", "methods")
+OLD_LEVEL_KEYS = {"reduce_token": "schedule"}  # sweep YAMLs written before the rename
 # the keys of a sweep YAML; anything else (a typo such as ``method:``) is refused
 CONFIG_KEYS = ("out_dir", "work_dir", "seeds", "methods", "levels", "protocols", "main_args", "baseline_args",
                "finetune_args", "offtheshelf_args", "compare", "threads", "baseline_checkpoint", "jobs")
@@ -150,8 +153,9 @@ class SweepConfig:
 
 
 def merge_options(*layers: Options) -> Dict[str, Any]:
-    """main.py options by dest (``model`` is ``method``) from YAML layers, later ones winning key by key
-    (so a protocol's ``epochs`` replaces the common one). A list layer is taken as command-line tokens."""
+    """main.py options by dest (``model`` is ``method``, ``reduce_token`` is ``schedule``) from YAML layers,
+    later ones winning key by key (so a protocol's ``epochs`` replaces the common one). A list layer is taken as
+    command-line tokens."""
     import main
     from engine import options
 
@@ -170,7 +174,7 @@ def options_to_argv(values: Dict[str, Any]) -> List[str]:
     from engine import options
 
     argv: List[str] = []
-    for name, value in options.option_names(values).items():
+    for name, value in options.flag_names(values).items():
         if value is None:
             continue
         argv.append(f"--{name}" if value is not False else f"--no-{name}")
@@ -229,10 +233,10 @@ def load_config(path: Optional[str], overrides: Dict[str, Any]) -> SweepConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# levels -> per-block reduce_token
+# levels -> schedules
 
 class LevelResolver:
-    """Turns a :class:`Level` into main.py's ``--reduce_token`` for one method, for one model shape."""
+    """Turns a :class:`Level` into main.py's schedule (``--reduce_token``) for one method, for one model shape."""
 
     def __init__(self, model, reduce_at: Optional[str] = None):
         self.model = model
@@ -245,8 +249,8 @@ class LevelResolver:
         from pruning import schedules
         from pruning.flops import analytic_flops
 
-        if level.reduce_token is not None:
-            return level.reduce_token
+        if level.schedule is not None:
+            return level.schedule
         if level.keep_rate is not None:
             return schedules.keep_rate_schedule(self.num_tokens, self.depth, level.keep_rate, level.at_blocks,
                                                 num_prefix=self.num_prefix)
@@ -257,8 +261,8 @@ class LevelResolver:
         return schedules.matched_flops_schedule(self.model, method, target, reduce_at=self.reduce_at)
 
 
-def format_reduce_token(schedule: Schedule) -> str:
-    """``--reduce_token`` text: ``4`` or ``0,0,12,0,8,0``."""
+def schedule_text(schedule: Schedule) -> str:
+    """A schedule as ``--reduce_token`` takes it and runs.csv keeps it: ``4`` or ``0,0,12,0,8,0``."""
     if isinstance(schedule, int):
         return str(schedule)
     return ",".join(str(int(k)) for k in schedule)
@@ -288,14 +292,14 @@ class RunSpec:
     protocol: str
     method: str
     level: str
-    reduce_token: str
+    schedule: str  # as main.py's --reduce_token takes it
     seed: int
     options: Dict[str, Any]  # main.py options by dest, handed to main.run
     needs: Optional[str] = None  # the checkpoint this run starts from
 
     @property
     def key(self) -> Key:
-        return (self.protocol, self.method, self.level, self.reduce_token, str(self.seed))
+        return (self.protocol, self.method, self.level, self.schedule, str(self.seed))
 
     @property
     def command(self) -> str:
@@ -320,7 +324,7 @@ def baseline_checkpoint_of(spec: RunSpec) -> str:
     return str(Path(spec.options["output_dir"]) / CHECKPOINT_NAME)
 
 
-def _spec(config: SweepConfig, protocol: str, method: str, level: str, reduce_token: str, seed: int) -> RunSpec:
+def _spec(config: SweepConfig, protocol: str, method: str, level: str, schedule: str, seed: int) -> RunSpec:
     """The options of one run: common options, the protocol's options, then what this run varies."""
     fixed = config.baseline_checkpoint
     needs = fixed if fixed else (None if protocol == BASELINE else baseline_checkpoint(config, seed))
@@ -335,8 +339,8 @@ def _spec(config: SweepConfig, protocol: str, method: str, level: str, reduce_to
     values.setdefault("save_predictions", True)  # per-image statistics in summary.md
     if needs:
         values.update(checkpoint=needs, **({"eval_only": True} if protocol in ("offtheshelf", BASELINE) else {}))
-    values.update(method=method, reduce_token=reduce_token, seed=seed, output_dir=str(out))
-    return RunSpec(protocol, method, level, reduce_token, seed, values, needs)
+    values.update(method=method, schedule=schedule, seed=seed, output_dir=str(out))
+    return RunSpec(protocol, method, level, schedule, seed, values, needs)
 
 
 def plan_runs(config: SweepConfig, schedule: Callable[[str, Level], Schedule]) -> List[RunSpec]:
@@ -358,8 +362,8 @@ def plan_runs(config: SweepConfig, schedule: Callable[[str, Level], Schedule]) -
                 for level in config.levels:
                     if not level.runs(method):
                         continue
-                    reduce_token = format_reduce_token(schedule(method, level))
-                    plan.append(_spec(config, protocol, method, level.name, reduce_token, seed))
+                    plan.append(_spec(config, protocol, method, level.name, schedule_text(schedule(method, level)),
+                                      seed))
     return plan
 
 
@@ -370,12 +374,14 @@ def _number(value: Any, digits: int) -> Any:
 def make_row(spec: RunSpec, results: Results, seconds: float) -> Dict[str, Any]:
     """A runs.csv row from main.run's results (``speedup`` only where main.py measured one:
     ``--benchmark``, against the uncompressed model in the same run; see :func:`derive_speedups`)."""
-    schedule, environment = results.get("reduce_schedule"), results.get("environment") or {}
+    per_block, removed = results.get("schedule_per_block"), results.get("removed_per_block")
+    environment = results.get("environment") or {}
     return {
-        "schedule": format_reduce_token(list(schedule)) if schedule is not None else "",
+        "schedule_per_block": schedule_text(list(per_block)) if per_block is not None else "",
+        "removed_per_block": schedule_text(list(removed)) if removed is not None else "",
         "analytic_gflops": _number(results.get("analytic_gflops"), 6), "prop_attn": results.get("prop_attn") or "",
         **{name: environment.get(name, "") for name in ENVIRONMENT_FIELDS},
-        "protocol": spec.protocol, "method": spec.method, "level": spec.level, "reduce_token": spec.reduce_token,
+        "protocol": spec.protocol, "method": spec.method, "level": spec.level, "schedule": spec.schedule,
         "seed": spec.seed, "accuracy": _number(results.get("accuracy"), 3),
         "best_accuracy": _number(results.get("best_accuracy"), 3), "gflops": _number(results.get("gflops"), 6),
         "gmacs_thop": _number(results.get("gmacs_thop"), 6), "throughput": _number(results.get("throughput"), 1),
