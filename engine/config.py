@@ -18,8 +18,7 @@ from pruning.methods import get_method
 
 from . import options
 from .distributed import Processes
-from .errors import CLIError
-from .model import reference_model
+from .model import check_schedule_length, reference_model
 from .zoo import geometry
 
 Schedule = Union[int, Tuple[int, ...]]  # tokens removed per block: one int for every block, or one per block
@@ -120,9 +119,7 @@ def resolve_config(args: argparse.Namespace, parser: "options.ArgumentParser", r
     recipe, arch = recipes[values["data_name"]], chosen_arch(argparse.Namespace(**values), recipes)
     img_size, patch_size, depth = model_sizes(values, arch)
     schedule = values["schedule"]
-    if isinstance(schedule, (list, tuple)) and len(schedule) != depth:
-        raise CLIError(f"--reduce_token: {len(schedule)} values given, but --arch {arch} has {depth} blocks; give "
-                       f"one value per block, or a single int")
+    check_schedule_length(schedule, depth, arch)
     lr_base = values["lr_base"] or recipe.lr_base
     training = not (values["eval_only"] or values["benchmark"])
     values.update(

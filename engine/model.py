@@ -18,17 +18,19 @@ from pruning.flops import model_token_counts, vit_shape
 from pruning.patch import apply_patch, get_config
 
 from . import hub, zoo
-from .checkpoint import load_weights
+from .checkpoint import load_weights, torch_load
 from .errors import CLIError, one_line
+from .options import dests
 from .zoo import Geometry, analytic_flops, arch_label, geometry  # noqa: F401  (the accessors of every family)
 
 
-def create_model(arch: str, num_classes: int, in_chans: int, *, pretrained: bool = False,
+def create_model(arch: str, num_classes: Optional[int], in_chans: Optional[int], *, pretrained: bool = False,
                  img_size: Optional[int] = None, patch_size: Optional[int] = None, weights: Optional[str] = None,
                  data_norm: Optional[Tuple[Sequence[float], Sequence[float]]] = None) -> nn.Module:
     """The model ``arch`` (``--arch``) for this dataset: a timm VisionTransformer, optionally with hub weights,
     or a transformers / OpenCLIP model wrapped by ``zoo.build`` (``weights``: OpenCLIP's own weights file;
-    ``data_norm``: the dataset's (mean, std), turned into the model's own normalisation)."""
+    ``data_norm``: the dataset's (mean, std), turned into the model's own normalisation). ``num_classes``,
+    ``in_chans``, ``img_size``, ``patch_size`` None: the arch's own."""
     if zoo.parse_arch(arch).family != "timm":
         return zoo.build(arch, num_classes, in_chans, pretrained=pretrained, weights=weights, data_norm=data_norm,
                          img_size=img_size, patch_size=patch_size)
@@ -43,11 +45,8 @@ def create_model(arch: str, num_classes: int, in_chans: int, *, pretrained: bool
         raise CLIError(f"--pretrained: cannot fetch the timm weights of {arch}: {why}; fetch them once online "
                        f"(they stay in the Hugging Face cache; offline, set HF_HUB_OFFLINE=1 to use it), or pass a "
                        f"local weights file with --checkpoint FILE and drop --pretrained")
-    kwargs: Dict[str, Any] = dict(num_classes=num_classes, in_chans=in_chans)
-    if img_size is not None:
-        kwargs["img_size"] = img_size
-    if patch_size is not None:
-        kwargs["patch_size"] = patch_size
+    sizes = dict(num_classes=num_classes, in_chans=in_chans, img_size=img_size, patch_size=patch_size)
+    kwargs: Dict[str, Any] = {name: value for name, value in sizes.items() if value is not None}
     try:
         model = timm.create_model(arch, pretrained=pretrained, **kwargs)
     except TypeError as err:
@@ -116,6 +115,40 @@ def compress(model: nn.Module, settings: Any, trace_source: bool = False) -> nn.
     except ValueError as err:
         raise CLIError(f"--model {args.method} / --reduce_token / --reduce_at: {err}") from None
     return model
+
+
+def check_schedule_length(schedule: Any, depth: int, arch: str) -> None:
+    """A per-block schedule (``--reduce_token 0,2,2,2``) must give one value per block of the model."""
+    if isinstance(schedule, (list, tuple)) and len(schedule) != depth:
+        raise CLIError(f"--reduce_token: {len(schedule)} values given, but --arch {arch} has {depth} blocks; give "
+                       f"one value per block, or a single int")
+
+
+def load_trained(path: str, option: str = "--checkpoint") -> Tuple[nn.Module, Dict[str, Any]]:
+    """The model a main.py checkpoint holds, rebuilt and compressed as its settings say (either names: see
+    ``engine.options.dests``), in eval mode; returns (model, its settings by today's names). Tools read trained
+    runs through it."""
+    checkpoint = torch_load(path, option)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("settings"), dict) \
+            or not isinstance(checkpoint.get("model"), dict):
+        raise CLIError(f"{option}: {path} is not a checkpoint written by main.py (no settings or model)")
+    settings, state = dests(checkpoint["settings"]), checkpoint["model"]
+    missing = [key for key in ("arch", "method", "schedule", "data_name") if key not in settings]
+    if missing:
+        raise CLIError(f"{option}: {path} lacks {', '.join(missing)}; not a checkpoint written by main.py")
+    spec = data.DATASETS.get(settings["data_name"])
+    head, embed = state.get("head.weight"), state.get("patch_embed.proj.weight")  # a timm model's; else the data's
+    num_classes = head.shape[0] if head is not None else getattr(spec, "num_classes", None)
+    in_chans = embed.shape[1] if embed is not None else getattr(spec, "in_chans", None)
+    try:
+        model = create_model(settings["arch"], num_classes, in_chans, img_size=settings.get("img_size"),
+                             patch_size=settings.get("patch_size"), data_norm=(spec.mean, spec.std) if spec else None)
+        model.load_state_dict(state)
+    except (CLIError, RuntimeError, ValueError, TypeError) as err:  # an unknown arch, weights that do not fit
+        raise CLIError(f"{option}: {path}: {one_line(err)}") from None
+    settings.setdefault("reduce_at", None)
+    compress(model, argparse.Namespace(**{"prop_attn": "on", **settings}))
+    return model.eval(), settings
 
 
 def tokens_per_block(model: nn.Module) -> List[int]:
