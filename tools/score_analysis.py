@@ -345,19 +345,14 @@ def _fractions(text: str) -> List[float]:
 
 def load_model(arch: str, path: str, num_classes: int, in_chans: int) -> torch.nn.Module:
     """``arch`` with the weights of ``path``, in eval mode; CLIError for a missing file or weights that do not fit."""
-    import timm
-    import pruning.models  # noqa: F401  (registers the small ViTs in timm's registry)
-    from engine.checkpoint import load_weights
     from timm.models.vision_transformer import VisionTransformer
+
+    from engine.checkpoint import load_weights
+    from engine.model import create_model
 
     if not os.path.isfile(path):
         raise CLIError(f"--checkpoint: {path}: no such file")
-    if not timm.is_model(arch):
-        raise CLIError(f"--arch: unknown timm model {arch!r}")
-    try:
-        model = timm.create_model(arch, num_classes=num_classes, in_chans=in_chans)
-    except Exception as err:  # noqa: BLE001  (an arch timm cannot build for this data)
-        raise CLIError(f"--arch {arch}: {first_line(err)}") from None
+    model = create_model(arch, num_classes, in_chans)
     if not isinstance(model, VisionTransformer) or getattr(model, "cls_token", None) is None:
         raise CLIError(f"--arch {arch}: not a timm VisionTransformer with a class token")
     # new_head_ok=True: load_weights then reports a body of another width as "does not fit" (with False, any
