@@ -510,6 +510,65 @@ def keep_predictions(spec: RunSpec, results: Results, out_dir: Path) -> str:
     return str(target.relative_to(out_dir))
 
 
+class RunQueue:
+    """The runs of one :func:`execute` call still waiting, those running, those that failed, and runs.csv's rows;
+    a run that needs a baseline checkpoint waits until the run that writes it has finished."""
+
+    def __init__(self, plan: List[RunSpec], runs_csv: Path, order: List[Key], log: Callable[[str], None]):
+        self.runs_csv, self.order, self.log = runs_csv, order, log
+        self.rows = read_rows(runs_csv)
+        in_order = ordered_rows(self.rows, order)
+        if in_order != self.rows:  # written by a run of a part of the sweep
+            self.rows = in_order
+            write_rows(runs_csv, self.rows)
+        self.todo = pending_runs(plan, self.rows)
+        self.waiting: List[RunSpec] = list(self.todo)
+        self.running: Dict[Any, RunSpec] = {}  # future -> its run (a process pool's)
+        self.failed: List[RunSpec] = []
+        self.started = 0
+        # checkpoint -> the baseline run that writes it, while that run is still to do
+        self.producers = {baseline_checkpoint_of(spec): spec for spec in self.todo
+                          if spec.protocol == BASELINE and not spec.needs}
+
+    def _state(self, spec: RunSpec) -> str:
+        """``wait`` for the baseline it needs, ``skip`` (that checkpoint is missing for good) or ``run``."""
+        producer = self.producers.get(spec.needs) if spec.needs else None
+        if producer is not None and (producer in self.waiting or producer in self.running.values()):
+            return "wait"
+        return "skip" if spec.needs and not os.path.exists(spec.needs) else "run"
+
+    def next_runs(self, free: int) -> List[RunSpec]:
+        """Up to ``free`` runs that can start now, in plan order; runs whose checkpoint is missing are failed."""
+        chosen: List[RunSpec] = []
+        for spec in list(self.waiting):
+            if len(chosen) == free:
+                break
+            state = self._state(spec)
+            if state == "wait":
+                continue
+            self.waiting.remove(spec)
+            if state == "skip":
+                self.log(f"skipped {spec.name}: {spec.needs} is missing: {spec.command}")
+                self.failed.append(spec)
+            else:
+                chosen.append(spec)
+                self.started += 1
+                self.log(f"[{self.started}/{len(self.todo)}] {spec.command}")
+        return chosen
+
+    def finished(self, spec: RunSpec, results: Results, seconds: float) -> None:
+        """The run's row into runs.csv, written at once."""
+        row = make_row(spec, results, seconds)
+        row["predictions"] = keep_predictions(spec, results, self.runs_csv.parent)
+        self.rows = ordered_rows(derive_speedups([r for r in self.rows if row_key(r) != spec.key] + [row]), self.order)
+        write_rows(self.runs_csv, self.rows)
+        self.log(f"  {spec.name}: accuracy {row['accuracy']}  gflops {row['gflops']}  {row['seconds']} s")
+
+    def failed_run(self, spec: RunSpec, why: str) -> None:
+        self.log(f"  failed: {spec.name}: {why}")
+        self.failed.append(spec)
+
+
 def execute(plan: List[RunSpec], runs_csv: Path, run_fn: RunFn = run_main,
             log: Callable[[str], None] = print, jobs: int = 1, threads: int = 1,
             pool_factory: Optional[Callable[[], Any]] = None, log_dir: Optional[Path] = None,
@@ -526,66 +585,34 @@ def execute(plan: List[RunSpec], runs_csv: Path, run_fn: RunFn = run_main,
     of a process pool.
     """
     whole = set(row_order)
-    order = list(row_order) + [spec.key for spec in plan if spec.key not in whole]
-    rows = read_rows(runs_csv)
-    in_order = ordered_rows(rows, order)
-    if in_order != rows:  # written by a run of a part of the sweep
-        rows = in_order
-        write_rows(runs_csv, rows)
-    todo = pending_runs(plan, rows)
-    log(f"sweep: {len(plan)} runs planned, {len(plan) - len(todo)} already in {runs_csv}, {len(todo)} to run"
-        + (f", {jobs} at once" if jobs > 1 else ""))
-    failed: List[RunSpec] = []
-    # checkpoint -> the baseline run that writes it, while that run is still to do
-    producers = {baseline_checkpoint_of(spec): spec for spec in todo if spec.protocol == BASELINE and not spec.needs}
-    waiting, running, started = list(todo), {}, 0
+    queue = RunQueue(plan, runs_csv, list(row_order) + [spec.key for spec in plan if spec.key not in whole], log)
+    log(f"sweep: {len(plan)} runs planned, {len(plan) - len(queue.todo)} already in {runs_csv}, "
+        f"{len(queue.todo)} to run" + (f", {jobs} at once" if jobs > 1 else ""))
+    if jobs <= 1 and pool_factory is None:
+        run_one_by_one(queue, run_fn)
+    else:
+        run_in_pool(queue, run_fn, jobs, threads, pool_factory, log_dir)
+    return queue.failed
+
+
+def run_one_by_one(queue: RunQueue, run_fn: RunFn) -> None:
+    """The runs in this process, one after the other."""
     from engine.errors import one_line
 
-    def ready(spec: RunSpec) -> str:
-        producer = producers.get(spec.needs) if spec.needs else None
-        if producer is not None and (producer in waiting or producer in running.values()):
-            return "wait"
-        return "skip" if spec.needs and not os.path.exists(spec.needs) else "run"
-
-    def finished(spec: RunSpec, results: Results, seconds: float) -> None:
-        nonlocal rows
-        row = make_row(spec, results, seconds)
-        row["predictions"] = keep_predictions(spec, results, runs_csv.parent)
-        rows = ordered_rows(derive_speedups([r for r in rows if row_key(r) != spec.key] + [row]), order)
-        write_rows(runs_csv, rows)
-        log(f"  {spec.name}: accuracy {row['accuracy']}  gflops {row['gflops']}  {row['seconds']} s")
-
-    def next_runs(free: int) -> List[RunSpec]:
-        chosen = []
-        for spec in list(waiting):
-            if len(chosen) == free:
-                break
-            state = ready(spec)
-            if state == "wait":
+    while queue.waiting:
+        for spec in queue.next_runs(1):
+            start = time.perf_counter()
+            try:
+                results = run_fn(dict(spec.options))
+            except (Exception, SystemExit) as err:  # main.py exits with a message on bad input
+                queue.failed_run(spec, f"{type(err).__name__}: {one_line(err)}")
                 continue
-            waiting.remove(spec)
-            if state == "skip":
-                log(f"skipped {spec.name}: {spec.needs} is missing: {spec.command}")
-                failed.append(spec)
-            else:
-                chosen.append(spec)
-        return chosen
+            queue.finished(spec, results, time.perf_counter() - start)
 
-    if jobs <= 1 and pool_factory is None:  # in this process, one after the other
-        while waiting:
-            for spec in next_runs(1):
-                started += 1
-                log(f"[{started}/{len(todo)}] {spec.command}")
-                start = time.perf_counter()
-                try:
-                    results = run_fn(dict(spec.options))
-                except (Exception, SystemExit) as err:  # main.py exits with a message on bad input
-                    log(f"  failed: {spec.name}: {type(err).__name__}: {one_line(err)}")
-                    failed.append(spec)
-                    continue
-                finished(spec, results, time.perf_counter() - start)
-        return failed
 
+def run_in_pool(queue: RunQueue, run_fn: RunFn, jobs: int, threads: int,
+                pool_factory: Optional[Callable[[], Any]], log_dir: Optional[Path]) -> None:
+    """``jobs`` runs at once in worker processes (or ``pool_factory``'s executor); Ctrl-C stops those in flight."""
     import concurrent.futures as futures
     import multiprocessing
 
@@ -593,38 +620,44 @@ def execute(plan: List[RunSpec], runs_csv: Path, run_fn: RunFn = run_main,
         max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
         initargs=(os.getpid(),))
     try:
-        while waiting or running:
-            for spec in next_runs(jobs - len(running)):
-                started += 1
-                log(f"[{started}/{len(todo)}] {spec.command}")
+        while queue.waiting or queue.running:
+            for spec in queue.next_runs(jobs - len(queue.running)):
                 log_path = None if log_dir is None else str(
                     log_dir / f"{spec.protocol}_{spec.method}_{spec.level}_seed{spec.seed}.log")
-                running[pool.submit(run_in_worker, run_fn, threads, dict(spec.options), log_path)] = spec
-            if not running:
-                continue
-            done, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
-            for future in done:
-                spec = running.pop(future)
-                try:
-                    results, seconds = future.result()
-                except RunInterrupted as err:
-                    raise KeyboardInterrupt(f"{spec.name}: {err}") from None
-                except Exception as err:
-                    log(f"  failed: {spec.name}: {err if isinstance(err, RunFailed) else one_line(err, named=True)}")
-                    failed.append(spec)
-                    continue
-                finished(spec, results, seconds)
+                queue.running[pool.submit(run_in_worker, run_fn, threads, dict(spec.options), log_path)] = spec
+            if queue.running:
+                done, _ = futures.wait(queue.running, return_when=futures.FIRST_COMPLETED)
+                for future in done:
+                    collect(queue, future)
     except KeyboardInterrupt:
-        # the runs in flight stop too (a Ctrl-C in the terminal reaches them already; a signal sent to this
-        # process alone is passed on); rows of finished runs are in runs.csv, a rerun continues from there
-        workers = getattr(pool, "_processes", None) or {}  # the pool's own processes, by id
-        for process in list(workers.values()):
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                os.kill(process.pid, signal.SIGINT)
-        pool.shutdown(wait=True, cancel_futures=True)
+        stop_workers(pool)
         raise
     pool.shutdown(wait=True)
-    return failed
+
+
+def collect(queue: RunQueue, future) -> None:
+    """A finished worker's run: its row, or its failure; a run stopped by Ctrl-C stops the sweep."""
+    from engine.errors import one_line
+
+    spec = queue.running.pop(future)
+    try:
+        results, seconds = future.result()
+    except RunInterrupted as err:
+        raise KeyboardInterrupt(f"{spec.name}: {err}") from None
+    except Exception as err:
+        queue.failed_run(spec, str(err) if isinstance(err, RunFailed) else one_line(err, named=True))
+        return
+    queue.finished(spec, results, seconds)
+
+
+def stop_workers(pool) -> None:
+    """The runs in flight stop too (a Ctrl-C in the terminal reaches them already; a signal sent to this process
+    alone is passed on); rows of finished runs are in runs.csv, a rerun continues from there."""
+    workers = getattr(pool, "_processes", None) or {}  # the pool's own processes, by id
+    for process in list(workers.values()):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.kill(process.pid, signal.SIGINT)
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------------------------
