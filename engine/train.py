@@ -230,6 +230,25 @@ def _diverged(err: FloatingPointError, args: Any, loop: Loop, epoch: int, steps:
                             f"--lr (now {args.lr:.3g}) or lengthen --warmup_epochs{amp}")
 
 
+def _optimization(args: Any, loop: Loop, steps_per_epoch: int) -> Optimization:
+    """AdamW at ``args.lr``, linear warm-up then cosine decay per step, and the loss scaler of float16 autocast."""
+    optimizer = create_optimizer_v2(loop.model, "adamw", lr=args.lr, weight_decay=args.weight_decay)
+    return Optimization(optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(round(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch)),
+        torch.amp.GradScaler(loop.device.type, enabled=loop.dtype == torch.float16))
+
+
+def _epoch_stats(loop: Loop, opt: Optimization, progress: EpochProgress, epoch: int, clock: float
+                 ) -> Dict[str, float]:
+    """An epoch's log line: train loss and accuracy over every rank's steps, the test set's, the rate, the time."""
+    loss_sum, correct, seen = distributed.sum_over_ranks([progress.loss_sum, progress.correct, progress.seen],
+                                                         loop.processes, loop.device)
+    stats = {"train_loss": loss_sum / max(seen, 1), "train_acc": 100.0 * correct / max(seen, 1)}
+    stats.update(evaluate(loop.eval_model, loop.test_loader, loop.device, loop.dtype, loop.processes))
+    stats.update(epoch=epoch + 1, lr=opt.scheduler.get_last_lr()[0], time_s=time.time() - clock)
+    return stats
+
+
 def fit(args: Any, out_dir: str, loop: Loop, resume: Optional[Dict[str, Any]], stop: StopSignal
         ) -> List[Dict[str, float]]:
     """Train ``args.epochs`` epochs (the rest of them, resumed), evaluating and writing ``last.pt`` (and
@@ -240,10 +259,7 @@ def fit(args: Any, out_dir: str, loop: Loop, resume: Optional[Dict[str, Any]], s
     that step. Returns the per-epoch history (the resumed run's earlier epochs included).
     """
     processes, steps_per_epoch, settings = loop.processes, len(loop.train_loader), args.settings(out_dir)
-    optimizer = create_optimizer_v2(loop.model, "adamw", lr=args.lr, weight_decay=args.weight_decay)
-    opt = Optimization(optimizer, torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(round(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch)),
-        torch.amp.GradScaler(loop.device.type, enabled=loop.dtype == torch.float16))
+    opt = _optimization(args, loop, steps_per_epoch)
     start_epoch, best_accuracy, history, progress = 0, None, [], EpochProgress()
     if resume:
         progress = restore(resume, args.resume, loop, opt)
@@ -296,11 +312,7 @@ def fit(args: Any, out_dir: str, loop: Loop, resume: Optional[Dict[str, Any]], s
             raise _interrupted(stop, f"after step {progress.step} of {steps_per_epoch} in epoch {epoch + 1}/"
                                      f"{args.epochs}", out_dir, processes)
 
-        loss_sum, correct, seen = distributed.sum_over_ranks([progress.loss_sum, progress.correct, progress.seen],
-                                                             processes, loop.device)
-        stats = {"train_loss": loss_sum / max(seen, 1), "train_acc": 100.0 * correct / max(seen, 1)}
-        stats.update(evaluate(loop.eval_model, loop.test_loader, loop.device, loop.dtype, processes))
-        stats.update(epoch=epoch + 1, lr=opt.scheduler.get_last_lr()[0], time_s=time.time() - clock)
+        stats = _epoch_stats(loop, opt, progress, epoch, clock)
         history.append(stats)
         improved = best_accuracy is None or stats["test_acc"] > best_accuracy
         best_accuracy = stats["test_acc"] if improved else best_accuracy
