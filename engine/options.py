@@ -99,13 +99,6 @@ class Options(argparse.Namespace):
     __slots__ = ("given",)
 
 
-def copy_options(args: argparse.Namespace) -> argparse.Namespace:
-    """A copy of ``args`` that keeps what :class:`Options` knows about them."""
-    copy = Options(**vars(args))
-    copy.given = getattr(args, "given", None)
-    return copy
-
-
 def given_dests(args: argparse.Namespace, parser: "ArgumentParser") -> frozenset:
     """The options ``args`` were given; without that record (a Namespace built by hand), those that
     differ from their defaults."""
