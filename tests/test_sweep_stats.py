@@ -168,7 +168,8 @@ def test_runs_csv_records_schedules_environment_and_analytic_gflops(tmp_path, no
         def __call__(self, options):
             results = super().__call__(options)
             k = int(options["schedule"])
-            results.update(schedule_per_block=[k, k + 1], removed_per_block=[k, 1], analytic_gflops=0.5 - 0.01 * k, prop_attn="on",
+            results.update(schedule_per_block=[k, k + 1], removed_per_block=[k, 1], analytic_gflops=0.5 - 0.01 * k,
+                           prop_attn="on",
                            environment={"python": "3", "torch": "2.x", "timm": "1.x", "numpy": "2.x",
                                         "device": "Some CPU", "threads": 1})
             return results
