@@ -42,7 +42,8 @@ from engine.options import Recipe
 from engine.signals import StopSignal
 from pruning.patch import get_config
 
-# What a run does when no option says otherwise (by dest: --model is `method`). Edit here; --help shows them.
+# What a run does when no option says otherwise, by setting name (--model sets `method`, --reduce_token
+# `schedule`). Edit here; --help shows them.
 DEFAULTS = dict(
     method="tk_n",  # --model: none, tk, tk_n, evit, evit_n, n_wa, a_wn, tome
     schedule=2,  # --reduce_token: tokens removed per block; or one value per block, e.g. [0, 2, 2, 2]
@@ -68,7 +69,6 @@ RECIPES = {
     "STL10": Recipe(arch="vit_small_patch16_224", augment="paper", lr_base=SEED_LR_BASE),
     "folder": Recipe(arch="vit_small_patch16_224", augment="paper", lr_base=SEED_LR_BASE),
 }
-
 
 
 def build_parser() -> options.ArgumentParser:
