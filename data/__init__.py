@@ -15,8 +15,6 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset, Subset
 
-from pruning.models import DIGITS_MEAN, DIGITS_STD, FASHION_MNIST_MEAN, FASHION_MNIST_STD
-
 from .datasets import (DataError, Digits, folder_split_dir, read_cifar10, read_cifar100, read_digits,
                        read_fashion_mnist, read_folder, read_stl10)
 from .transforms import AUGMENTATIONS, build_transform
@@ -37,7 +35,10 @@ class DatasetSpec:
     img_size: Optional[int]  # size of every image (square), None if they differ
 
 
-# CIFAR and STL-10 are normalised as ImageNet is: their models start from ImageNet weights.
+# Per-channel mean and std of the training images (0..1 pixels). CIFAR and STL-10 are normalised as ImageNet
+# is: their models start from ImageNet weights.
+DIGITS_MEAN, DIGITS_STD = (0.3056,), (0.3761,)  # scikit-learn digits
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 DATASETS: Dict[str, DatasetSpec] = {
     "digits": DatasetSpec(read=read_digits, num_classes=10, in_chans=1, mean=DIGITS_MEAN, std=DIGITS_STD,
                           flip=False, img_size=8),

@@ -17,12 +17,20 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets
 
-from engine.errors import CLIError, one_line
 
 
-class DataError(CLIError):
-    """A dataset that cannot be read (bad input like any other): the message names the option to change
-    and what to do."""
+class DataError(Exception):
+    """A dataset that cannot be read: bad input like any other (``engine.errors.BAD_INPUT`` counts it, exit
+    code 2); the message names the option to change and what to do."""
+
+    exit_code = 2
+
+
+def quoted(err: BaseException, limit: int = 200) -> str:
+    """A library's error quoted inside one of ours: its type and first line (the lines after it are advice for
+    another context), at most ``limit`` characters."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return (f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__)[:limit]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,7 +139,7 @@ def _read_or_download(name: str, root: str, files: List[str], read: Callable[[],
             return read()
         except Exception as err:  # damaged or truncated files
             raise DataError(f"--data_name {name}: the files under {os.path.abspath(root)} cannot be read "
-                            f"({one_line(err, named=True, limit=200)}); delete them to download again, or "
+                            f"({quoted(err)}); delete them to download again, or "
                             f"replace them") from None
     reason = "downloading is off"
     if download:
@@ -143,7 +151,7 @@ def _read_or_download(name: str, root: str, files: List[str], read: Callable[[],
             with contextlib.redirect_stdout(io.StringIO()):  # torchvision prints its download attempts
                 return fetch()
         except Exception as err:
-            reason = f"download failed: {one_line(err, named=True, limit=200)}"
+            reason = f"download failed: {quoted(err)}"
             _remove_new(root, before, created)
     raise DataError(f"--data_name {name}: {missing[0]} not found under --data_root {os.path.abspath(root)} "
                     f"and {reason}; {how}, or point --data_root at the folder that holds {files[0].split('/')[0]}/")
@@ -208,7 +216,7 @@ def load_image(path: str) -> Image.Image:
             image = Image.open(f)
             return image.convert("RGB")  # decodes the whole file: truncated data fails here
     except Exception as err:
-        raise DataError(f"--data_name folder: cannot decode {path} ({one_line(err, named=True, limit=200)}); "
+        raise DataError(f"--data_name folder: cannot decode {path} ({quoted(err)}); "
                         f"replace or delete the file") from None
 
 
@@ -220,7 +228,7 @@ def read_folder(root: str, train: bool, download: bool) -> Dataset:
     try:
         dataset = datasets.ImageFolder(path, loader=load_image)
     except (FileNotFoundError, OSError) as err:
-        raise DataError(f"--data_name folder: {path}: {one_line(err, named=True, limit=200)}; --data_root must "
+        raise DataError(f"--data_name folder: {path}: {quoted(err)}; --data_root must "
                         f"hold {layout}") from None
     if len(dataset.classes) < 2:
         raise DataError(f"--data_name folder: {path} has one class folder ({dataset.classes[0]}/); classification "

@@ -1,8 +1,11 @@
 """The work behind ``main.py``, one idea per module (main.py parses, chooses and reports):
 
-- ``options``: the parser and its value parsers, YAML config files, the settings checkpoints keep,
-  ``--resume``'s restore of them, and checks of options that need each other;
-- ``model``: the model of ``--arch`` (hub weights checked first), its starting weights, compression, threads;
+- ``options``: the parser and its value parsers, YAML config files, ``--resume``'s restore of a checkpoint's
+  settings, and checks of options that need each other;
+- ``config``: the run's one frozen configuration (``RunConfig``), every setting resolved once by ``resolve_config``;
+- ``model``: the model of ``--arch`` (hub weights checked first), its starting weights, compression, threads,
+  and the model of a trained checkpoint (``load_trained``, what the tools read);
+- ``hub``: whether the Hugging Face hub can be reached (asked before timm or transformers try);
 - ``zoo``: transformers and OpenCLIP models behind ``--arch hf:...`` / ``open_clip:...`` as images -> logits;
 - ``train``: the training loop (``fit``, ``train_one_epoch``, ``evaluate``), warm-up + cosine, resume state;
 - ``measure``: FLOPs (flop_counter), thop MACs, compile-for-inference, throughput;

@@ -1,6 +1,6 @@
 """How a run ends without a traceback (see ``main.main``): the exceptions, and the one formatter of their line.
 
-- :class:`CLIError`: bad input (an option, a file, a dataset); exit code 2.
+- :class:`CLIError`: bad input (an option, a file); with ``data.DataError`` (a dataset) :data:`BAD_INPUT`, exit code 2.
 - :class:`TrainingDiverged`: a numerical failure (the loss became NaN or inf), not bad input; exit code 3.
 - :class:`Interrupted`: SIGINT/SIGTERM after ``last.pt`` was written; exit code 128 + the signal.
 """
@@ -8,14 +8,20 @@ import re
 import sys
 from typing import Optional
 
+from data.datasets import DataError
+
 
 class CLIError(Exception):
     """Bad input: the message names the option to change; ``main()`` prints it and exits with 2.
 
-    ``data.DataError`` (a dataset that cannot be read) is one of them.
+    ``data.DataError`` (a dataset that cannot be read) is the same kind of error from the layer below:
+    catch :data:`BAD_INPUT` to catch both.
     """
 
     exit_code = 2
+
+
+BAD_INPUT = (CLIError, DataError)  # what ends a run as bad input (exit code 2)
 
 
 class TrainingDiverged(Exception):

@@ -2,11 +2,8 @@
 transformers / OpenCLIP model (``hf:``, ``open_clip:``, built by ``zoo``); its starting weights loaded, and
 compressed with the chosen method. ``geometry(model)`` reads image size, patch size and blocks of every family."""
 import argparse
-import os
-import socket
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
-from urllib.parse import urlparse
 
 import timm
 import torch
@@ -22,35 +19,20 @@ from pruning.methods import get_method
 from pruning.patch import apply_patch, get_config
 from pruning.state import seed_draws
 
-from . import zoo
-from .checkpoint import load_weights
+from . import hub, zoo
+from .checkpoint import load_weights, torch_load
 from .errors import CLIError, one_line
+from .options import dests
 from .zoo import Geometry, analytic_flops, arch_label, geometry  # noqa: F401  (the accessors of every family)
 
 
-def hub_unreachable() -> Optional[str]:
-    """Why the Hugging Face hub cannot be reached (its host name does not resolve), or None.
-
-    Checked before timm tries, since the hub client retries for over a minute when offline.
-    """
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false"):
-        return None  # the user asked for the local cache
-    from huggingface_hub import constants
-
-    host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError as err:
-        return f"{host} cannot be reached ({err.strerror or err})"
-    return None
-
-
-def create_model(arch: str, num_classes: int, in_chans: int, *, pretrained: bool = False,
+def create_model(arch: str, num_classes: Optional[int], in_chans: Optional[int], *, pretrained: bool = False,
                  img_size: Optional[int] = None, patch_size: Optional[int] = None, weights: Optional[str] = None,
                  data_norm: Optional[Tuple[Sequence[float], Sequence[float]]] = None) -> nn.Module:
     """The model ``arch`` (``--arch``) for this dataset: a timm VisionTransformer, optionally with hub weights,
     or a transformers / OpenCLIP model wrapped by ``zoo.build`` (``weights``: OpenCLIP's own weights file;
-    ``data_norm``: the dataset's (mean, std), turned into the model's own normalisation)."""
+    ``data_norm``: the dataset's (mean, std), turned into the model's own normalisation). ``num_classes``,
+    ``in_chans``, ``img_size``, ``patch_size`` None: the arch's own."""
     if zoo.parse_arch(arch).family != "timm":
         return zoo.build(arch, num_classes, in_chans, pretrained=pretrained, weights=weights, data_norm=data_norm,
                          img_size=img_size, patch_size=patch_size)
@@ -61,15 +43,12 @@ def create_model(arch: str, num_classes: int, in_chans: int, *, pretrained: bool
     if pretrained and not any(n == arch or n.startswith(arch + ".") for n in timm.list_pretrained(arch + "*")):
         raise CLIError(f"--pretrained: timm has no pretrained weights for --arch {arch}; drop --pretrained, "
                        f"or load weights with --checkpoint FILE")
-    if pretrained and (why := hub_unreachable()):
+    if pretrained and (why := hub.hub_unreachable()):
         raise CLIError(f"--pretrained: cannot fetch the timm weights of {arch}: {why}; fetch them once online "
                        f"(they stay in the Hugging Face cache; offline, set HF_HUB_OFFLINE=1 to use it), or pass a "
                        f"local weights file with --checkpoint FILE and drop --pretrained")
-    kwargs: Dict[str, Any] = dict(num_classes=num_classes, in_chans=in_chans)
-    if img_size is not None:
-        kwargs["img_size"] = img_size
-    if patch_size is not None:
-        kwargs["patch_size"] = patch_size
+    sizes = dict(num_classes=num_classes, in_chans=in_chans, img_size=img_size, patch_size=patch_size)
+    kwargs: Dict[str, Any] = {name: value for name, value in sizes.items() if value is not None}
     try:
         model = timm.create_model(arch, pretrained=pretrained, **kwargs)
     except TypeError as err:
@@ -90,9 +69,9 @@ def create_model(arch: str, num_classes: int, in_chans: int, *, pretrained: bool
     return model
 
 
-def build_model(args: argparse.Namespace, num_classes: int, in_chans: int, resumed: bool) -> nn.Module:
+def build_model(args: Any, num_classes: int, in_chans: int, resumed: bool) -> nn.Module:
     """The model of ``--arch`` with its starting weights (hub, a transformers folder, ``--checkpoint``; none when
-    resuming: the checkpoint's come later)."""
+    resuming: the checkpoint's come later); ``args``: the run's settings (``engine.config.RunConfig``)."""
     family = zoo.parse_arch(args.arch).family
     if family != "timm" and args.visualize:
         raise CLIError(f"--visualize: the token grid is drawn for timm models only (it reads model.patch_embed); "
@@ -111,14 +90,10 @@ def build_model(args: argparse.Namespace, num_classes: int, in_chans: int, resum
         if left_out:
             print(f"--checkpoint: loaded all but {', '.join(left_out)} (another number of classes); the head "
                   f"starts from scratch for {num_classes} classes")
-    depth = geometry(model).depth
-    if isinstance(args.reduce_token, list) and len(args.reduce_token) != depth:
-        raise CLIError(f"--reduce_token: {len(args.reduce_token)} values given, but --arch {args.arch} has "
-                       f"{depth} blocks; give one value per block, or a single int")
     return model
 
 
-def _announce_head(model: nn.Module, args: argparse.Namespace, num_classes: int, trained: bool) -> None:
+def _announce_head(model: nn.Module, args: Any, num_classes: int, trained: bool) -> None:
     """One line on the classifier of a transformers / OpenCLIP model that starts untrained (a warning when it
     is evaluated): a linear head added on the pooled feature, or a classifier built anew."""
     if not getattr(model, "new_head", False) or trained:
@@ -133,18 +108,52 @@ def _announce_head(model: nn.Module, args: argparse.Namespace, num_classes: int,
         print(f"{args.arch}: {where} starts untrained for {num_classes} classes")
 
 
-def compress(model: nn.Module, args: argparse.Namespace, trace_source: bool = False) -> nn.Module:
-    """Patch ``model`` (its backbone, ``geometry(model).module``) in place with ``--model`` (the method),
-    ``--reduce_token``, ``--reduce_at`` and ``--prop_attn`` (``auto`` not yet resolved by the run: on, the
-    library's default); its random draws (the ``random`` control) seeded with ``--seed``; returns ``model``."""
+def compress(model: nn.Module, settings: Any, trace_source: bool = False) -> nn.Module:
+    """Patch ``model`` (its backbone, ``geometry(model).module``) in place with the settings' ``method``,
+    ``schedule``, ``reduce_at`` and ``prop_attn`` (on unless ``off``, the library's default); its random draws
+    (the ``random`` control) seeded with the settings' ``seed``; returns ``model``."""
     try:
-        apply_patch(geometry(model).module, args.method, args.reduce_token, reduce_at=args.reduce_at,
-                    prop_attn=getattr(args, "prop_attn", "auto") != "off", trace_source=trace_source)
+        apply_patch(geometry(model).module, settings.method, settings.schedule, reduce_at=settings.reduce_at,
+                    prop_attn=settings.prop_attn != "off", trace_source=trace_source)
     except ValueError as err:
-        raise CLIError(f"--model {args.method} / --reduce_token / --reduce_at: {err}") from None
-    if get_method(args.method).stochastic:
-        seed_draws(geometry(model).module, getattr(args, "seed", 0))
+        raise CLIError(f"--model {settings.method} / --reduce_token / --reduce_at: {err}") from None
+    if get_method(settings.method).stochastic:
+        seed_draws(geometry(model).module, getattr(settings, "seed", 0))
     return model
+
+
+def check_schedule_length(schedule: Any, depth: int, arch: str) -> None:
+    """A per-block schedule (``--reduce_token 0,2,2,2``) must give one value per block of the model."""
+    if isinstance(schedule, (list, tuple)) and len(schedule) != depth:
+        raise CLIError(f"--reduce_token: {len(schedule)} values given, but --arch {arch} has {depth} blocks; give "
+                       f"one value per block, or a single int")
+
+
+def load_trained(path: str, option: str = "--checkpoint") -> Tuple[nn.Module, Dict[str, Any]]:
+    """The model a main.py checkpoint holds, rebuilt and compressed as its settings say (either names: see
+    ``engine.options.dests``), in eval mode; returns (model, its settings by today's names). Tools read trained
+    runs through it."""
+    checkpoint = torch_load(path, option)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("settings"), dict) \
+            or not isinstance(checkpoint.get("model"), dict):
+        raise CLIError(f"{option}: {path} is not a checkpoint written by main.py (no settings or model)")
+    settings, state = dests(checkpoint["settings"]), checkpoint["model"]
+    missing = [key for key in ("arch", "method", "schedule", "data_name") if key not in settings]
+    if missing:
+        raise CLIError(f"{option}: {path} lacks {', '.join(missing)}; not a checkpoint written by main.py")
+    spec = data.DATASETS.get(settings["data_name"])
+    head, embed = state.get("head.weight"), state.get("patch_embed.proj.weight")  # a timm model's; else the data's
+    num_classes = head.shape[0] if head is not None else getattr(spec, "num_classes", None)
+    in_chans = embed.shape[1] if embed is not None else getattr(spec, "in_chans", None)
+    try:
+        model = create_model(settings["arch"], num_classes, in_chans, img_size=settings.get("img_size"),
+                             patch_size=settings.get("patch_size"), data_norm=(spec.mean, spec.std) if spec else None)
+        model.load_state_dict(state)
+    except (CLIError, RuntimeError, ValueError, TypeError) as err:  # an unknown arch, weights that do not fit
+        raise CLIError(f"{option}: {path}: {one_line(err)}") from None
+    settings.setdefault("reduce_at", None)
+    compress(model, argparse.Namespace(**{"prop_attn": "on", **settings}))
+    return model.eval(), settings
 
 
 def tokens_per_block(model: nn.Module) -> List[int]:
@@ -156,6 +165,12 @@ def tokens_per_block(model: nn.Module) -> List[int]:
     last = entering[-1] if cfg is None else tokens_after(cfg.method, entering[-1], cfg.schedule[-1],
                                                          vit_shape(model).num_prefix)
     return entering + [last]
+
+
+def removed_per_block(tokens: Sequence[int]) -> List[int]:
+    """The tokens each block really removed, from :func:`tokens_per_block`'s counts: what the schedule asked, or
+    fewer where too few tokens were left (``[10, 10, 10, 10, 8, 0]`` for 10 per block on 50 tokens)."""
+    return [before - after for before, after in zip(tokens, tokens[1:])]
 
 
 def unmet_reductions(model: nn.Module) -> List[Tuple[int, int, int]]:

@@ -2,10 +2,12 @@
 checkpoints keep (and ``--resume`` restores), and the checks of options that need each other.
 
 Defaults come from the caller (``main.DEFAULTS`` and ``main.RECIPES``), then ``--config FILE.yaml``
-(its keys checked, then applied with ``parser.set_defaults``), then the command line.
+(its keys checked, then applied with ``parser.set_defaults``), then the command line. ``engine.config`` turns
+the result into the run's one frozen configuration.
 
-Inside the code the compression method is ``args.method``; users name it ``--model`` (command line,
-YAML files, config.yaml, the settings in checkpoints): :data:`OPTION_NAMES` translates.
+Every setting has one name (its dest): ``method`` and ``schedule`` in YAML files, config.yaml, checkpoints and
+the code. The command line keeps the seed's flags for those two, ``--model`` and ``--reduce_token``
+(:data:`FLAGS`); YAML files, and checkpoints written before the rename, may use either name.
 """
 import argparse
 import math
@@ -33,9 +35,9 @@ RESUME_FREE = ("resume", "config", "output_dir", "device", "threads", "num_worke
                "bench_batch_size", "bench_warmup", "bench_steps", "compile", "overwrite")
 # ... and these are never taken from the checkpoint (the folder is the checkpoint's own unless given)
 NOT_RESTORED = ("resume", "config", "output_dir", "overwrite")
-# dest in the code -> option name users write, where they differ
-OPTION_NAMES = {"method": "model"}
-DESTS = {name: dest for dest, name in OPTION_NAMES.items()}
+# setting name (dest) -> the command-line flag, without --, where they differ (the seed's flags)
+FLAGS = {"method": "model", "schedule": "reduce_token"}
+DESTS = {flag: dest for dest, flag in FLAGS.items()}
 
 
 @dataclass(frozen=True)
@@ -97,13 +99,6 @@ class Options(argparse.Namespace):
     __slots__ = ("given",)
 
 
-def copy_options(args: argparse.Namespace) -> argparse.Namespace:
-    """A copy of ``args`` that keeps what :class:`Options` knows about them."""
-    copy = Options(**vars(args))
-    copy.given = getattr(args, "given", None)
-    return copy
-
-
 def given_dests(args: argparse.Namespace, parser: "ArgumentParser") -> frozenset:
     """The options ``args`` were given; without that record (a Namespace built by hand), those that
     differ from their defaults."""
@@ -133,7 +128,7 @@ def build_parser(defaults: Mapping[str, Any], recipes: Mapping[str, Recipe]) -> 
         prog="main.py", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train, evaluate and benchmark token compression in timm Vision Transformers.",
         epilog=f"Defaults < --config FILE.yaml < command line. With no options: {start.arch} on "
-               f"{defaults['data_name']}, {defaults['method']} removing {defaults['reduce_token']} tokens per block, "
+               f"{defaults['data_name']}, {defaults['method']} removing {defaults['schedule']} tokens per block, "
                f"{defaults['epochs']} epochs. Several GPUs: torchrun --nproc_per_node N main.py ... (--batch_size "
                f"is per process).")
     bool_flag = dict(action=argparse.BooleanOptionalAction, default=False)
@@ -142,7 +137,7 @@ def build_parser(defaults: Mapping[str, Any], recipes: Mapping[str, Recipe]) -> 
     group.add_argument("--model", dest="method", choices=METHOD_NAMES, metavar="METHOD",
                        help=f"compression method: {', '.join(METHOD_NAMES)}; {' and '.join(CONTROL_NAMES)} are "
                             f"controls (random keep drawn from --seed, lowest norm kept) (default: %(default)s)")
-    group.add_argument("--reduce_token", type=reduce_token_type, metavar="K",
+    group.add_argument("--reduce_token", dest="schedule", type=reduce_token_type, metavar="K",
                        help="tokens removed per block: an int, or a comma list with one value per block "
                             "(default: %(default)s)")
     group.add_argument("--reduce_at", default=None, choices=("block", "attn"),
@@ -260,28 +255,30 @@ def build_parser(defaults: Mapping[str, Any], recipes: Mapping[str, Recipe]) -> 
 
 
 # ----------------------------------------------------------------------------------------------
-# option names (as users write them) and dests (as the code reads them)
+# setting names (dests) and the flags users type
 
-def option_names(values: Mapping[str, Any]) -> Dict[str, Any]:
-    """``{dest: value}`` keyed by the option names users write (``method`` -> ``model``)."""
-    return {OPTION_NAMES.get(key, key): value for key, value in values.items()}
+def flag_of(dest: str) -> str:
+    """The command-line flag of a setting: ``--model`` for ``method``, ``--epochs`` for ``epochs``."""
+    return f"--{FLAGS.get(dest, dest)}"
+
+
+def flag_names(values: Mapping[str, Any]) -> Dict[str, Any]:
+    """``{dest: value}`` keyed by the flags' names, without -- (``method`` -> ``model``): for command lines."""
+    return {FLAGS.get(key, key): value for key, value in values.items()}
 
 
 def dests(values: Mapping[str, Any]) -> Dict[str, Any]:
-    """``{option name: value}`` keyed by dest (``model`` -> ``method``); the inverse of :func:`option_names`."""
+    """``{name: value}`` keyed by dest, a flag's name (``model``, ``reduce_token``: YAML files, checkpoints
+    written before the rename) taken as its setting's; the inverse of :func:`flag_names`."""
     return {DESTS.get(key, key): value for key, value in values.items()}
 
 
-def settings_of(args: argparse.Namespace) -> Dict[str, Any]:
-    """Every option of a run by option name, sorted: what config.yaml and checkpoints keep."""
-    return dict(sorted(option_names(vars(args)).items()))
-
-
 def _tokens(parser: ArgumentParser, values: Mapping[str, Any], where: str) -> List[str]:
-    """``{option name: value}`` (a YAML mapping) as command-line tokens; unknown names and non-boolean
-    values of on/off options are refused, naming ``where``."""
+    """``{setting or flag name: value}`` (a YAML mapping) as command-line tokens; unknown names and
+    non-boolean values of on/off options are refused, naming ``where``."""
     actions = {action.option_strings[0][2:]: action for action in parser._actions
                if action.option_strings and action.option_strings[0].startswith("--")}
+    actions.update({dest: actions[flag] for dest, flag in FLAGS.items()})
     tokens: List[str] = []
     for key, value in values.items():
         name = str(key).lstrip("-").replace("-", "_")
@@ -289,12 +286,13 @@ def _tokens(parser: ArgumentParser, values: Mapping[str, Any], where: str) -> Li
             raise CLIError(f"{where}: unknown option {key!r}; see python main.py --help")
         if value is None:
             continue
+        flag = actions[name].option_strings[0]
         if isinstance(actions[name], argparse.BooleanOptionalAction):
             if not isinstance(value, bool):
                 raise CLIError(f"{where}: {key} must be true or false, got {value!r}")
-            tokens.append(f"--{name}" if value else f"--no-{name}")
+            tokens.append(flag if value else f"--no-{flag[2:]}")
         else:
-            tokens += [f"--{name}", ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
+            tokens += [flag, ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
     return tokens
 
 
@@ -349,7 +347,7 @@ def parse_args(argv: Optional[Sequence[str]], defaults: Mapping[str, Any], recip
         parser.set_defaults(**from_file)
         given |= set(from_file)
     if options:
-        from_caller = given_by(parser, _tokens(parser, option_names(options), "options"))
+        from_caller = given_by(parser, _tokens(parser, options, "options"))
         parser.set_defaults(**from_caller)
         given |= set(from_caller)
     args = parser.parse_args(argv, namespace=Options())
@@ -363,40 +361,35 @@ def parse_args(argv: Optional[Sequence[str]], defaults: Mapping[str, Any], recip
 # ----------------------------------------------------------------------------------------------
 # resume
 
-def restore_settings(args: argparse.Namespace, checkpoint: Dict[str, Any], parser: ArgumentParser) -> None:
-    """Take the resumed run's settings: every one of them, ``--data_root`` included, unless given again
-    (only the RESUME_FREE ones may be given anew); a setting given with another value is refused."""
+def restored(values: Mapping[str, Any], given: frozenset, checkpoint: Dict[str, Any], path: str) -> Dict[str, Any]:
+    """``values`` (the options by dest) with the resumed run's settings taken: every one of them, ``data_root``
+    included, unless given again (only the RESUME_FREE ones may be given anew); a setting given with another
+    value is refused. ``given``: the dests the command line, ``--config`` or the caller gave."""
     saved = checkpoint.get("settings")
     if not isinstance(saved, dict):
-        raise CLIError(f"--resume: {args.resume} is not a checkpoint written by main.py (no settings)")
-    saved, given = dests(saved), given_dests(args, parser)
-    saved = {key: value for key, value in saved.items() if key not in NOT_RESTORED and hasattr(args, key)}
+        raise CLIError(f"--resume: {path} is not a checkpoint written by main.py (no settings)")
+    saved = {key: value for key, value in dests(saved).items() if key not in NOT_RESTORED and key in values}
     changed = [key for key, value in saved.items()
-               if key in given and key not in RESUME_FREE and getattr(args, key) != value]
+               if key in given and key not in RESUME_FREE and values[key] != value]
     if "epochs" in changed:
-        raise CLIError(f"--resume: --epochs {args.epochs} differs from the run's {saved['epochs']}; a resumed run "
-                       f"keeps its settings and its learning-rate schedule (cosine over {saved['epochs']} epochs), "
-                       f"so --epochs cannot change on --resume; to train longer, fine-tune from the checkpoint into "
-                       f"a new folder: --checkpoint {args.resume} --epochs N")
+        raise CLIError(f"--resume: --epochs {values['epochs']} differs from the run's {saved['epochs']}; a resumed "
+                       f"run keeps its settings and its learning-rate schedule (cosine over {saved['epochs']} "
+                       f"epochs), so --epochs cannot change on --resume; to train longer, fine-tune from the "
+                       f"checkpoint into a new folder: --checkpoint {path} --epochs N")
     if changed:
-        names = ", ".join(f"--{OPTION_NAMES.get(key, key)} {getattr(args, key)} (the run's: {saved[key]})"
-                          for key in changed)
+        names = ", ".join(f"{flag_of(key)} {values[key]} (the run's: {saved[key]})" for key in changed)
         raise CLIError(f"--resume: {names}: a resumed run keeps its settings; only where and how it runs may "
-                       f"change (--{', --'.join(OPTION_NAMES.get(k, k) for k in RESUME_FREE[2:])}); drop them, or "
-                       f"start a new run from its weights with --checkpoint {args.resume}")
-    for key, value in saved.items():
-        if not (key in RESUME_FREE and key in given):
-            setattr(args, key, value)
+                       f"change ({', '.join(flag_of(k) for k in RESUME_FREE[2:])}); drop them, or start a new run "
+                       f"from its weights with --checkpoint {path}")
+    return {**values, **{key: value for key, value in saved.items() if not (key in RESUME_FREE and key in given)}}
 
 
-def load_resume(args: argparse.Namespace, processes: Processes, parser: ArgumentParser) -> Dict[str, Any]:
-    """The ``--resume`` checkpoint, its settings taken into ``args``; the number of processes must match.
-    ``parser``: the one that parsed ``args`` (its defaults tell given values from default ones)."""
-    checkpoint = read_resume(args.resume)
-    restore_settings(args, checkpoint, parser)
+def load_resume(path: str, processes: Processes) -> Dict[str, Any]:
+    """The ``--resume`` checkpoint; the number of processes must match the run that wrote it."""
+    checkpoint = read_resume(path)
     trained_by = checkpoint.get("world_size", 1)
     if trained_by != processes.world_size:
-        raise CLIError(f"--resume: {args.resume} was written by a run of {trained_by} process(es), this one has "
+        raise CLIError(f"--resume: {path} was written by a run of {trained_by} process(es), this one has "
                        f"{processes.world_size}; resume with as many (torchrun --nproc_per_node, or python main.py "
                        f"for 1): the data order and the learning-rate schedule depend on it")
     return checkpoint
@@ -428,13 +421,6 @@ def check_options(args: argparse.Namespace) -> None:
     if args.visualize and args.benchmark and not args.eval_only:
         raise CLIError("--visualize needs test images: use it when training or with --eval_only, not with "
                        "--benchmark alone")
-
-
-def resolve_prop_attn(args: argparse.Namespace, training: bool) -> str:
-    """``--prop_attn`` as the run uses it: auto is on without training (evaluation, benchmark), off when training."""
-    if args.prop_attn == "auto":
-        return "off" if training else "on"
-    return args.prop_attn
 
 
 def resolve_device(name: str, processes: Processes = distributed.SINGLE) -> torch.device:

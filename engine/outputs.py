@@ -6,11 +6,10 @@ they leave it where it is and ``--checkpoint output/latest/best.pt`` keeps worki
 ``--resume`` continues in the checkpoint's own folder. A run that fails before writing a checkpoint or
 results leaves the disk as it found it.
 """
-import argparse
 import os
 import re
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from . import distributed
 from .checkpoint import write_text_atomic
@@ -177,10 +176,10 @@ class RunFolder:
             _remove_dirs(self.created[1:])
 
 
-def run_folder_name(args: argparse.Namespace, arch: str, when: float) -> str:
+def run_folder_name(args: Any, arch: str, when: float) -> str:
     """``20261125-134501_vit_pico_patch2_8_tk_n_k2``: start time, arch, method, tokens removed per block
     (``_eval``/``_bench`` for those modes)."""
-    tokens = "-".join(map(str, args.reduce_token)) if isinstance(args.reduce_token, list) else str(args.reduce_token)
+    tokens = str(args.schedule) if isinstance(args.schedule, int) else "-".join(map(str, args.schedule))
     mode = "_eval" if args.eval_only else ("_bench" if args.benchmark else "")
     return re.sub(r"[^\w.+-]", "_", f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(when))}_{arch}_"
                                      f"{args.method}_k{tokens}{mode}")
@@ -192,8 +191,8 @@ def _short(path: str) -> str:
     return path if relative.startswith("..") else relative
 
 
-def plan_output_dir(args: argparse.Namespace, arch: str, processes: Processes, started: float) -> "RunFolder":
-    """Where the run writes (``args.output_dir`` set), checked before any data is read (nothing is created
+def plan_output_dir(args: Any, arch: str, processes: Processes, started: float) -> "RunFolder":
+    """Where the run writes (the folder's ``path``), checked before any data is read (nothing is created
     yet): a new folder under OUTPUT_ROOT without --output_dir; --resume: the checkpoint's own folder (the
     real one, not output/latest); an explicit --output_dir must not hold another run's files (unless
     --overwrite). ``arch``: how the model is named in a new folder's name. Only a training run into a
@@ -202,22 +201,23 @@ def plan_output_dir(args: argparse.Namespace, arch: str, processes: Processes, s
     trains = not (args.eval_only or args.benchmark)
     if args.resume:
         own = os.path.realpath(os.path.dirname(os.path.abspath(args.resume)))
-        args.output_dir = args.output_dir or _short(own)
-        same = os.path.realpath(args.output_dir) == own
-        folder = RunFolder(args.output_dir, own=same, overwrite=args.overwrite)
+        path = args.output_dir or _short(own)
+        same = os.path.realpath(path) == own
+        folder = RunFolder(path, own=same, overwrite=args.overwrite)
         refuse = not same and not args.overwrite
     elif args.output_dir:  # latest names it too when it is a folder of output/ (--output_dir output/NAME)
-        in_output = os.path.dirname(os.path.abspath(args.output_dir)) == os.path.abspath(OUTPUT_ROOT)
-        folder = RunFolder(args.output_dir, overwrite=args.overwrite, points_latest=trains and in_output)
+        path = args.output_dir
+        in_output = os.path.dirname(os.path.abspath(path)) == os.path.abspath(OUTPUT_ROOT)
+        folder = RunFolder(path, overwrite=args.overwrite, points_latest=trains and in_output)
         refuse = not args.overwrite
     else:
         name = distributed.gather(run_folder_name(args, arch, started), processes)[0]  # rank 0's clock
-        args.output_dir = os.path.join(OUTPUT_ROOT, name)
-        folder, refuse = RunFolder(args.output_dir, unique=True, points_latest=trains), False
+        path = os.path.join(OUTPUT_ROOT, name)
+        folder, refuse = RunFolder(path, unique=True, points_latest=trains), False
 
     def check() -> None:
-        check_output_dir(OUTPUT_ROOT if folder.unique else args.output_dir)
+        check_output_dir(OUTPUT_ROOT if folder.unique else path)
         if refuse:
-            refuse_another_run(args.output_dir)
+            refuse_another_run(path)
     distributed.on_main(check, processes)
     return folder

@@ -1,6 +1,5 @@
 """What a finished run shows: the end-of-run summary table, and (``--visualize``) the tokens the
 compressed model keeps of a few test images."""
-import argparse
 import copy
 import os
 import platform
@@ -15,10 +14,12 @@ from pruning.patch import remove_patch
 from .model import compress
 
 
-RESULT_KEYS = ("accuracy", "best_accuracy", "throughput", "gflops", "gmacs_thop", "params_m", "model",
-               "reduce_token", "tokens_per_block", "arch", "data_name", "epochs", "seed", "world_size", "baseline_throughput",
-               "baseline_gflops", "speedup", "analytic_gflops", "reduce_schedule", "prop_attn", "predictions",
-               "environment")
+# schedule: tokens removed per block as asked (an int, or one per block); schedule_per_block: the same, one
+# value per block; removed_per_block: what each block really removed (fewer where too few tokens were left)
+RESULT_KEYS = ("accuracy", "best_accuracy", "throughput", "gflops", "gmacs_thop", "params_m", "method", "schedule",
+               "schedule_per_block", "removed_per_block", "tokens_per_block", "arch", "data_name", "epochs", "seed",
+               "world_size", "baseline_throughput", "baseline_gflops", "speedup", "analytic_gflops", "prop_attn",
+               "predictions", "environment")
 # results.json fields that are measured times, so differ between two runs of the same command
 TIMING_KEYS = ("throughput", "baseline_throughput", "speedup")
 
@@ -69,9 +70,9 @@ def save_predictions(path: str, predicted: Sequence[int], labels: Sequence[int],
     return path
 
 
-def tokens_text(reduce_token: Any) -> str:
-    """``--reduce_token`` as given: ``2`` or ``0,2,2,2``."""
-    return ",".join(map(str, reduce_token)) if isinstance(reduce_token, list) else str(reduce_token)
+def tokens_text(schedule: Any) -> str:
+    """A schedule as ``--reduce_token`` takes it: ``2`` or ``0,2,2,2``."""
+    return str(schedule) if isinstance(schedule, int) else ",".join(map(str, schedule))
 
 
 def arrows(tokens: Sequence[int]) -> str:
@@ -79,7 +80,7 @@ def arrows(tokens: Sequence[int]) -> str:
     return " → ".join(map(str, tokens))
 
 
-def unmet_warning(method: str, reduce_token: Any, unmet: Sequence[Tuple[int, int, int]], tokens: Sequence[int],
+def unmet_warning(method: str, schedule: Any, unmet: Sequence[Tuple[int, int, int]], tokens: Sequence[int],
                   prog: str = "main.py") -> str:
     """The one stderr line for blocks that cannot remove what ``--reduce_token`` asks; ``unmet``: (block,
     tokens asked, tokens removed) of each such block; ``prog``: the program that warns."""
@@ -87,7 +88,7 @@ def unmet_warning(method: str, reduce_token: Any, unmet: Sequence[Tuple[int, int
     blocks = ", ".join(str(block) for block, _, _ in unmet)
     removed = ", ".join(str(n) for _, _, n in unmet)
     asked = ", ".join(sorted({str(k) for _, k, _ in unmet}, key=int))
-    return (f"{prog}: warning: --reduce_token {tokens_text(reduce_token)} cannot be honoured: block"
+    return (f"{prog}: warning: --reduce_token {tokens_text(schedule)} cannot be honoured: block"
             f"{'s' if plural else ''} {blocks} remove{'' if plural else 's'} {removed} of the {asked} tokens asked "
             f"({tokens[0]} tokens enter block 1 and {method} keeps the prefix tokens and at least one patch); "
             f"tokens {arrows(tokens)}; ask for fewer")
@@ -100,7 +101,7 @@ def summary(results: Dict[str, Any], extra: Dict[str, str]) -> str:
         return "-" if value is None else f"{value:{fmt}}{unit}"
 
     rows = [
-        ("method", f"{results['model']} (reduce_token {results['reduce_token']}, at {extra['reduce_at']})"),
+        ("method", f"{results['method']} (schedule {tokens_text(results['schedule'])}, at {extra['reduce_at']})"),
         ("tokens", " → ".join(map(str, results["tokens_per_block"])) if results.get("tokens_per_block") else "-"),
         ("arch", f"{results['arch']} ({extra['geometry']})"),
         ("data", f"{results['data_name']} ({extra['sizes']})"),
@@ -121,13 +122,13 @@ def summary(results: Dict[str, Any], extra: Dict[str, str]) -> str:
     return "\n".join(["Summary", line] + [f"{name:<{width}}  {value}" for name, value in rows] + [line])
 
 
-def save_visualization(model: VisionTransformer, args: argparse.Namespace, splits: data.Splits,
-                       device: torch.device) -> str:
-    """``<output_dir>/visualization.png``: what the compressed model keeps of the first ``--visualize``
-    test images; returns its path."""
+def save_visualization(model: VisionTransformer, args: Any, splits: data.Splits, device: torch.device,
+                       out_dir: str) -> str:
+    """``<out_dir>/visualization.png``: what the compressed model keeps of the first ``--visualize`` test images
+    (``args``: the run's settings); returns its path."""
     from pruning.visualize import save_token_grid  # matplotlib: imported only when asked for
 
     traced = compress(remove_patch(copy.deepcopy(model)), args, trace_source=True)
     images = torch.stack([splits.test[i][0] for i in range(min(args.visualize, len(splits.test)))]).to(device)
-    return save_token_grid(traced, images, os.path.join(args.output_dir, "visualization.png"),
+    return save_token_grid(traced, images, os.path.join(out_dir, "visualization.png"),
                            mean=splits.spec.mean, std=splits.spec.std)

@@ -4,7 +4,6 @@ after every epoch, an exact continuation of a ``--resume``d run, and stopping cl
     loop = Loop(model, train_model, eval_model, train_loader, test_loader, generator, device)
     history = fit(args, loop, resume=None, settings=settings, stop=stop)
 """
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -96,7 +95,7 @@ def workers_stopped(*loaders: Optional[DataLoader]):
                 loader._iterator = None
 
 
-def build_loaders(splits: data.Splits, args: argparse.Namespace, device: torch.device, processes: Processes,
+def build_loaders(splits: data.Splits, args: Any, device: torch.device, processes: Processes,
                   training: bool) -> Tuple[Optional[DataLoader], DataLoader, torch.Generator]:
     """(train loader or None, test loader, the generator of their draws). Under torchrun each rank
     trains on its share and tests on its shard of the test set."""
@@ -216,15 +215,15 @@ def _is_compile_error(err: BaseException) -> bool:
     return type(err).__module__.startswith(("torch._dynamo", "torch._inductor"))
 
 
-def _interrupted(stop: StopSignal, when: str, args: argparse.Namespace, processes: Processes) -> Interrupted:
+def _interrupted(stop: StopSignal, when: str, out_dir: str, processes: Processes) -> Interrupted:
     """What a stop signal ends the run with, once last.pt is written."""
     signum = stop.signum or signal.SIGTERM  # None: the signal came to another rank
     launcher = "the same torchrun command with" if processes.enabled else "python main.py"
     return Interrupted(f"stopped by {signal.Signals(signum).name} {when}; last.pt holds that state; continue with "
-                       f"{launcher} --resume {os.path.join(args.output_dir, 'last.pt')}", signum)
+                       f"{launcher} --resume {os.path.join(out_dir, 'last.pt')}", signum)
 
 
-def _diverged(err: FloatingPointError, args: argparse.Namespace, loop: Loop, epoch: int, steps: int,
+def _diverged(err: FloatingPointError, args: Any, loop: Loop, epoch: int, steps: int,
               resumed: bool) -> TrainingDiverged:
     kept = "last.pt is left as it was (the last good state)" if epoch or resumed else "no checkpoint was written yet"
     amp = ", or drop --amp (float16 overflows; --amp_dtype bfloat16 has float32's range)" \
@@ -233,19 +232,36 @@ def _diverged(err: FloatingPointError, args: argparse.Namespace, loop: Loop, epo
                             f"--lr (now {args.lr:.3g}) or lengthen --warmup_epochs{amp}")
 
 
-def fit(args: argparse.Namespace, loop: Loop, resume: Optional[Dict[str, Any]], settings: Dict[str, Any],
-        stop: StopSignal) -> List[Dict[str, float]]:
+def _optimization(args: Any, loop: Loop, steps_per_epoch: int) -> Optimization:
+    """AdamW at ``args.lr``, linear warm-up then cosine decay per step, and the loss scaler of float16 autocast."""
+    optimizer = create_optimizer_v2(loop.model, "adamw", lr=args.lr, weight_decay=args.weight_decay)
+    return Optimization(optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(round(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch)),
+        torch.amp.GradScaler(loop.device.type, enabled=loop.dtype == torch.float16))
+
+
+def _epoch_stats(loop: Loop, opt: Optimization, progress: EpochProgress, epoch: int, clock: float
+                 ) -> Dict[str, float]:
+    """An epoch's log line: train loss and accuracy over every rank's steps, the test set's, the rate, the time."""
+    loss_sum, correct, seen = distributed.sum_over_ranks([progress.loss_sum, progress.correct, progress.seen],
+                                                         loop.processes, loop.device)
+    stats = {"train_loss": loss_sum / max(seen, 1), "train_acc": 100.0 * correct / max(seen, 1)}
+    stats.update(evaluate(loop.eval_model, loop.test_loader, loop.device, loop.dtype, loop.processes))
+    stats.update(epoch=epoch + 1, lr=opt.scheduler.get_last_lr()[0], time_s=time.time() - clock)
+    return stats
+
+
+def fit(args: Any, out_dir: str, loop: Loop, resume: Optional[Dict[str, Any]], stop: StopSignal
+        ) -> List[Dict[str, float]]:
     """Train ``args.epochs`` epochs (the rest of them, resumed), evaluating and writing ``last.pt`` (and
-    ``best.pt`` when the test accuracy improved) after each; ``settings`` go into the checkpoints.
+    ``best.pt`` when the test accuracy improved) into ``out_dir`` after each; ``args``: the run's settings
+    (``engine.config.RunConfig``), kept in the checkpoints.
 
     A SIGINT/SIGTERM caught by ``stop`` ends the run after the step in progress, ``last.pt`` holding
     that step. Returns the per-epoch history (the resumed run's earlier epochs included).
     """
-    processes, steps_per_epoch = loop.processes, len(loop.train_loader)
-    optimizer = create_optimizer_v2(loop.model, "adamw", lr=args.lr, weight_decay=args.weight_decay)
-    opt = Optimization(optimizer, torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(round(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch)),
-        torch.amp.GradScaler(loop.device.type, enabled=loop.dtype == torch.float16))
+    processes, steps_per_epoch, settings = loop.processes, len(loop.train_loader), args.settings(out_dir)
+    opt = _optimization(args, loop, steps_per_epoch)
     start_epoch, best_accuracy, history, progress = 0, None, [], EpochProgress()
     if resume:
         progress = restore(resume, args.resume, loop, opt)
@@ -253,7 +269,7 @@ def fit(args: argparse.Namespace, loop: Loop, resume: Optional[Dict[str, Any]], 
         where = f", step {progress.step} of epoch {start_epoch + 1}" if progress.step else ""
         print(f"resumed from {args.resume} after epoch {start_epoch}/{args.epochs}{where}")
         if processes.is_main:  # log.jsonl holds this run's epochs and nothing else, whatever was appended since
-            write_text_atomic("".join(json.dumps(h) + "\n" for h in history), os.path.join(args.output_dir, "log.jsonl"))
+            write_text_atomic("".join(json.dumps(h) + "\n" for h in history), os.path.join(out_dir, "log.jsonl"))
 
     def save(epoch: int, loader_state: torch.Tensor, paths: Sequence[str]) -> None:
         """Checkpoint after ``epoch`` epochs and ``progress.step`` steps (every rank calls it)."""
@@ -270,7 +286,7 @@ def fit(args: argparse.Namespace, loop: Loop, resume: Optional[Dict[str, Any]], 
 
         def write() -> None:
             for path in paths:
-                save_atomic(checkpoint, os.path.join(args.output_dir, path))
+                save_atomic(checkpoint, os.path.join(out_dir, path))
         distributed.on_main(write, processes)
 
     global_batch = f"{args.batch_size} x {processes.world_size} processes" if processes.enabled else args.batch_size
@@ -296,13 +312,9 @@ def fit(args: argparse.Namespace, loop: Loop, resume: Optional[Dict[str, Any]], 
         if stopped:
             save(epoch, loader_state, ["last.pt"])
             raise _interrupted(stop, f"after step {progress.step} of {steps_per_epoch} in epoch {epoch + 1}/"
-                                     f"{args.epochs}", args, processes)
+                                     f"{args.epochs}", out_dir, processes)
 
-        loss_sum, correct, seen = distributed.sum_over_ranks([progress.loss_sum, progress.correct, progress.seen],
-                                                             processes, loop.device)
-        stats = {"train_loss": loss_sum / max(seen, 1), "train_acc": 100.0 * correct / max(seen, 1)}
-        stats.update(evaluate(loop.eval_model, loop.test_loader, loop.device, loop.dtype, processes))
-        stats.update(epoch=epoch + 1, lr=opt.scheduler.get_last_lr()[0], time_s=time.time() - clock)
+        stats = _epoch_stats(loop, opt, progress, epoch, clock)
         history.append(stats)
         improved = best_accuracy is None or stats["test_acc"] > best_accuracy
         best_accuracy = stats["test_acc"] if improved else best_accuracy
@@ -313,7 +325,7 @@ def fit(args: argparse.Namespace, loop: Loop, resume: Optional[Dict[str, Any]], 
         progress = EpochProgress()
         save(epoch + 1, loop.generator.get_state(), ["last.pt", "best.pt"] if improved else ["last.pt"])
         if processes.is_main:
-            append_line(json.dumps(stats), os.path.join(args.output_dir, "log.jsonl"))
+            append_line(json.dumps(stats), os.path.join(out_dir, "log.jsonl"))
         if distributed.any_over_ranks([stop.requested], processes, loop.device)[0]:  # came during evaluation
-            raise _interrupted(stop, f"after epoch {epoch + 1}/{args.epochs}", args, processes)
+            raise _interrupted(stop, f"after epoch {epoch + 1}/{args.epochs}", out_dir, processes)
     return history

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from pruning.flops import analytic_flops as _library_flops
 from pruning.state import CONFIG_ATTR
 
+from . import hub
 from .errors import CLIError, one_line
 
 HF, OPEN_CLIP = "hf:", "open_clip:"
@@ -238,9 +239,7 @@ def _hf_config(arch: str, name: str):
     elif _looks_like_path(name) or os.path.exists(name):
         raise CLIError(f"--arch {arch}: no such folder {name}")
     elif os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("", "0", "false"):
-        from .model import hub_unreachable
-
-        why = hub_unreachable()
+        why = hub.hub_unreachable()
         if why:
             raise CLIError(f"--arch {arch}: {name} is not a folder here, and as a hub id it cannot be fetched: {why}; "
                            f"save the model with save_pretrained and give its folder")

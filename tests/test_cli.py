@@ -13,6 +13,7 @@ import yaml
 
 import engine.train
 import main
+from engine.errors import CLIError
 from engine.model import create_model
 from pruning import METHOD_NAMES
 from pruning.flops import analytic_flops
@@ -34,7 +35,7 @@ def test_results_json_has_exactly_the_documented_fields(tmp_path):
     written = json.loads((out / "results.json").read_text())
     assert written == json.loads(json.dumps(results))
     assert tuple(written) == main.RESULT_KEYS
-    assert written["model"] == "tk_n" and written["reduce_token"] == 2 and written["data_name"] == "digits"
+    assert written["method"] == "tk_n" and written["schedule"] == 2 and written["data_name"] == "digits"
     assert written["arch"] == "vit_pico_patch2_8" and written["epochs"] == 1 and written["seed"] == 0
     assert written["world_size"] == 1
     assert 0.0 <= written["accuracy"] <= 100.0 and written["best_accuracy"] >= written["accuracy"]
@@ -48,7 +49,7 @@ def test_results_json_has_exactly_the_documented_fields(tmp_path):
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_every_method_trains_and_counts_flops(tmp_path, method):
     results, out = run(tmp_path, "--model", method, "--reduce_token", "3")
-    assert results["model"] == method and 0.0 <= results["accuracy"] <= 100.0
+    assert results["method"] == method and 0.0 <= results["accuracy"] <= 100.0
     assert (out / "last.pt").is_file() and (out / "best.pt").is_file()
     # flop_counter's count (attention products included) agrees with the analytic count of the patched model
     model = create_model("vit_pico_patch2_8", 10, 1)
@@ -67,9 +68,9 @@ def test_uncompressed_flops_match_the_plain_vit_formula(tmp_path):
 
 def test_reduce_token_per_block_and_reduce_at(tmp_path):
     results, out = run(tmp_path, "--model", "evit", "--reduce_token", "0,4,4,2", "--reduce_at", "attn")
-    assert results["reduce_token"] == [0, 4, 4, 2]
+    assert results["schedule"] == results["schedule_per_block"] == [0, 4, 4, 2]
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["reduce_token"] == [0, 4, 4, 2] and saved["reduce_at"] == "attn"
+    assert saved["schedule"] == [0, 4, 4, 2] and saved["reduce_at"] == "attn" and saved["method"] == "evit"
 
 
 def test_eval_only_reproduces_the_best_checkpoint(tmp_path):
@@ -80,7 +81,7 @@ def test_eval_only_reproduces_the_best_checkpoint(tmp_path):
     assert not (eval_out / "last.pt").exists()
     # the same weights with another method: the off-the-shelf protocol
     other, _ = run(tmp_path, "--eval_only", "--checkpoint", str(out / "best.pt"), "--model", "tome", name="tome")
-    assert other["model"] == "tome" and other["gflops"] < evaluated["gflops"] * 1.5
+    assert other["method"] == "tome" and other["gflops"] < evaluated["gflops"] * 1.5
 
 
 def test_benchmark_measures_method_and_baseline_in_one_run(tmp_path):
@@ -125,7 +126,7 @@ def test_resume_continues_to_the_same_result(tmp_path, monkeypatch):
     assert not (interrupted / "results.json").exists()
 
     resumed = main.run(main.parse_args(["--resume", str(interrupted / "last.pt"), "--bench_steps", "1"]))
-    for key in ("accuracy", "best_accuracy", "gflops", "model", "reduce_token", "epochs", "seed"):
+    for key in ("accuracy", "best_accuracy", "gflops", "method", "schedule", "epochs", "seed"):
         assert resumed[key] == straight[key], key
     a = torch.load(straight_out / "last.pt", weights_only=True)
     b = torch.load(interrupted / "last.pt", weights_only=True)
@@ -163,11 +164,20 @@ def test_defaults_are_the_quickstart_config():
 
 def test_config_then_command_line_override_defaults(tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text("model: tk\nepochs: 7\nreduce_token: [1, 2, 3, 4, 5, 6]\namp: true\nlr: null\n")
+    config.write_text("method: tk\nepochs: 7\nschedule: [1, 2, 3, 4, 5, 6]\namp: true\nlr: null\n")
     args = main.parse_args(["--config", str(config), "--epochs", "9", "--no-amp"])
-    assert args.method == "tk" and args.reduce_token == [1, 2, 3, 4, 5, 6]  # from the file
+    assert args.method == "tk" and args.schedule == [1, 2, 3, 4, 5, 6]  # from the file
     assert args.epochs == 9 and args.amp is False  # the command line wins
     assert args.batch_size == main.parse_args([]).batch_size and args.lr is None  # defaults elsewhere
+
+
+def test_config_files_take_the_flags_names_too(tmp_path):
+    """YAML files written before the rename name the method and schedule as the flags do."""
+    config = tmp_path / "old.yaml"
+    config.write_text("model: evit\nreduce_token: 3\n")
+    args = main.parse_args(["--config", str(config)])
+    assert (args.method, args.schedule) == ("evit", 3)
+    assert main.parse_args(["--config", str(config), "--model", "tk"]).method == "tk"
 
 
 @pytest.mark.parametrize("text, message", [
@@ -181,7 +191,7 @@ def test_config_then_command_line_override_defaults(tmp_path):
 def test_bad_config_files_are_named(tmp_path, text, message):
     config = tmp_path / "bad.yaml"
     config.write_text(text)
-    with pytest.raises(main.CLIError, match="--config") as err:
+    with pytest.raises(CLIError, match="--config") as err:
         main.parse_args(["--config", str(config)])
     assert message in str(err.value)
 
@@ -192,7 +202,7 @@ def test_config_files_parse(name):
     if name.startswith("paper"):  # the seed's setup
         assert (args.arch, args.img_size, args.batch_size, args.epochs) == \
             ("vit_small_patch16_224.augreg_in21k", 224, 32, 100)
-        assert args.pretrained and args.reduce_token == 10 and args.weight_decay == 1e-4
+        assert args.pretrained and args.schedule == 10 and args.weight_decay == 1e-4
         assert args.lr is None and args.lr_base == 5e-4  # lr = 5e-4 * batch_size / 512
 
 

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import engine.hub
 import engine.model
 from engine.model import create_model
 from cli_helpers import fails
@@ -76,7 +77,7 @@ def test_dataset_missing_offline(capsys, tmp_path):
 
 
 def test_hub_weights_that_cannot_be_fetched(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(engine.model, "hub_unreachable", lambda: "the hub cannot be reached (offline)")
+    monkeypatch.setattr(engine.hub, "hub_unreachable", lambda: "the hub cannot be reached (offline)")
     line = fails(capsys, *TINY, "--output_dir", str(tmp_path / "out"), "--arch", "vit_tiny_patch16_224",
                  "--img_size", "32", "--pretrained")
     assert "--pretrained" in line and "--checkpoint" in line and "HF_HUB_OFFLINE" in line

@@ -147,7 +147,7 @@ def test_open_clip_weights_from_checkpoint(folders, tmp_path):
     (["--arch", "no_such_vit"], "other families: hf:FOLDER_OR_HUB_ID, open_clip:NAME"),
 ])
 def test_one_line_errors(argv, message, folders, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("engine.model.hub_unreachable", lambda: "huggingface.co cannot be reached (offline)")
+    monkeypatch.setattr("engine.hub.hub_unreachable", lambda: "huggingface.co cannot be reached (offline)")
     fill = dict(root=folders["root"], vit=folders["vit"])
     line = fails(capsys, *[a.format(**fill) for a in argv], "--benchmark", "--output_dir", str(tmp_path / "out"))
     assert message.format(**fill) in line

@@ -1,5 +1,6 @@
-"""``pruning`` is a pure library: no command lines, nothing from the application (data, engine, main,
-tools), and a module graph without cycles, read from the source of every module."""
+"""The layers of the repository, read from the source of every module: ``pruning`` < ``data`` < ``engine`` <
+``main`` < ``tools``, each importing only its own layer and those below, with no import cycle between modules
+(imports inside functions counted) or between the layers; and ``pruning`` a pure library: no command lines."""
 import ast
 import importlib
 import os
@@ -16,6 +17,7 @@ import pruning
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = Path(pruning.__file__).parent
 APPLICATION = {"data", "engine", "main", "tools"}
+LAYERS = ("pruning", "data", "engine", "main", "tools")  # each may import only itself and those before it
 
 
 def pruning_modules() -> Dict[str, Path]:
@@ -25,6 +27,22 @@ def pruning_modules() -> Dict[str, Path]:
         spec = importlib.util.find_spec(info.name)
         modules[info.name] = Path(spec.origin)
     return modules
+
+
+def repo_modules() -> Dict[str, Path]:
+    """Every module of every layer (``main``, ``data.datasets``, ``tools.sweep``, ...) -> its file, found on disk
+    (importing tools would run their path set-up)."""
+    modules = {"main": ROOT / "main.py"}
+    for layer in LAYERS:
+        folder = ROOT / layer
+        for path in sorted(folder.rglob("*.py")) if folder.is_dir() else ():
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def layer_of(module: str) -> str:
+    return module.split(".")[0]
 
 
 def imports_of(source: str, module: str, is_package: bool) -> List[Tuple[str, bool]]:
@@ -56,9 +74,16 @@ def imports_of(source: str, module: str, is_package: bool) -> List[Tuple[str, bo
     return found
 
 
-def resolve_edges(imports: List[Tuple[str, bool]], modules: Set[str]) -> Set[Tuple[str, bool]]:
-    """The package's own modules among ``imports`` (names that are not modules are dropped)."""
-    return {(name, nested) for name, nested in imports if name in modules}
+def resolve_edges(imports: List[Tuple[str, bool]], modules: Set[str], package: str = "") -> Set[Tuple[str, bool]]:
+    """The modules of ``modules`` among ``imports`` (names that are not modules are dropped); with ``package``,
+    a bare name is also looked up inside it (``python tools/x.py`` has tools/ on its path: ``import sweep``)."""
+    edges = set()
+    for name, nested in imports:
+        if name in modules:
+            edges.add((name, nested))
+        elif package and f"{package}.{name}" in modules:
+            edges.add((f"{package}.{name}", nested))
+    return edges
 
 
 def find_cycle(graph: Dict[str, Set[str]]) -> Optional[List[str]]:
@@ -100,6 +125,26 @@ def module_graph() -> Tuple[Dict[str, Set[str]], Dict[str, Set[str]], Dict[str, 
     return graph, nested_edges, top_level
 
 
+def repo_graph() -> Tuple[Dict[str, Set[str]], Dict[str, Set[str]]]:
+    """(module -> the repository's modules it imports anywhere in its source, layer -> the layers it imports)."""
+    modules = repo_modules()
+    graph: Dict[str, Set[str]] = {}
+    for name, path in modules.items():
+        imports = imports_of(path.read_text(), name, path.name == "__init__.py")
+        own_folder = name.rpartition(".")[0] if path.name != "__init__.py" else name
+        graph[name] = {target for target, _ in resolve_edges(imports, set(modules), own_folder) if target != name}
+    layers: Dict[str, Set[str]] = {layer: set() for layer in LAYERS}
+    for name, targets in graph.items():
+        layers[layer_of(name)] |= {layer_of(target) for target in targets} - {layer_of(name)}
+    return graph, layers
+
+
+def upward_imports(graph: Dict[str, Set[str]]) -> List[str]:
+    """``importer -> imported`` for every import of a later layer by an earlier one."""
+    return sorted(f"{name} -> {target}" for name, targets in graph.items() for target in targets
+                  if LAYERS.index(layer_of(target)) > LAYERS.index(layer_of(name)))
+
+
 # --- the checks themselves are checked --------------------------------------------------------------
 
 def test_the_import_reader_sees_relative_and_function_level_imports():
@@ -122,6 +167,51 @@ def test_the_cycle_finder_finds_the_old_cycles():
     old = {"flops": {"schedules", "patch"}, "schedules": {"flops"}, "patch": {"schedules"}}
     assert find_cycle(old) is not None
     assert find_cycle({"flops": {"counting", "state"}, "schedules": {"flops", "counting"}, "counting": set()}) is None
+
+
+def test_the_layer_checks_find_the_old_faults():
+    # engine.model <-> engine.zoo (zoo imported model inside a function); data.datasets imported engine.errors
+    old = {"engine.model": {"engine.zoo"}, "engine.zoo": {"engine.model"}, "data.datasets": {"engine.errors"},
+           "engine.errors": set(), "engine.options": {"data.datasets"}}
+    assert find_cycle(old) is not None
+    assert upward_imports(old) == ["data.datasets -> engine.errors"]
+    assert upward_imports({"tools.sweep": {"main", "engine.options"}, "main": {"engine.model"}}) == []
+
+
+def test_bare_imports_inside_tools_resolve_to_the_tool():
+    imports = imports_of("from export_onnx import compress\nimport sweep_rows\n", "tools.deploy_benchmark", False)
+    modules = {"tools.export_onnx", "tools.sweep_rows", "engine.zoo"}
+    assert {target for target, _ in resolve_edges(imports, modules, "tools")} == modules - {"engine.zoo"}
+
+
+# --- the repository's layers ---
+
+def test_every_layer_imports_only_itself_and_the_layers_below():
+    graph, _ = repo_graph()
+    assert {"main", "data.datasets", "engine.zoo", "tools.sweep", "pruning.patch.timm"} <= set(graph)
+    assert upward_imports(graph) == []
+
+
+def test_no_import_cycle_between_modules_or_layers():
+    graph, layers = repo_graph()
+    cycle = find_cycle(graph)
+    assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
+    cycle = find_cycle(layers)
+    assert cycle is None, f"import cycle between layers: {' -> '.join(cycle)}"
+    assert layers["pruning"] == set() and layers["data"] <= {"pruning"}
+
+
+def test_the_small_models_expect_the_normalisation_of_their_datasets():
+    import timm
+
+    import data
+    import pruning.models  # noqa: F401
+
+    for arch, dataset in (("vit_pico_patch2_8", "digits"), ("vit_pico_patch4_28", "FashionMNIST"),
+                          ("vit_nano_patch4_28", "FashionMNIST")):
+        cfg = timm.models.get_pretrained_cfg(arch)
+        spec = data.DATASETS[dataset]
+        assert (tuple(cfg.mean), tuple(cfg.std)) == (tuple(spec.mean), tuple(spec.std)), arch
 
 
 # --- the package ------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def signal_at_read(monkeypatch, n: int, signum: int) -> None:
 
 def assert_same_run(resumed, resumed_last, straight) -> None:
     results, last = straight
-    for key in ("accuracy", "best_accuracy", "gflops", "epochs", "model", "reduce_token", "seed"):
+    for key in ("accuracy", "best_accuracy", "gflops", "epochs", "method", "schedule", "seed"):
         assert resumed[key] == results[key], key
     strip = [{k: v for k, v in h.items() if k != "time_s"} for h in last["history"]]
     assert [{k: v for k, v in h.items() if k != "time_s"} for h in resumed_last["history"]] == strip

@@ -9,6 +9,7 @@ import torch
 
 import engine.checkpoint
 import main
+from engine.errors import CLIError
 from cli_helpers import fails
 
 TINY = ["--epochs", "2", "--train_subset", "32", "--test_subset", "16", "--batch_size", "16",
@@ -33,7 +34,7 @@ def test_space_check_counts_the_files_it_replaces(tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(engine.checkpoint.shutil, "disk_usage", lambda path: usage(10**10, 0, one + 10))
     engine.checkpoint.check_free_space(str(tmp_path), one)  # needs 3 * one, 2 * one of which is there
-    with pytest.raises(main.CLIError, match="--output_dir"):
+    with pytest.raises(CLIError, match="--output_dir"):
         engine.checkpoint.check_free_space(str(tmp_path / ".."), one)
 
 

@@ -14,7 +14,7 @@ from tools import sweep_rows
 from tools import stats as sweep_stats
 
 METHODS = ["none", "tk", "tk_n"]
-LEVELS = [{"name": "light", "reduce_token": 1}, {"name": "heavy", "reduce_token": 3}]
+LEVELS = [{"name": "light", "schedule": 1}, {"name": "heavy", "schedule": 3}]
 
 
 def write_config(tmp_path: Path, **overrides) -> str:
@@ -32,7 +32,7 @@ def write_config(tmp_path: Path, **overrides) -> str:
 
 class FakeMain:
     """Stands in for main.run: records each run's options (by dest), writes the checkpoint a baseline
-    leaves, returns made-up results that depend on the method, reduce_token and seed."""
+    leaves, returns made-up results that depend on the method, schedule and seed."""
 
     def __init__(self, fail_on: str = "", interrupt_after: int = -1):
         self.calls: List[Dict[str, Any]] = []
@@ -48,7 +48,7 @@ class FakeMain:
         out = Path(options["output_dir"])
         out.mkdir(parents=True, exist_ok=True)
         (out / "last.pt").write_text("weights")
-        k, seed = int(options["reduce_token"]), int(options["seed"])
+        k, seed = int(options["schedule"]), int(options["seed"])
         results = {"accuracy": 90.0 - k - 0.5 * seed + (0.25 if options["method"] == "tk_n" else 0.0),
                    "best_accuracy": 90.0, "gflops": 0.01 * (10 - k), "throughput": 1000.0 + 100 * k,
                    "gmacs_thop": 0.004, "params_m": 0.3}
@@ -64,7 +64,7 @@ def no_plot(monkeypatch):
 
 
 def run_sweep(config_path: str, fake: FakeMain, *extra: str) -> int:
-    return sweep.main(["--config", config_path, *extra], run_fn=fake, schedule=lambda method, level: level.reduce_token)
+    return sweep.main(["--config", config_path, *extra], run_fn=fake, schedule=lambda method, level: level.schedule)
 
 
 def read_csv(path: Path) -> List[Dict[str, str]]:
@@ -181,8 +181,8 @@ def test_a_failed_run_is_left_out_and_retried(tmp_path, no_plot):
 
 # --- summary arithmetic -----------------------------------------------------------------------------
 
-def row(protocol, method, level, reduce_token, seed, accuracy, gflops=0.02, throughput=1000.0, speedup=""):
-    return {"protocol": protocol, "method": method, "level": level, "reduce_token": str(reduce_token),
+def row(protocol, method, level, schedule, seed, accuracy, gflops=0.02, throughput=1000.0, speedup=""):
+    return {"protocol": protocol, "method": method, "level": level, "schedule": str(schedule),
             "seed": str(seed), "accuracy": str(accuracy), "gflops": str(gflops), "throughput": str(throughput),
             "speedup": str(speedup), "command": "python main.py"}
 
@@ -262,7 +262,7 @@ def test_planned_options_and_their_command_lines(tmp_path):
     import main
 
     config = sweep.load_config(write_config(tmp_path, seeds=[3]), {})
-    plan = sweep.plan_runs(config, lambda method, level: level.reduce_token)
+    plan = sweep.plan_runs(config, lambda method, level: level.schedule)
     assert [s.protocol for s in plan[:1]] == ["baseline"]
     for spec in plan:
         args = main.parse_args([], settings=spec.options)  # what the sweep runs
@@ -289,7 +289,7 @@ def test_levels_keep_rate_and_matched_flops():
 
     model = timm.create_model("vit_pico_patch4_28", num_classes=10)
     resolver = sweep.LevelResolver(model)
-    assert resolver.schedule("tk", sweep.Level("k", reduce_token=[0, 1, 2, 3, 4, 5])) == [0, 1, 2, 3, 4, 5]
+    assert resolver.schedule("tk", sweep.Level("k", schedule=[0, 1, 2, 3, 4, 5])) == [0, 1, 2, 3, 4, 5]
     keep = sweep.Level.from_dict({"name": "r70", "keep_rate": 0.7, "at_blocks": [1, 3]})
     assert resolver.schedule("evit", keep) == keep_rate_schedule(50, 6, 0.7, [1, 3])
     matched = sweep.Level.from_dict({"name": "f70", "flops_ratio": 0.7})
@@ -298,12 +298,12 @@ def test_levels_keep_rate_and_matched_flops():
         schedule = resolver.schedule(method, matched)
         patched = apply_patch(copy.deepcopy(model), method, schedule)
         assert analytic_flops(patched) / base == pytest.approx(0.7, abs=0.02)
-    assert sweep.format_reduce_token([0, 12, 3]) == "0,12,3"
+    assert sweep.schedule_text([0, 12, 3]) == "0,12,3"
 
 
 def test_a_level_needs_exactly_one_mode():
     with pytest.raises(ValueError, match="levels"):
-        sweep.Level.from_dict({"name": "x", "reduce_token": 2, "keep_rate": 0.5})
+        sweep.Level.from_dict({"name": "x", "schedule": 2, "keep_rate": 0.5})
     with pytest.raises(ValueError, match="at_blocks"):
         sweep.Level.from_dict({"name": "x", "keep_rate": 0.5})
 
@@ -312,7 +312,7 @@ def test_a_level_needs_exactly_one_mode():
 
 def test_tiny_real_sweep_on_digits(tmp_path):
     config = write_config(
-        tmp_path, seeds=[0], methods=["none", "tk_n"], levels=[{"name": "k2", "reduce_token": 2}],
+        tmp_path, seeds=[0], methods=["none", "tk_n"], levels=[{"name": "k2", "schedule": 2}],
         main_args={"data_name": "digits", "train_subset": 256, "test_subset": 128, "batch_size": 64,
                    "bench_warmup": 0, "bench_steps": 1},
         baseline_args={"epochs": 1}, finetune_args={"epochs": 1}, offtheshelf_args={"benchmark": True})
@@ -333,7 +333,7 @@ def test_tiny_real_sweep_on_digits(tmp_path):
 
 def one_sweep_error(capsys, argv) -> str:
     """sweep.main's exit code 2 and its one stderr line."""
-    assert sweep.main(argv, run_fn=FakeMain(), schedule=lambda method, level: level.reduce_token) == 2
+    assert sweep.main(argv, run_fn=FakeMain(), schedule=lambda method, level: level.schedule) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("sweep.py: error: ") and "Traceback" not in err[0], err
     return err[0]

@@ -2,6 +2,7 @@
 the statistics of summary.md (bootstrap, McNemar, t-intervals), --jobs and the v2 config."""
 import concurrent.futures
 import contextlib
+import csv
 import copy
 import math
 import shlex
@@ -28,13 +29,13 @@ def fixed_config(tmp_path: Path, **overrides) -> str:
     checkpoint = tmp_path / "trained" / "last.pt"
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.write_text("weights")
-    levels = [{"name": "f80", "reduce_token": 1}, {"name": "k3", "reduce_token": 3, "methods": ["tk", "tk_n"]}]
+    levels = [{"name": "f80", "schedule": 1}, {"name": "k3", "schedule": 3, "methods": ["tk", "tk_n"]}]
     return write_config(tmp_path, **{"baseline_checkpoint": str(checkpoint), "seeds": [0, 1, 2],
                                      "methods": ["none", "tk", "tk_n", "tome"], "levels": levels, **overrides})
 
 
 def run_fake(config: str, fake, *extra: str) -> int:
-    return sweep.main(["--config", config, *extra], run_fn=fake, schedule=lambda method, level: level.reduce_token)
+    return sweep.main(["--config", config, *extra], run_fn=fake, schedule=lambda method, level: level.schedule)
 
 
 @pytest.fixture
@@ -46,7 +47,7 @@ def no_plot(monkeypatch):
 
 def test_a_fixed_baseline_is_evaluated_not_trained(tmp_path):
     config = sweep.load_config(fixed_config(tmp_path), {})
-    plan = sweep.plan_runs(config, lambda method, level: level.reduce_token)
+    plan = sweep.plan_runs(config, lambda method, level: level.schedule)
     checkpoint = str(tmp_path / "trained" / "last.pt")
     baseline = [s for s in plan if s.protocol == "baseline"]
     assert len(baseline) == 1 and baseline[0].needs == checkpoint
@@ -121,7 +122,7 @@ def test_levels_option_runs_only_the_levels_named_and_the_summary_keeps_every_le
     assert run_fake(config, FakeMain(), "--protocols", "offtheshelf") == 0
     fake = FakeMain()
     assert run_fake(config, fake, "--levels", "k3", "--protocols", "finetune") == 0
-    ran = sorted((c["method"], c["reduce_token"]) for c in fake.calls if not c.get("eval_only"))
+    ran = sorted((c["method"], c["schedule"]) for c in fake.calls if not c.get("eval_only"))
     assert ran == [("none", "0"), ("tk", "3"), ("tk_n", "3")]  # method none compresses at no level: it runs
     header = next(line for line in (tmp_path / "out" / "summary.md").read_text().splitlines()
                   if line.startswith("| method | offtheshelf"))
@@ -143,7 +144,7 @@ def test_per_seed_baselines_still_train_when_no_checkpoint_is_named(tmp_path, no
 
 def test_level_methods_are_checked():
     with pytest.raises(ValueError, match="methods"):
-        sweep.Level.from_dict({"name": "k2", "reduce_token": 2, "methods": ["tk", "tkn"]})
+        sweep.Level.from_dict({"name": "k2", "schedule": 2, "methods": ["tk", "tkn"]})
 
 
 def test_compare_best_is_accepted_and_typos_refused(tmp_path):
@@ -178,12 +179,13 @@ def test_matched_flops_levels_cost_the_same_for_every_method_and_respect_reduce_
         sweep.LevelResolver(model, reduce_at="block").schedule("tome", level)
 
 
-def test_runs_csv_records_schedule_environment_and_analytic_gflops(tmp_path, no_plot):
+def test_runs_csv_records_schedules_environment_and_analytic_gflops(tmp_path, no_plot):
     class WithExtras(FakeMain):
         def __call__(self, options):
             results = super().__call__(options)
-            k = int(options["reduce_token"])
-            results.update(reduce_schedule=[k, k + 1], analytic_gflops=0.5 - 0.01 * k, prop_attn="on",
+            k = int(options["schedule"])
+            results.update(schedule_per_block=[k, k + 1], removed_per_block=[k, 1], analytic_gflops=0.5 - 0.01 * k,
+                           prop_attn="on",
                            environment={"python": "3", "torch": "2.x", "timm": "1.x", "numpy": "2.x",
                                         "device": "Some CPU", "threads": 1})
             return results
@@ -191,7 +193,8 @@ def test_runs_csv_records_schedule_environment_and_analytic_gflops(tmp_path, no_
     run_fake(fixed_config(tmp_path), WithExtras())
     rows = read_csv(tmp_path / "out" / "runs.csv")
     row = next(r for r in rows if r["method"] == "tk" and r["level"] == "k3")
-    assert (row["schedule"], row["analytic_gflops"], row["prop_attn"]) == ("3,4", "0.47", "on")
+    assert (row["schedule"], row["schedule_per_block"], row["removed_per_block"]) == ("3", "3,4", "3,1")
+    assert (row["analytic_gflops"], row["prop_attn"]) == ("0.47", "on")
     assert (row["torch"], row["timm"], row["numpy"], row["device"], row["threads"]) == \
         ("2.x", "1.x", "2.x", "Some CPU", "1")
     summary = (tmp_path / "out" / "summary.md").read_text()
@@ -245,7 +248,7 @@ def write_predictions(out: Path, name: str, predicted, labels) -> str:
 
 
 def shelf_row(method, level, accuracy, predictions="", protocol="offtheshelf", seed=0):
-    return {"protocol": protocol, "method": method, "level": level, "reduce_token": "1", "seed": str(seed),
+    return {"protocol": protocol, "method": method, "level": level, "schedule": "1", "seed": str(seed),
             "accuracy": str(accuracy), "gflops": "0.01", "throughput": "1000", "speedup": "1.1",
             "predictions": predictions, "command": "python main.py"}
 
@@ -385,7 +388,7 @@ def test_jobs_respect_the_baselines_and_write_rows_in_plan_order(tmp_path, no_pl
             return super().__call__(options)
 
     config = write_config(tmp_path, seeds=[0, 1, 2])
-    plan = sweep.plan_runs(sweep.load_config(config, {}), lambda method, level: level.reduce_token)
+    plan = sweep.plan_runs(sweep.load_config(config, {}), lambda method, level: level.schedule)
     csv_path = tmp_path / "out" / "runs.csv"
     failed = sweep.execute(plan, csv_path, Checking(), log=lambda line: None, jobs=3,
                            pool_factory=lambda: concurrent.futures.ThreadPoolExecutor(3))
@@ -402,7 +405,7 @@ def test_jobs_respect_the_baselines_and_write_rows_in_plan_order(tmp_path, no_pl
 
 def test_jobs_skip_the_runs_of_a_failed_baseline(tmp_path, no_plot):
     config = write_config(tmp_path, seeds=[0, 1])
-    plan = sweep.plan_runs(sweep.load_config(config, {}), lambda method, level: level.reduce_token)
+    plan = sweep.plan_runs(sweep.load_config(config, {}), lambda method, level: level.schedule)
     failed = sweep.execute(plan, tmp_path / "out" / "runs.csv", FakeMain(fail_on="--epochs 2 --save_predictions --model none "
                                                                                   "--reduce_token 0 --seed 1"),
                            log=lambda line: None, jobs=2, pool_factory=lambda: concurrent.futures.ThreadPoolExecutor(2))
@@ -477,9 +480,40 @@ def test_v2_config_dry_runs_without_its_baseline(tmp_path, capsys):
     assert sum("--eval_only --model random" in c for c in commands) == 9
 
 
+def test_the_committed_v2_runs_are_read_with_todays_names_and_complete(monkeypatch, capsys):
+    """results/fashionmnist_v2/runs.csv was written with the old column names (reduce_token; schedule per block)."""
+    monkeypatch.chdir(ROOT)
+    csv_path = ROOT / "results" / "fashionmnist_v2" / "runs.csv"
+    assert "reduce_token" in csv_path.read_text().splitlines()[0]
+    rows = sweep_rows.read_rows(csv_path)
+    tk = next(r for r in rows if r["protocol"] == "offtheshelf" and r["method"] == "tk" and r["level"] == "k6")
+    assert (tk["schedule"], tk["schedule_per_block"]) == ("6", "6,6,6,6,6,6") and "reduce_token" not in tk
+    assert sweep.main(["--config", "configs/sweep_fashionmnist_v2.yaml", "--dry_run"]) == 0
+    assert capsys.readouterr().out.startswith("sweep: nothing left to do: all 113 runs are in")
+
+
+def test_an_old_runs_csv_keeps_its_rows_when_the_sweep_continues(tmp_path, no_plot):
+    config = write_config(tmp_path, seeds=[0])
+    plan = sweep.plan_runs(sweep.load_config(config, {}), lambda method, level: level.schedule)
+    csv_path = tmp_path / "out" / "runs.csv"
+    assert sweep.execute(plan[:3], csv_path, FakeMain(), log=lambda line: None) == []
+    old = [{("reduce_token" if k == "schedule" else "schedule" if k == "schedule_per_block" else k): v
+            for k, v in r.items() if k != "removed_per_block"} for r in read_csv(csv_path)]
+    with open(csv_path, "w", newline="") as f:  # the same rows as the old version wrote them
+        writer = csv.DictWriter(f, fieldnames=list(old[0]))
+        writer.writeheader()
+        writer.writerows(old)
+    rest = FakeMain()
+    assert sweep.execute(plan, csv_path, rest, log=lambda line: None) == []
+    assert len(rest.calls) == len(plan) - 3
+    rows = read_csv(csv_path)
+    assert [sweep_rows.row_key(r) for r in rows] == [spec.key for spec in plan]
+    assert list(rows[0])[:5] == ["protocol", "method", "level", "schedule", "seed"]
+
+
 def test_an_interrupted_parallel_sweep_keeps_finished_rows_and_continues(tmp_path, no_plot):
     config = write_config(tmp_path, seeds=[0, 1])
-    plan = sweep.plan_runs(sweep.load_config(config, {}), lambda method, level: level.reduce_token)
+    plan = sweep.plan_runs(sweep.load_config(config, {}), lambda method, level: level.schedule)
     csv_path = tmp_path / "out" / "runs.csv"
     with pytest.raises(KeyboardInterrupt):
         sweep.execute(plan, csv_path, FakeMain(interrupt_after=6), log=lambda line: None, jobs=2,
@@ -516,7 +550,7 @@ def _alive(pid: int) -> bool:
 def _start_two_long_baselines(tmp_path: Path):
     """``tools/sweep.py`` in a process of its own training two long baselines at once; returns it and its two
     workers once both are training."""
-    config = write_config(tmp_path, seeds=[0, 1], methods=["none"], protocols=["offtheshelf"], levels=[{"name": "k1", "reduce_token": 1}],
+    config = write_config(tmp_path, seeds=[0, 1], methods=["none"], protocols=["offtheshelf"], levels=[{"name": "k1", "schedule": 1}],
                           baseline_args={"epochs": 500}, jobs=2, threads=1)
     sweep_process = subprocess.Popen([sys.executable, "tools/sweep.py", "--config", config], cwd=ROOT,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

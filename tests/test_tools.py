@@ -12,6 +12,7 @@ from PIL import Image
 import pruning.benchmark
 import pruning.models  # noqa: F401  (registers the vit_pico_* models)
 from pruning.benchmark import time_interleaved
+from pruning.patch import get_config
 from pruning.visualize import CAPTION_INCHES, DPI, PANEL_INCHES, TITLE_INCHES, display_images, patch_columns
 from tools import benchmark as bench_tool
 from tools import visualize as vis_tool
@@ -115,7 +116,7 @@ def test_benchmark_runs_as_a_script_from_anywhere(tmp_path):
     assert [line.split()[0] for line in done.stdout.splitlines()[2:]] == ["none", "tk", "none/explicit",
                                                                           "tk/explicit"]
     bad = run_script("tools/benchmark.py", "--arch", "nope", cwd=ROOT)
-    assert bad.returncode == 2 and bad.stderr.strip() == "benchmark.py: error: --arch: unknown timm model 'nope'"
+    assert bad.returncode == 2 and bad.stderr.startswith("benchmark.py: error: --arch: 'nope' is not a timm model;")
 
 
 # --- tools/visualize.py -------------------------------------------------------------------------
@@ -146,6 +147,25 @@ def test_two_checkpoints_of_the_same_method_each_get_their_columns(tmp_path, cap
     width, height = Image.open(out).size
     assert width == grid_width(2 * 2)  # the image, then 2 blocks for each checkpoint
     assert height == round((2 * PANEL_INCHES + TITLE_INCHES + CAPTION_INCHES) * DPI)
+
+
+def test_checkpoints_by_old_and_new_setting_names_load_alike(tmp_path):
+    """main.py checkpoints name the method and schedule ``method``/``schedule``; older ones ``model``/``reduce_token``."""
+    old = write_checkpoint(tmp_path / "old" / "best.pt", "tome", seed=0)
+    new = tmp_path / "new" / "best.pt"
+    checkpoint = torch.load(old, weights_only=True)
+    settings = checkpoint["settings"]
+    settings.update(method=settings.pop("model"), schedule=[1, 2, 3, 3])
+    del settings["reduce_token"]
+    new.parent.mkdir()
+    torch.save(checkpoint, new)
+    (old_model, old_settings), (new_model, new_settings) = vis_tool.load_trained(old), vis_tool.load_trained(str(new))
+    assert (old_settings["method"], old_settings["schedule"]) == ("tome", 2)
+    assert (new_settings["method"], new_settings["schedule"]) == ("tome", [1, 2, 3, 3])
+    assert get_config(old_model).schedule == [2, 2, 2, 2] and get_config(new_model).schedule == [1, 2, 3, 3]
+    images = torch.randn(2, 1, 8, 8)
+    assert not torch.equal(old_model(images), new_model(images))  # the schedules differ, the weights do not
+    assert torch.equal(old_model(images), vis_tool.load_trained(old)[0](images))
 
 
 def test_checkpoint_labels_tell_the_checkpoints_apart(tmp_path):
@@ -215,4 +235,4 @@ def test_visualize_runs_as_a_script(tmp_path):
     missing = run_script(ROOT / "tools" / "visualize.py", "grid", "--checkpoint", "nowhere/best.pt", "--out",
                          tmp_path / "g.png", cwd=tmp_path)
     assert missing.returncode == 2
-    assert missing.stderr.strip() == "visualize.py: error: --checkpoint: nowhere/best.pt: no such file"
+    assert missing.stderr.strip() == "visualize.py: error: --checkpoint: nowhere/best.pt not found"

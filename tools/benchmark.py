@@ -22,13 +22,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # ``python tools/benchmark.py`` puts tools/ first on the path, not the repo
     sys.path.insert(0, str(ROOT))
 
-import timm  # noqa: E402
 import torch  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
-import pruning.models  # noqa: E402,F401  (registers the vit_pico_* models in timm's registry)
+from engine import model as engine_model  # noqa: E402
 from engine import zoo  # noqa: E402
-from engine.errors import CLIError, first_line, report_error  # noqa: E402
+from engine.errors import CLIError, report_error  # noqa: E402
 from engine.options import ArgumentParser, int_at_least, resolve_device  # noqa: E402
 from pruning import METHOD_NAMES  # noqa: E402
 from pruning.benchmark import build_variants, compare_speed  # noqa: E402
@@ -84,21 +83,12 @@ def parse_methods(text: str) -> List[str]:
 
 
 def create_model(arch: str, img_size: Optional[int] = None) -> torch.nn.Module:
-    """The timm model ``arch`` (at ``img_size`` if given, else at its own size), in eval mode; a transformers or
-    OpenCLIP model (``hf:``, ``open_clip:``, a model folder): the module the library patches, random weights."""
-    if zoo.parse_arch(arch).family != "timm":
-        return zoo.geometry(zoo.build(arch, None, 3, img_size=img_size)).module.eval()
-    if not timm.is_model(arch):
-        raise CLIError(f"--arch: unknown timm model {arch!r}")
-    try:
-        model = timm.create_model(arch, **({} if img_size is None else {"img_size": img_size}))
-    except (TypeError, ValueError, RuntimeError, AssertionError) as err:
-        raise CLIError(f"--arch {arch}: cannot be built{'' if img_size is None else f' at {img_size} px'}: "
-                        f"{first_line(err)}") from None
-    if not isinstance(model, VisionTransformer):
-        raise CLIError(f"--arch {arch}: token compression needs a timm VisionTransformer, "
-                        f"not a {type(model).__name__}")
-    return model.eval()
+    """The model ``arch`` as main.py builds it (at ``img_size`` if given, else at its own size), in eval mode,
+    random weights; of a transformers or OpenCLIP model (``hf:``, ``open_clip:``, a model folder) the module
+    the library patches."""
+    model = engine_model.create_model(arch, None, None if zoo.parse_arch(arch).family == "timm" else 3,
+                                      img_size=img_size)
+    return zoo.geometry(model).module.eval()
 
 
 def input_shape(model: torch.nn.Module) -> Tuple[int, int, int]:

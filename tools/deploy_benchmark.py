@@ -36,7 +36,7 @@ if str(TOOLS) not in sys.path:
 import timm  # noqa: E402
 import torch  # noqa: E402
 
-import pruning.models  # noqa: E402,F401
+from engine import model as engine_model  # noqa: E402
 from engine.errors import CLIError, report_error  # noqa: E402
 from engine.options import ArgumentParser  # noqa: E402
 from export_onnx import (compress, export_onnx, input_shape, ort_run, ort_session, refuse_stochastic,  # noqa: E402
@@ -86,7 +86,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--img_size", type=int, default=None)
     parser.add_argument("--methods", default=",".join(m for m in METHOD_NAMES[1:] if not METHODS[m].control),
                         help="comma list (default: every method but the controls)")
-    parser.add_argument("--reduce_token", type=reduce_token_type, default=10,
+    parser.add_argument("--reduce_token", dest="schedule", type=reduce_token_type, default=10,
                         help="tokens removed per block: an int or one value per block (default: %(default)s)")
     parser.add_argument("--batch_sizes", default="1,32", help="comma list; 1 = latency (default: %(default)s)")
     parser.add_argument("--runtimes", default=",".join(RUNTIMES), help="comma list from eager, compile, onnxruntime")
@@ -125,22 +125,16 @@ def check(args: argparse.Namespace) -> None:
     for option in ("rounds", "latency_rounds"):
         if getattr(args, option) < 1:
             raise CLIError(f"--{option}: must be >= 1")
-    if not timm.is_model(args.arch.split(".")[0]):
-        raise CLIError(f"--arch: {args.arch!r} is not a timm model")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         raise CLIError(f"--json: the folder of {args.json} does not exist")
 
 
 def build_models(args: argparse.Namespace) -> Dict[str, torch.nn.Module]:
-    kwargs = {} if args.img_size is None else {"img_size": args.img_size}
-    plain = timm.create_model(args.arch, **kwargs).eval()
-    depth = len(plain.blocks)
-    if isinstance(args.reduce_token, list) and len(args.reduce_token) != depth:
-        raise CLIError(f"--reduce_token: {len(args.reduce_token)} values given, but --arch {args.arch} has "
-                       f"{depth} blocks")
+    plain = engine_model.create_model(args.arch, None, None, img_size=args.img_size).eval()
+    engine_model.check_schedule_length(args.schedule, engine_model.geometry(plain).depth, args.arch)
     models = {BASELINE: plain}
     for method in args.methods:
-        models[method] = compress(plain, method, args.reduce_token, None)
+        models[method] = compress(plain, method, args.schedule, None)
     return models
 
 
@@ -231,7 +225,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "machine": machine(threads),
         "loadavg_start": load_start, "loadavg_end": loadavg(), "seconds": time.time() - started,
         "settings": {"arch": args.arch, "img_size": input_shape(models[BASELINE])[1], "methods": args.methods,
-                     "reduce_token": args.reduce_token, "batch_sizes": args.batch_sizes, "runtimes": args.runtimes,
+                     "schedule": args.schedule, "batch_sizes": args.batch_sizes, "runtimes": args.runtimes,
                      "rounds": args.rounds, "latency_rounds": args.latency_rounds, "warmup": args.warmup,
                      "train_batch_size": args.train_batch_size, "train_rounds": args.train_rounds,
                      "command": " ".join(["python", "tools/deploy_benchmark.py"] + sys.argv[1:])},
@@ -244,7 +238,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 def markdown(report: Dict[str, Any]) -> str:
     m, s = report["machine"], report["settings"]
     load = lambda v: "n/a" if v is None else " ".join(f"{x:.2f}" for x in v)  # noqa: E731
-    lines = [f"### {s['arch']} @ {s['img_size']}px, reduce_token {s['reduce_token']}, fp32",
+    lines = [f"### {s['arch']} @ {s['img_size']}px, schedule {s['schedule']}, fp32",
              "",
              f"{m['cpu']}, {m['threads']} threads ({m['logical_cpus']} logical CPUs), no GPU; torch {m['torch']}, "
              f"onnxruntime {m['onnxruntime']}, timm {m['timm']}; load average {load(report['loadavg_start'])} "

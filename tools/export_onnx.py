@@ -31,17 +31,16 @@ if str(ROOT) not in sys.path:  # ``python tools/export_onnx.py`` puts tools/ fir
     sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-import timm  # noqa: E402
 import torch  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
-import pruning.models  # noqa: E402,F401  (registers the vit_pico_* models with timm)
+from engine import model as engine_model  # noqa: E402
 from engine.checkpoint import load_weights  # noqa: E402
 from engine.errors import CLIError, report_error  # noqa: E402
 from engine.model import tokens_per_block, unmet_reductions  # noqa: E402
-from engine.options import ArgumentParser, int_at_least, reduce_token_type  # noqa: E402
+from engine.options import ArgumentParser, dests, int_at_least, reduce_token_type  # noqa: E402
 from engine.report import unmet_warning  # noqa: E402
-from pruning import METHOD_NAMES, apply_patch, get_method  # noqa: E402
+from pruning import METHOD_NAMES, get_method  # noqa: E402
 from pruning.benchmark import time_interleaved  # noqa: E402
 from pruning.flops import analytic_flops  # noqa: E402
 
@@ -75,7 +74,7 @@ def peek_checkpoint(path: str) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, An
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
         return {}, {}
-    settings = obj.get("settings") if isinstance(obj, dict) and isinstance(obj.get("settings"), dict) else {}
+    settings = dests(obj["settings"]) if isinstance(obj, dict) and isinstance(obj.get("settings"), dict) else {}
     for key in ("model", "state_dict", "model_ema"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -90,15 +89,15 @@ def peek_checkpoint(path: str) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, An
 def resolve_options(args: argparse.Namespace) -> None:
     """Fill arch, method, schedule, sizes from the checkpoint where the command line leaves them open."""
     shapes, settings = peek_checkpoint(args.checkpoint) if args.checkpoint else ({}, {})
-    for option in ("arch", "model", "reduce_token", "reduce_at", "img_size", "patch_size"):
+    for option in ("arch", "method", "schedule", "reduce_at", "img_size", "patch_size"):
         if getattr(args, option) is None and settings.get(option) is not None:
             setattr(args, option, settings[option])
-    for option in ("arch", "model", "reduce_token"):
+    for option, flag in (("arch", "--arch"), ("method", "--model"), ("schedule", "--reduce_token")):
         if getattr(args, option) is None:
-            raise CLIError(f"--{option} is required (it can only be taken from a checkpoint written by main.py)")
-    if args.model not in METHOD_NAMES:
-        raise CLIError(f"--model: unknown method {args.model!r}; choose from {', '.join(METHOD_NAMES)}")
-    refuse_stochastic(args.model, "--model")
+            raise CLIError(f"{flag} is required (it can only be taken from a checkpoint written by main.py)")
+    if args.method not in METHOD_NAMES:
+        raise CLIError(f"--model: unknown method {args.method!r}; choose from {', '.join(METHOD_NAMES)}")
+    refuse_stochastic(args.method, "--model")
     head, embed = shapes.get("head.weight"), shapes.get("patch_embed.proj.weight")
     for option, found in (("num_classes", head[0] if head else None), ("in_chans", embed[1] if embed else None)):
         given = getattr(args, option)
@@ -117,37 +116,20 @@ def refuse_stochastic(method: str, option: str) -> None:
 
 def build_model(args: argparse.Namespace) -> VisionTransformer:
     """The uncompressed timm model of ``--arch`` with the ``--checkpoint`` weights (random without one)."""
-    name = args.arch
-    if not timm.is_model(name.split(".")[0]):
-        raise CLIError(f"--arch: {name!r} is not a timm model; list ViTs with "
-                       f"python -c \"import timm; print(timm.list_models('vit_*'))\"")
-    kwargs: Dict[str, Any] = {}
-    for option in ("num_classes", "in_chans", "img_size", "patch_size"):
-        if getattr(args, option) is not None:
-            kwargs[option] = getattr(args, option)
-    try:
-        model = timm.create_model(name, pretrained=False, **kwargs)
-    except Exception as err:
-        raise CLIError(f"--arch {name}: cannot be built with {kwargs} ({type(err).__name__}: "
-                       f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})") from None
+    model = engine_model.create_model(args.arch, args.num_classes, args.in_chans, img_size=args.img_size,
+                                      patch_size=args.patch_size)
     if not isinstance(model, VisionTransformer):
-        raise CLIError(f"--arch: {name} is a {type(model).__name__}; token compression needs a timm "
-                       f"VisionTransformer (vit_*, deit_*)")
+        raise CLIError(f"--arch {args.arch}: the export takes a timm VisionTransformer (vit_*, deit_*)")
     if args.checkpoint:
         load_weights(model, args.checkpoint, new_head_ok=False)
-    depth = len(model.blocks)
-    if isinstance(args.reduce_token, list) and len(args.reduce_token) != depth:
-        raise CLIError(f"--reduce_token: {len(args.reduce_token)} values given, but --arch {name} has {depth} "
-                       f"blocks; give one value per block, or a single int")
+    engine_model.check_schedule_length(args.schedule, len(model.blocks), args.arch)
     return model.eval()
 
 
-def compress(model: VisionTransformer, method: str, reduce_token, reduce_at: Optional[str]) -> VisionTransformer:
-    """A patched copy of ``model`` (the original stays uncompressed)."""
-    try:
-        return apply_patch(copy.deepcopy(model), method, reduce_token, reduce_at=reduce_at).eval()
-    except ValueError as err:
-        raise CLIError(f"--model {method} / --reduce_token / --reduce_at: {err}") from None
+def compress(model: VisionTransformer, method: str, schedule, reduce_at: Optional[str]) -> VisionTransformer:
+    """A compressed copy of ``model`` (the original stays uncompressed), as main.py compresses."""
+    settings = argparse.Namespace(method=method, schedule=schedule, reduce_at=reduce_at, prop_attn="on")
+    return engine_model.compress(copy.deepcopy(model), settings).eval()
 
 
 def input_shape(model: VisionTransformer) -> Tuple[int, int, int]:
@@ -222,9 +204,9 @@ def build_parser() -> ArgumentParser:
                         help="timm model name (default: the checkpoint's, for a main.py checkpoint)")
     parser.add_argument("--checkpoint", metavar="FILE", default=None,
                         help="timm .pth/.safetensors or main.py checkpoint (default: random weights)")
-    parser.add_argument("--model", metavar="METHOD", default=None,
+    parser.add_argument("--model", dest="method", metavar="METHOD", default=None,
                         help=f"compression method: {', '.join(METHOD_NAMES)} (default: the checkpoint's)")
-    parser.add_argument("--reduce_token", metavar="K", type=reduce_token_type, default=None,
+    parser.add_argument("--reduce_token", dest="schedule", metavar="K", type=reduce_token_type, default=None,
                         help="tokens removed per block: an int, or a comma list with one value per block")
     parser.add_argument("--reduce_at", default=None, choices=("block", "attn"),
                         help="where each block reduces (default: the method's own)")
@@ -258,10 +240,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     plain = build_model(args)
-    model = compress(plain, args.model, args.reduce_token, args.reduce_at)
+    model = compress(plain, args.method, args.schedule, args.reduce_at)
     unmet = unmet_reductions(model)
     if unmet:
-        print(unmet_warning(args.model, args.reduce_token, unmet, tokens_per_block(model), prog=PROG),
+        print(unmet_warning(args.method, args.schedule, unmet, tokens_per_block(model), prog=PROG),
               file=sys.stderr, flush=True)
 
     export_onnx(model, args.out)
@@ -271,7 +253,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         raise ExportFailed(f"onnxruntime differs from PyTorch by max |Δ| {diff:.2e} > {TOLERANCE:g} in the logits "
                            f"of {args.out}")
     flops, plain_flops = analytic_flops(model), analytic_flops(plain)
-    print(f"wrote {args.out}: {args.arch} {args.model} reduce_token {args.reduce_token}, input {INPUT_NAME} "
+    print(f"wrote {args.out}: {args.arch} {args.method} schedule {args.schedule}, input {INPUT_NAME} "
           f"(batch, {', '.join(map(str, input_shape(model)))}), {flops / 1e9:.3f} GFLOPs per image "
           f"(uncompressed {plain_flops / 1e9:.3f})")
     print(f"onnxruntime matches PyTorch (max |Δ| {diff:.1e})")

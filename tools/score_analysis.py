@@ -42,7 +42,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from engine.errors import CLIError, first_line, report_error  # noqa: E402
+from engine.errors import BAD_INPUT, CLIError, first_line, report_error  # noqa: E402
+from tools.stats import bootstrap_ci  # noqa: E402  (the tools' one bootstrap)
 from engine.options import ArgumentParser, int_at_least  # noqa: E402
 
 PROG = "score_analysis.py"
@@ -98,21 +99,6 @@ def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     denom = np.sqrt((ra * ra).sum(axis=-1) * (rb * rb).sum(axis=-1))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(denom > 0, (ra * rb).sum(axis=-1) / np.where(denom > 0, denom, 1.0), np.nan)
-
-
-def bootstrap_ci(values: np.ndarray, *, level: float = 0.95, resamples: int = 2000,
-                 seed: int = 0) -> Tuple[float, float, float]:
-    """(mean, low, high): the mean of ``values`` (NaNs left out) and its percentile bootstrap CI, resampling
-    the values with replacement; (nan, nan, nan) when there are none."""
-    values = np.asarray(values, dtype=np.float64).ravel()
-    values = values[~np.isnan(values)]
-    if values.size == 0:
-        return math.nan, math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
-    tail = (1.0 - level) / 2.0 * 100.0
-    low, high = np.percentile(means, [tail, 100.0 - tail])
-    return float(values.mean()), float(low), float(high)
 
 
 def norm_outliers(norms: np.ndarray, factor: float) -> Dict[str, np.ndarray]:
@@ -345,19 +331,14 @@ def _fractions(text: str) -> List[float]:
 
 def load_model(arch: str, path: str, num_classes: int, in_chans: int) -> torch.nn.Module:
     """``arch`` with the weights of ``path``, in eval mode; CLIError for a missing file or weights that do not fit."""
-    import timm
-    import pruning.models  # noqa: F401  (registers the small ViTs in timm's registry)
-    from engine.checkpoint import load_weights
     from timm.models.vision_transformer import VisionTransformer
+
+    from engine.checkpoint import load_weights
+    from engine.model import create_model
 
     if not os.path.isfile(path):
         raise CLIError(f"--checkpoint: {path}: no such file")
-    if not timm.is_model(arch):
-        raise CLIError(f"--arch: unknown timm model {arch!r}")
-    try:
-        model = timm.create_model(arch, num_classes=num_classes, in_chans=in_chans)
-    except Exception as err:  # noqa: BLE001  (an arch timm cannot build for this data)
-        raise CLIError(f"--arch {arch}: {first_line(err)}") from None
+    model = create_model(arch, num_classes, in_chans)
     if not isinstance(model, VisionTransformer) or getattr(model, "cls_token", None) is None:
         raise CLIError(f"--arch {arch}: not a timm VisionTransformer with a class token")
     # new_head_ok=True: load_weights then reports a body of another width as "does not fit" (with False, any
@@ -498,62 +479,80 @@ def save_figure(report: Dict[str, Any], pixels: np.ndarray, norms: np.ndarray, a
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
 
     depth, name = report["depth"], checkpoint_name(report["checkpoint"])
-    blocks = np.arange(depth)
-    gh, gw = report["positions"]["grid"]
     examples = min(examples, pixels.shape[0])
     fig = plt.figure(figsize=(max(16, 2.2 * depth + 2), 15), layout="constrained")
     rows = fig.add_gridspec(4, 1, height_ratios=[1.1, 1.0, 1.0, 1.0 if examples else 0.01])
     fig.suptitle(f"Norm vs. class-token attention scores, {name} ({report['arch']}, {report['images']} "
                  f"{report['data_name']} test images, no tokens removed)", fontsize=13)
-
     top = rows[0].subgridspec(1, 4).subplots()
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    blocks = np.arange(depth)
+    _plot_overlap(top[0], top[1], report, blocks, colors)
+    _plot_outliers(top[2], report["norm_outliers"], blocks, colors)
+    _plot_background(top[3], report["background"], blocks)
+    for ax in top:
+        ax.set_xticks(blocks)
+    _plot_positions(fig, (rows[1], rows[2]), report["positions"], depth)
+    if examples:
+        _plot_examples(rows[3], report, pixels, norms, attn, examples)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _plot_overlap(iou_ax, rho_ax, report: Dict[str, Any], blocks: np.ndarray, colors: Sequence[str]) -> None:
+    """Kept-set IoU of every keep level (chance dotted) and the Spearman correlation, per block."""
     for i, level in enumerate(report["keep_sets"]):
         iou, c = level["iou"], colors[i % len(colors)]
-        top[0].plot(blocks, _arr(iou["mean"]), "o-", color=c, label=level["label"])
-        top[0].fill_between(blocks, _arr(iou["ci_low"]), _arr(iou["ci_high"]), color=c, alpha=0.25)
-        top[0].axhline(level["chance_iou"], color=c, ls=":", lw=1)
-    top[0].set(title="Kept-set IoU, norm vs attention\n(dotted: two random sets)", xlabel="block", ylabel="IoU",
+        iou_ax.plot(blocks, _arr(iou["mean"]), "o-", color=c, label=level["label"])
+        iou_ax.fill_between(blocks, _arr(iou["ci_low"]), _arr(iou["ci_high"]), color=c, alpha=0.25)
+        iou_ax.axhline(level["chance_iou"], color=c, ls=":", lw=1)
+    iou_ax.set(title="Kept-set IoU, norm vs attention\n(dotted: two random sets)", xlabel="block", ylabel="IoU",
                ylim=(0, 1.02))
-    top[0].legend(fontsize=8)
+    iou_ax.legend(fontsize=8)
     sp = report["spearman"]
-    top[1].plot(blocks, _arr(sp["mean"]), "o-", color="k")
-    top[1].fill_between(blocks, _arr(sp["ci_low"]), _arr(sp["ci_high"]), color="k", alpha=0.2)
-    top[1].axhline(0, color="grey", lw=0.8)
-    top[1].set(title="Spearman ρ(norm, attention)\nover patch tokens, mean per image", xlabel="block",
+    rho_ax.plot(blocks, _arr(sp["mean"]), "o-", color="k")
+    rho_ax.fill_between(blocks, _arr(sp["ci_low"]), _arr(sp["ci_high"]), color="k", alpha=0.2)
+    rho_ax.axhline(0, color="grey", lw=0.8)
+    rho_ax.set(title="Spearman ρ(norm, attention)\nover patch tokens, mean per image", xlabel="block",
                ylabel="Spearman ρ", ylim=(-1, 1))
-    out = report["norm_outliers"]
+
+
+def _plot_outliers(ax, out: Dict[str, Any], blocks: np.ndarray, colors: Sequence[str]) -> None:
+    """Max over median norm per block, and the share of images with an outlying token (right axis)."""
     r = out["max_over_median"]
-    top[2].plot(blocks, _arr(r["mean"]), "o-", color=colors[0], label="max/median norm (mean)")
-    top[2].fill_between(blocks, _arr(r["ci_low"]), _arr(r["ci_high"]), color=colors[0], alpha=0.25)
-    top[2].plot(blocks, _arr(r["max"]), "^--", color=colors[0], alpha=0.6, label="max/median norm (worst image)")
-    top[2].axhline(out["factor"], color="grey", ls=":", lw=1, label=f"outlier factor {out['factor']:g}")
-    top[2].set(title="Outlying norms", xlabel="block", ylabel="max / median patch-token norm")
-    twin = top[2].twinx()
+    ax.plot(blocks, _arr(r["mean"]), "o-", color=colors[0], label="max/median norm (mean)")
+    ax.fill_between(blocks, _arr(r["ci_low"]), _arr(r["ci_high"]), color=colors[0], alpha=0.25)
+    ax.plot(blocks, _arr(r["max"]), "^--", color=colors[0], alpha=0.6, label="max/median norm (worst image)")
+    ax.axhline(out["factor"], color="grey", ls=":", lw=1, label=f"outlier factor {out['factor']:g}")
+    ax.set(title="Outlying norms", xlabel="block", ylabel="max / median patch-token norm")
+    twin = ax.twinx()
     twin.plot(blocks, 100 * _arr(out["images_with_outlier"]), "s-", color=colors[3],
               label=f"images with a token > {out['factor']:g}× median")
     twin.set(ylabel="% of images", ylim=(0, 102))
-    handles = top[2].get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    top[2].legend(handles, [h.get_label() for h in handles], fontsize=7, loc="best")
-    bg = report["background"]
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="best")
+
+
+def _plot_background(ax, bg: Dict[str, Any], blocks: np.ndarray) -> None:
+    """The share of top-scored, outlying and kept tokens that are background patches, per block."""
     for key, label, marker in (("top_norm", "top-norm token", "o-"), ("top_attn", "top-attention token", "s-"),
                                ("outlier_tokens", "outlier tokens", "^:"),
                                ("kept_norm", f"kept by norm (K={bg['kept_keep']})", "o--"),
                                ("kept_attn", f"kept by attention (K={bg['kept_keep']})", "s--")):
-        top[3].plot(blocks, 100 * _arr(bg[key]), marker, label=label)
-    top[3].axhline(100 * bg["patch_fraction"], color="grey", ls=":", label="all patches")
-    top[3].set(title=f"On background patches\n(mean pixel < {bg['threshold']:g})", xlabel="block",
-               ylabel="% on background", ylim=(0, 102))
-    top[3].legend(fontsize=7, loc="best")
-    for ax in top:
-        ax.set_xticks(blocks)
+        ax.plot(blocks, 100 * _arr(bg[key]), marker, label=label)
+    ax.axhline(100 * bg["patch_fraction"], color="grey", ls=":", label="all patches")
+    ax.set(title=f"On background patches\n(mean pixel < {bg['threshold']:g})", xlabel="block",
+           ylabel="% on background", ylim=(0, 102))
+    ax.legend(fontsize=7, loc="best")
 
-    pos = report["positions"]
-    for row, (key, label) in enumerate((("top_norm_frequency", "top-norm"), ("top_attn_frequency", "top-attention"))):
-        axes = rows[1 + row].subgridspec(1, depth + 1, width_ratios=[1] * depth + [0.06]).subplots()
+
+def _plot_positions(fig, rows, pos: Dict[str, Any], depth: int) -> None:
+    """Two rows of heatmaps: where the top-norm and the top-attention token lie, per block."""
+    gh, gw = pos["grid"]
+    for row, (key, label) in zip(rows, (("top_norm_frequency", "top-norm"), ("top_attn_frequency", "top-attention"))):
+        axes = row.subgridspec(1, depth + 1, width_ratios=[1] * depth + [0.06]).subplots()
         maps = np.asarray(pos[key], dtype=float)
         vmax = max(maps.max(), 1e-9)
         for b in range(depth):
@@ -565,29 +564,32 @@ def save_figure(report: Dict[str, Any], pixels: np.ndarray, norms: np.ndarray, a
                 axes[b].set_ylabel("patch row", fontsize=7)
         fig.colorbar(image, cax=axes[-1], label="fraction of images")
 
-    if examples:
-        block = depth // 2
-        keep = report["keep_sets"][-1]["keep"]
-        axes = rows[3].subgridspec(1, examples).subplots(squeeze=False)[0]
-        norm_t, attn_t = torch.from_numpy(norms[block][:examples]), torch.from_numpy(attn[block][:examples])
-        by_norm = one_hot(kept_patches(norm_t, keep), gh * gw)
-        by_attn = one_hot(kept_patches(attn_t, keep), gh * gw)
-        height, width = pixels.shape[2:]
-        for i, ax in enumerate(axes):
-            ax.imshow(pixels[i].mean(axis=0), cmap="gray", vmin=0, vmax=1, extent=(0, gw, gh, 0))
-            overlay = np.zeros((gh * gw, 4))
-            overlay[by_norm[i] & by_attn[i]] = (0.1, 0.8, 0.1, 0.45)
-            overlay[by_norm[i] & ~by_attn[i]] = (0.1, 0.4, 1.0, 0.6)
-            overlay[~by_norm[i] & by_attn[i]] = (1.0, 0.5, 0.0, 0.6)
-            overlay[~by_norm[i] & ~by_attn[i]] = (0, 0, 0, 0.0)
-            ax.imshow(overlay.reshape(gh, gw, 4), extent=(0, gw, gh, 0), interpolation="nearest")
-            iou = set_iou(np.flatnonzero(by_norm[i])[None], np.flatnonzero(by_attn[i])[None], gh * gw)[0]
-            ax.set(title=f"test image {i}, block {block}, K={keep}: IoU {iou:.2f}", xticks=[], yticks=[])
-        legend = [Patch(color=(0.1, 0.8, 0.1), label="kept by both"), Patch(color=(0.1, 0.4, 1.0), label="norm only"),
-                  Patch(color=(1.0, 0.5, 0.0), label="attention only"), Patch(facecolor="none", edgecolor="grey", label="dropped by both")]
-        axes[-1].legend(handles=legend, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+
+def _plot_examples(row, report: Dict[str, Any], pixels: np.ndarray, norms: np.ndarray, attn: np.ndarray,
+                   examples: int) -> None:
+    """The first test images with the patches each score keeps at the middle block overlaid."""
+    from matplotlib.patches import Patch
+
+    gh, gw = report["positions"]["grid"]
+    block, keep = report["depth"] // 2, report["keep_sets"][-1]["keep"]
+    axes = row.subgridspec(1, examples).subplots(squeeze=False)[0]
+    norm_t, attn_t = torch.from_numpy(norms[block][:examples]), torch.from_numpy(attn[block][:examples])
+    by_norm = one_hot(kept_patches(norm_t, keep), gh * gw)
+    by_attn = one_hot(kept_patches(attn_t, keep), gh * gw)
+    for i, ax in enumerate(axes):
+        ax.imshow(pixels[i].mean(axis=0), cmap="gray", vmin=0, vmax=1, extent=(0, gw, gh, 0))
+        overlay = np.zeros((gh * gw, 4))
+        overlay[by_norm[i] & by_attn[i]] = (0.1, 0.8, 0.1, 0.45)
+        overlay[by_norm[i] & ~by_attn[i]] = (0.1, 0.4, 1.0, 0.6)
+        overlay[~by_norm[i] & by_attn[i]] = (1.0, 0.5, 0.0, 0.6)
+        overlay[~by_norm[i] & ~by_attn[i]] = (0, 0, 0, 0.0)
+        ax.imshow(overlay.reshape(gh, gw, 4), extent=(0, gw, gh, 0), interpolation="nearest")
+        iou = set_iou(np.flatnonzero(by_norm[i])[None], np.flatnonzero(by_attn[i])[None], gh * gw)[0]
+        ax.set(title=f"test image {i}, block {block}, K={keep}: IoU {iou:.2f}", xticks=[], yticks=[])
+    legend = [Patch(color=(0.1, 0.8, 0.1), label="kept by both"), Patch(color=(0.1, 0.4, 1.0), label="norm only"),
+              Patch(color=(1.0, 0.5, 0.0), label="attention only"),
+              Patch(facecolor="none", edgecolor="grey", label="dropped by both")]
+    axes[-1].legend(handles=legend, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 def _arr(values: Sequence[Optional[float]]) -> np.ndarray:
@@ -669,7 +671,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         report = run(args)
-    except CLIError as err:
+    except BAD_INPUT as err:
         return report_error(PROG, err)
     for level in report["keep_sets"]:
         print(f"IoU {level['label']:<28} " + " ".join(_fmt(v, 2) for v in level["iou"]["mean"])

@@ -44,13 +44,17 @@ def t_interval(values: Sequence[float]) -> Tuple[float, float, float]:
 
 def bootstrap_ci(values: Sequence[float], resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED
                  ) -> Tuple[float, float, float]:
-    """(mean, low, high): the percentile bootstrap 95% interval of the mean of ``values`` (one per test image),
-    ``resamples`` times drawing n of the n values with replacement, ``numpy.random.default_rng(seed)``'s
-    ``integers(0, n, n)`` each time. Per-image correctness (0/1) gives the accuracy's interval; the
-    difference of two models' correctness on the same images the paired interval of their difference."""
+    """(mean, low, high): the percentile bootstrap 95% interval of the mean of ``values`` (NaNs left out; NaN
+    for none), ``resamples`` times drawing n of the n values with replacement, ``numpy.random.default_rng(seed)``'s
+    ``integers(0, n, n)`` each time. Per-image correctness (0/1) gives the accuracy's interval; the difference of
+    two models' correctness on the same images the paired interval of their difference. The one bootstrap of
+    the tools (the sweep's summary, tools/score_analysis.py)."""
     import numpy as np
 
-    values = np.asarray(values, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64).ravel()
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return math.nan, math.nan, math.nan
     rng, n = np.random.default_rng(seed), len(values)
     means = np.array([values[rng.integers(0, n, n)].mean() for _ in range(resamples)])
     low, high = np.percentile(means, [2.5, 97.5])

@@ -19,7 +19,8 @@ runs.csv. Each run's options are data (``{dest: value}``) handed to
 the CPU threads (``threads``, else main.py's own rule for the model).
 
 A level says how many tokens each block removes, in one of three ways (YAML ``levels`` entries):
-- ``{name: light, reduce_token: 2}`` (or a list with one value per block): the same for every method;
+- ``{name: light, schedule: 2}`` (or a list with one value per block; ``reduce_token:`` is the old name): the
+  same for every method;
 - ``{name: r70, keep_rate: 0.7, at_blocks: [3, 6, 9]}``: EViT-style, keep 70% of the patch tokens at
   those blocks;
 - ``{name: f60, flops_ratio: 0.6}``: matched FLOPs, a per-method schedule landing at 60% of the
@@ -63,9 +64,9 @@ Options = Union[Dict[str, Any], List[str]]  # main.py options in YAML: {epochs: 
 
 @dataclass(frozen=True)
 class Level:
-    """One reduction level; exactly one of ``reduce_token``, ``keep_rate`` or ``flops_ratio`` is set."""
+    """One reduction level; exactly one of ``schedule``, ``keep_rate`` or ``flops_ratio`` is set."""
     name: str
-    reduce_token: Optional[Schedule] = None
+    schedule: Optional[Schedule] = None
     keep_rate: Optional[float] = None
     at_blocks: Tuple[int, ...] = ()
     flops_ratio: Optional[float] = None
@@ -77,14 +78,15 @@ class Level:
     @classmethod
     def from_dict(cls, entry: Dict[str, Any]) -> "Level":
         if not isinstance(entry, dict):
-            raise ValueError(f"levels: each entry must be a mapping such as {{name: light, reduce_token: 2}}, "
+            raise ValueError(f"levels: each entry must be a mapping such as {{name: light, schedule: 2}}, "
                              f"got {entry!r}")
+        entry = {OLD_LEVEL_KEYS.get(key, key): value for key, value in entry.items()}
         unknown = [key for key in entry if key not in LEVEL_KEYS]
         if unknown:
             raise ValueError(f"levels: {entry.get('name', entry)}: unknown key {_unknown(unknown[0], LEVEL_KEYS)}")
-        modes = [m for m in ("reduce_token", "keep_rate", "flops_ratio") if entry.get(m) is not None]
+        modes = [m for m in ("schedule", "keep_rate", "flops_ratio") if entry.get(m) is not None]
         if "name" not in entry or len(modes) != 1:
-            raise ValueError(f"levels: each entry needs a name and exactly one of reduce_token, keep_rate, "
+            raise ValueError(f"levels: each entry needs a name and exactly one of schedule, keep_rate, "
                              f"flops_ratio; got {entry}")
         if "keep_rate" in modes and not entry.get("at_blocks"):
             raise ValueError(f"levels: {entry['name']}: keep_rate needs at_blocks (the blocks that reduce)")
@@ -92,12 +94,13 @@ class Level:
         if isinstance(methods, str) or any(m not in METHOD_NAMES for m in methods):
             raise ValueError(f"levels: {entry['name']}: methods must be a list of {', '.join(METHOD_NAMES)}, "
                              f"got {methods!r}")
-        return cls(name=str(entry["name"]), reduce_token=entry.get("reduce_token"), keep_rate=entry.get("keep_rate"),
+        return cls(name=str(entry["name"]), schedule=entry.get("schedule"), keep_rate=entry.get("keep_rate"),
                    at_blocks=tuple(entry.get("at_blocks") or ()), flops_ratio=entry.get("flops_ratio"),
                    methods=tuple(methods))
 
 
-LEVEL_KEYS = ("name", "reduce_token", "keep_rate", "at_blocks", "flops_ratio", "methods")
+LEVEL_KEYS = ("name", "schedule", "keep_rate", "at_blocks", "flops_ratio", "methods")
+OLD_LEVEL_KEYS = {"reduce_token": "schedule"}  # sweep YAMLs written before the rename
 # the keys of a sweep YAML; anything else (a typo such as ``method:``) is refused
 CONFIG_KEYS = ("out_dir", "work_dir", "seeds", "methods", "levels", "protocols", "main_args", "baseline_args",
                "finetune_args", "offtheshelf_args", "compare", "threads", "baseline_checkpoint", "jobs")
@@ -151,8 +154,9 @@ class SweepConfig:
 
 
 def merge_options(*layers: Options) -> Dict[str, Any]:
-    """main.py options by dest (``model`` is ``method``) from YAML layers, later ones winning key by key
-    (so a protocol's ``epochs`` replaces the common one). A list layer is taken as command-line tokens."""
+    """main.py options by dest (``model`` is ``method``, ``reduce_token`` is ``schedule``) from YAML layers,
+    later ones winning key by key (so a protocol's ``epochs`` replaces the common one). A list layer is taken as
+    command-line tokens."""
     import main
     from engine import options
 
@@ -171,7 +175,7 @@ def options_to_argv(values: Dict[str, Any]) -> List[str]:
     from engine import options
 
     argv: List[str] = []
-    for name, value in options.option_names(values).items():
+    for name, value in options.flag_names(values).items():
         if value is None:
             continue
         argv.append(f"--{name}" if value is not False else f"--no-{name}")
@@ -233,10 +237,10 @@ def load_config(path: Optional[str], overrides: Dict[str, Any], data_root: Optio
 
 
 # ----------------------------------------------------------------------------------------------
-# levels -> per-block reduce_token
+# levels -> schedules
 
 class LevelResolver:
-    """Turns a :class:`Level` into main.py's ``--reduce_token`` for one method, for one model shape."""
+    """Turns a :class:`Level` into main.py's schedule (``--reduce_token``) for one method, for one model shape."""
 
     def __init__(self, model, reduce_at: Optional[str] = None):
         self.model = model
@@ -249,8 +253,8 @@ class LevelResolver:
         from pruning import schedules
         from pruning.flops import analytic_flops
 
-        if level.reduce_token is not None:
-            return level.reduce_token
+        if level.schedule is not None:
+            return level.schedule
         if level.keep_rate is not None:
             return schedules.keep_rate_schedule(self.num_tokens, self.depth, level.keep_rate, level.at_blocks,
                                                 num_prefix=self.num_prefix)
@@ -261,8 +265,8 @@ class LevelResolver:
         return schedules.matched_flops_schedule(self.model, method, target, reduce_at=self.reduce_at)
 
 
-def format_reduce_token(schedule: Schedule) -> str:
-    """``--reduce_token`` text: ``4`` or ``0,0,12,0,8,0``."""
+def schedule_text(schedule: Schedule) -> str:
+    """A schedule as ``--reduce_token`` takes it and runs.csv keeps it: ``4`` or ``0,0,12,0,8,0``."""
     if isinstance(schedule, int):
         return str(schedule)
     return ",".join(str(int(k)) for k in schedule)
@@ -292,14 +296,14 @@ class RunSpec:
     protocol: str
     method: str
     level: str
-    reduce_token: str
+    schedule: str  # as main.py's --reduce_token takes it
     seed: int
     options: Dict[str, Any]  # main.py options by dest, handed to main.run
     needs: Optional[str] = None  # the checkpoint this run starts from
 
     @property
     def key(self) -> Key:
-        return (self.protocol, self.method, self.level, self.reduce_token, str(self.seed))
+        return (self.protocol, self.method, self.level, self.schedule, str(self.seed))
 
     @property
     def command(self) -> str:
@@ -324,7 +328,7 @@ def baseline_checkpoint_of(spec: RunSpec) -> str:
     return str(Path(spec.options["output_dir"]) / CHECKPOINT_NAME)
 
 
-def _spec(config: SweepConfig, protocol: str, method: str, level: str, reduce_token: str, seed: int) -> RunSpec:
+def _spec(config: SweepConfig, protocol: str, method: str, level: str, schedule: str, seed: int) -> RunSpec:
     """The options of one run: common options, the protocol's options, then what this run varies."""
     fixed = config.baseline_checkpoint
     needs = fixed if fixed else (None if protocol == BASELINE else baseline_checkpoint(config, seed))
@@ -339,8 +343,8 @@ def _spec(config: SweepConfig, protocol: str, method: str, level: str, reduce_to
     values.setdefault("save_predictions", True)  # per-image statistics in summary.md
     if needs:
         values.update(checkpoint=needs, **({"eval_only": True} if protocol in ("offtheshelf", BASELINE) else {}))
-    values.update(method=method, reduce_token=reduce_token, seed=seed, output_dir=str(out))
-    return RunSpec(protocol, method, level, reduce_token, seed, values, needs)
+    values.update(method=method, schedule=schedule, seed=seed, output_dir=str(out))
+    return RunSpec(protocol, method, level, schedule, seed, values, needs)
 
 
 def run_seeds(config: SweepConfig, protocol: str, method: str) -> List[int]:
@@ -375,8 +379,8 @@ def plan_runs(config: SweepConfig, schedule: Callable[[str, Level], Schedule]) -
                 for level in config.levels:
                     if not level.runs(method):
                         continue
-                    reduce_token = format_reduce_token(schedule(method, level))
-                    plan.append(_spec(config, protocol, method, level.name, reduce_token, seed))
+                    plan.append(_spec(config, protocol, method, level.name, schedule_text(schedule(method, level)),
+                                      seed))
     return plan
 
 
@@ -387,12 +391,14 @@ def _number(value: Any, digits: int) -> Any:
 def make_row(spec: RunSpec, results: Results, seconds: float) -> Dict[str, Any]:
     """A runs.csv row from main.run's results (``speedup`` only where main.py measured one:
     ``--benchmark``, against the uncompressed model in the same run; see :func:`derive_speedups`)."""
-    schedule, environment = results.get("reduce_schedule"), results.get("environment") or {}
+    per_block, removed = results.get("schedule_per_block"), results.get("removed_per_block")
+    environment = results.get("environment") or {}
     return {
-        "schedule": format_reduce_token(list(schedule)) if schedule is not None else "",
+        "schedule_per_block": schedule_text(list(per_block)) if per_block is not None else "",
+        "removed_per_block": schedule_text(list(removed)) if removed is not None else "",
         "analytic_gflops": _number(results.get("analytic_gflops"), 6), "prop_attn": results.get("prop_attn") or "",
         **{name: environment.get(name, "") for name in ENVIRONMENT_FIELDS},
-        "protocol": spec.protocol, "method": spec.method, "level": spec.level, "reduce_token": spec.reduce_token,
+        "protocol": spec.protocol, "method": spec.method, "level": spec.level, "schedule": spec.schedule,
         "seed": spec.seed, "accuracy": _number(results.get("accuracy"), 3),
         "best_accuracy": _number(results.get("best_accuracy"), 3), "gflops": _number(results.get("gflops"), 6),
         "gmacs_thop": _number(results.get("gmacs_thop"), 6), "throughput": _number(results.get("throughput"), 1),
@@ -521,6 +527,65 @@ def keep_predictions(spec: RunSpec, results: Results, out_dir: Path) -> str:
     return str(target.relative_to(out_dir))
 
 
+class RunQueue:
+    """The runs of one :func:`execute` call still waiting, those running, those that failed, and runs.csv's rows;
+    a run that needs a baseline checkpoint waits until the run that writes it has finished."""
+
+    def __init__(self, plan: List[RunSpec], runs_csv: Path, order: List[Key], log: Callable[[str], None]):
+        self.runs_csv, self.order, self.log = runs_csv, order, log
+        self.rows = read_rows(runs_csv)
+        in_order = ordered_rows(self.rows, order)
+        if in_order != self.rows:  # written by a run of a part of the sweep
+            self.rows = in_order
+            write_rows(runs_csv, self.rows)
+        self.todo = pending_runs(plan, self.rows)
+        self.waiting: List[RunSpec] = list(self.todo)
+        self.running: Dict[Any, RunSpec] = {}  # future -> its run (a process pool's)
+        self.failed: List[RunSpec] = []
+        self.started = 0
+        # checkpoint -> the baseline run that writes it, while that run is still to do
+        self.producers = {baseline_checkpoint_of(spec): spec for spec in self.todo
+                          if spec.protocol == BASELINE and not spec.needs}
+
+    def _state(self, spec: RunSpec) -> str:
+        """``wait`` for the baseline it needs, ``skip`` (that checkpoint is missing for good) or ``run``."""
+        producer = self.producers.get(spec.needs) if spec.needs else None
+        if producer is not None and (producer in self.waiting or producer in self.running.values()):
+            return "wait"
+        return "skip" if spec.needs and not os.path.exists(spec.needs) else "run"
+
+    def next_runs(self, free: int) -> List[RunSpec]:
+        """Up to ``free`` runs that can start now, in plan order; runs whose checkpoint is missing are failed."""
+        chosen: List[RunSpec] = []
+        for spec in list(self.waiting):
+            if len(chosen) == free:
+                break
+            state = self._state(spec)
+            if state == "wait":
+                continue
+            self.waiting.remove(spec)
+            if state == "skip":
+                self.log(f"skipped {spec.name}: {spec.needs} is missing: {spec.command}")
+                self.failed.append(spec)
+            else:
+                chosen.append(spec)
+                self.started += 1
+                self.log(f"[{self.started}/{len(self.todo)}] {spec.command}")
+        return chosen
+
+    def finished(self, spec: RunSpec, results: Results, seconds: float) -> None:
+        """The run's row into runs.csv, written at once."""
+        row = make_row(spec, results, seconds)
+        row["predictions"] = keep_predictions(spec, results, self.runs_csv.parent)
+        self.rows = ordered_rows(derive_speedups([r for r in self.rows if row_key(r) != spec.key] + [row]), self.order)
+        write_rows(self.runs_csv, self.rows)
+        self.log(f"  {spec.name}: accuracy {row['accuracy']}  gflops {row['gflops']}  {row['seconds']} s")
+
+    def failed_run(self, spec: RunSpec, why: str) -> None:
+        self.log(f"  failed: {spec.name}: {why}")
+        self.failed.append(spec)
+
+
 def execute(plan: List[RunSpec], runs_csv: Path, run_fn: RunFn = run_main,
             log: Callable[[str], None] = print, jobs: int = 1, threads: int = 1,
             pool_factory: Optional[Callable[[], Any]] = None, log_dir: Optional[Path] = None,
@@ -537,66 +602,34 @@ def execute(plan: List[RunSpec], runs_csv: Path, run_fn: RunFn = run_main,
     of a process pool.
     """
     whole = set(row_order)
-    order = list(row_order) + [spec.key for spec in plan if spec.key not in whole]
-    rows = read_rows(runs_csv)
-    in_order = ordered_rows(rows, order)
-    if in_order != rows:  # written by a run of a part of the sweep
-        rows = in_order
-        write_rows(runs_csv, rows)
-    todo = pending_runs(plan, rows)
-    log(f"sweep: {len(plan)} runs planned, {len(plan) - len(todo)} already in {runs_csv}, {len(todo)} to run"
-        + (f", {jobs} at once" if jobs > 1 else ""))
-    failed: List[RunSpec] = []
-    # checkpoint -> the baseline run that writes it, while that run is still to do
-    producers = {baseline_checkpoint_of(spec): spec for spec in todo if spec.protocol == BASELINE and not spec.needs}
-    waiting, running, started = list(todo), {}, 0
+    queue = RunQueue(plan, runs_csv, list(row_order) + [spec.key for spec in plan if spec.key not in whole], log)
+    log(f"sweep: {len(plan)} runs planned, {len(plan) - len(queue.todo)} already in {runs_csv}, "
+        f"{len(queue.todo)} to run" + (f", {jobs} at once" if jobs > 1 else ""))
+    if jobs <= 1 and pool_factory is None:
+        run_one_by_one(queue, run_fn)
+    else:
+        run_in_pool(queue, run_fn, jobs, threads, pool_factory, log_dir)
+    return queue.failed
+
+
+def run_one_by_one(queue: RunQueue, run_fn: RunFn) -> None:
+    """The runs in this process, one after the other."""
     from engine.errors import one_line
 
-    def ready(spec: RunSpec) -> str:
-        producer = producers.get(spec.needs) if spec.needs else None
-        if producer is not None and (producer in waiting or producer in running.values()):
-            return "wait"
-        return "skip" if spec.needs and not os.path.exists(spec.needs) else "run"
-
-    def finished(spec: RunSpec, results: Results, seconds: float) -> None:
-        nonlocal rows
-        row = make_row(spec, results, seconds)
-        row["predictions"] = keep_predictions(spec, results, runs_csv.parent)
-        rows = ordered_rows(derive_speedups([r for r in rows if row_key(r) != spec.key] + [row]), order)
-        write_rows(runs_csv, rows)
-        log(f"  {spec.name}: accuracy {row['accuracy']}  gflops {row['gflops']}  {row['seconds']} s")
-
-    def next_runs(free: int) -> List[RunSpec]:
-        chosen = []
-        for spec in list(waiting):
-            if len(chosen) == free:
-                break
-            state = ready(spec)
-            if state == "wait":
+    while queue.waiting:
+        for spec in queue.next_runs(1):
+            start = time.perf_counter()
+            try:
+                results = run_fn(dict(spec.options))
+            except (Exception, SystemExit) as err:  # main.py exits with a message on bad input
+                queue.failed_run(spec, f"{type(err).__name__}: {one_line(err)}")
                 continue
-            waiting.remove(spec)
-            if state == "skip":
-                log(f"skipped {spec.name}: {spec.needs} is missing: {spec.command}")
-                failed.append(spec)
-            else:
-                chosen.append(spec)
-        return chosen
+            queue.finished(spec, results, time.perf_counter() - start)
 
-    if jobs <= 1 and pool_factory is None:  # in this process, one after the other
-        while waiting:
-            for spec in next_runs(1):
-                started += 1
-                log(f"[{started}/{len(todo)}] {spec.command}")
-                start = time.perf_counter()
-                try:
-                    results = run_fn(dict(spec.options))
-                except (Exception, SystemExit) as err:  # main.py exits with a message on bad input
-                    log(f"  failed: {spec.name}: {type(err).__name__}: {one_line(err)}")
-                    failed.append(spec)
-                    continue
-                finished(spec, results, time.perf_counter() - start)
-        return failed
 
+def run_in_pool(queue: RunQueue, run_fn: RunFn, jobs: int, threads: int,
+                pool_factory: Optional[Callable[[], Any]], log_dir: Optional[Path]) -> None:
+    """``jobs`` runs at once in worker processes (or ``pool_factory``'s executor); Ctrl-C stops those in flight."""
     import concurrent.futures as futures
     import multiprocessing
 
@@ -604,38 +637,44 @@ def execute(plan: List[RunSpec], runs_csv: Path, run_fn: RunFn = run_main,
         max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
         initargs=(os.getpid(),))
     try:
-        while waiting or running:
-            for spec in next_runs(jobs - len(running)):
-                started += 1
-                log(f"[{started}/{len(todo)}] {spec.command}")
+        while queue.waiting or queue.running:
+            for spec in queue.next_runs(jobs - len(queue.running)):
                 log_path = None if log_dir is None else str(
                     log_dir / f"{spec.protocol}_{spec.method}_{spec.level}_seed{spec.seed}.log")
-                running[pool.submit(run_in_worker, run_fn, threads, dict(spec.options), log_path)] = spec
-            if not running:
-                continue
-            done, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
-            for future in done:
-                spec = running.pop(future)
-                try:
-                    results, seconds = future.result()
-                except RunInterrupted as err:
-                    raise KeyboardInterrupt(f"{spec.name}: {err}") from None
-                except Exception as err:
-                    log(f"  failed: {spec.name}: {err if isinstance(err, RunFailed) else one_line(err, named=True)}")
-                    failed.append(spec)
-                    continue
-                finished(spec, results, seconds)
+                queue.running[pool.submit(run_in_worker, run_fn, threads, dict(spec.options), log_path)] = spec
+            if queue.running:
+                done, _ = futures.wait(queue.running, return_when=futures.FIRST_COMPLETED)
+                for future in done:
+                    collect(queue, future)
     except KeyboardInterrupt:
-        # the runs in flight stop too (a Ctrl-C in the terminal reaches them already; a signal sent to this
-        # process alone is passed on); rows of finished runs are in runs.csv, a rerun continues from there
-        workers = getattr(pool, "_processes", None) or {}  # the pool's own processes, by id
-        for process in list(workers.values()):
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                os.kill(process.pid, signal.SIGINT)
-        pool.shutdown(wait=True, cancel_futures=True)
+        stop_workers(pool)
         raise
     pool.shutdown(wait=True)
-    return failed
+
+
+def collect(queue: RunQueue, future) -> None:
+    """A finished worker's run: its row, or its failure; a run stopped by Ctrl-C stops the sweep."""
+    from engine.errors import one_line
+
+    spec = queue.running.pop(future)
+    try:
+        results, seconds = future.result()
+    except RunInterrupted as err:
+        raise KeyboardInterrupt(f"{spec.name}: {err}") from None
+    except Exception as err:
+        queue.failed_run(spec, str(err) if isinstance(err, RunFailed) else one_line(err, named=True))
+        return
+    queue.finished(spec, results, seconds)
+
+
+def stop_workers(pool) -> None:
+    """The runs in flight stop too (a Ctrl-C in the terminal reaches them already; a signal sent to this process
+    alone is passed on); rows of finished runs are in runs.csv, a rerun continues from there."""
+    workers = getattr(pool, "_processes", None) or {}  # the pool's own processes, by id
+    for process in list(workers.values()):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.kill(process.pid, signal.SIGINT)
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ class Group:
     protocol: str
     method: str
     level: str
-    reduce_token: str
+    schedule: str
     accuracy: List[float]
     gflops: List[float]
     throughput: List[float]
@@ -36,10 +36,10 @@ def _floats(rows: List[Dict[str, str]], name: str) -> List[float]:
 
 
 def group_rows(rows: List[Dict[str, str]]) -> List[Group]:
-    """Rows grouped by (protocol, method, level, reduce_token), in the order they first appear."""
+    """Rows grouped by (protocol, method, level, schedule), in the order they first appear."""
     groups: Dict[Key, List[Dict[str, str]]] = {}
     for row in rows:
-        groups.setdefault((row["protocol"], row["method"], row["level"], row["reduce_token"]), []).append(row)
+        groups.setdefault((row["protocol"], row["method"], row["level"], row["schedule"]), []).append(row)
     return [Group(*key, accuracy=_floats(members, "accuracy"), gflops=_floats(members, "gflops"),
                   throughput=_floats(members, "throughput"), speedup=_floats(members, "speedup"))
             for key, members in groups.items()]
@@ -53,7 +53,7 @@ def sort_groups(groups: List[Group], level_order: Sequence[str]) -> List[Group]:
     def rank(g: Group) -> Tuple:
         return (protocols.index(g.protocol) if g.protocol in protocols else len(protocols),
                 levels.index(g.level) if g.level in levels else len(levels),
-                METHOD_NAMES.index(g.method) if g.method in METHOD_NAMES else len(METHOD_NAMES), g.reduce_token)
+                METHOD_NAMES.index(g.method) if g.method in METHOD_NAMES else len(METHOD_NAMES), g.schedule)
 
     return sorted(groups, key=rank)
 
@@ -71,10 +71,10 @@ def fmt_mean_std(values: Sequence[float], digits: int) -> str:
 
 
 def summary_table(groups: List[Group]) -> List[str]:
-    lines = ["| protocol | method | level | reduce_token | top-1 % | GFLOPs | img/s | speedup | seeds |",
+    lines = ["| protocol | method | level | schedule | top-1 % | GFLOPs | img/s | speedup | seeds |",
              "|---|---|---|---|---|---|---|---|---|"]
     for g in groups:
-        lines.append(f"| {g.protocol} | {method_label(g.method)} | {g.level} | {g.reduce_token} "
+        lines.append(f"| {g.protocol} | {method_label(g.method)} | {g.level} | {g.schedule} "
                      f"| {fmt_mean_std(g.accuracy, 2)} "
                      f"| {fmt_mean_std(g.gflops, 4)} | {fmt_mean_std(g.throughput, 0)} "
                      f"| {fmt_mean_std(g.speedup, 2)} | {g.n} |")

@@ -21,14 +21,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # ``python tools/visualize.py`` puts tools/ first on the path, not the repo
     sys.path.insert(0, str(ROOT))
 
-import timm  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 import data  # noqa: E402
-import pruning.models  # noqa: E402,F401  (registers the vit_pico_* models in timm's registry)
-from pruning.patch import apply_patch  # noqa: E402
-from engine.errors import CLIError, first_line, report_error  # noqa: E402
+from engine.errors import BAD_INPUT, CLIError, first_line, report_error  # noqa: E402
+from engine.model import create_model, load_trained  # noqa: E402,F401  (load_trained: a main.py checkpoint's model)
 from engine.options import ArgumentParser, int_at_least  # noqa: E402
 from pruning.visualize import save_token_grid_comparison, save_tokens_per_block_plot  # noqa: E402
 
@@ -94,45 +92,6 @@ def checkpoint_labels(specs: Sequence[str]) -> List[Tuple[str, str]]:
                     f"give each its own label as LABEL=PATH")
 
 
-def read_checkpoint(path: str) -> Dict:
-    """The checkpoint dict main.py wrote to ``path``, read without running pickled code."""
-    if not os.path.isfile(path):
-        raise CLIError(f"--checkpoint: {path}: no such file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001  (damaged, not a torch file, pickled code, unreadable: all bad input)
-        reason = first_line(err)
-        if "Weights only load failed" in reason:  # torch's long advice to unpickle untrusted code: not taken
-            reason = "it is not a PyTorch file of tensors (or it holds pickled objects, which are not loaded)"
-        raise CLIError(f"--checkpoint: {path} cannot be read as a checkpoint: {reason}") from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("settings"), dict) \
-            or not isinstance(checkpoint.get("model"), dict):
-        raise CLIError(f"--checkpoint: {path} is not a checkpoint written by main.py (no settings or model)")
-    return checkpoint
-
-
-def load_trained(path: str) -> Tuple[torch.nn.Module, Dict]:
-    """A model from a main.py checkpoint (its ``settings`` say how it was built and compressed), patched
-    as it was trained; returns (model, settings)."""
-    checkpoint = read_checkpoint(path)
-    settings, state = checkpoint["settings"], checkpoint["model"]
-    try:
-        arch = settings["arch"]
-        if not timm.is_model(arch):
-            raise CLIError(f"--checkpoint: {path}: unknown arch {arch!r}")
-        depth = 1 + max(int(key.split(".")[1]) for key in state if key.startswith("blocks."))  # as trained
-        model = timm.create_model(arch, num_classes=state["head.weight"].shape[0],
-                                  in_chans=state["patch_embed.proj.weight"].shape[1], img_size=settings["img_size"],
-                                  patch_size=settings["patch_size"], depth=depth)
-        model.load_state_dict(state)
-        apply_patch(model, settings["model"], settings["reduce_token"], reduce_at=settings.get("reduce_at"))
-    except KeyError as err:
-        raise CLIError(f"--checkpoint: {path} lacks {err}; not a checkpoint written by main.py") from None
-    except (ValueError, RuntimeError, TypeError) as err:  # weights that do not fit, settings apply_patch refuses
-        raise CLIError(f"--checkpoint: {path}: {first_line(err)}") from None
-    return model.eval(), settings
-
-
 def load_test_images(settings: Dict, count: int, data_root: Optional[str] = None) -> Tuple[Tensor, Sequence, Sequence]:
     """The first ``count`` test images of the checkpoint's dataset, as the model sees them; (images, mean, std)."""
     root = data_root or settings.get("data_root")
@@ -151,11 +110,10 @@ def load_test_images(settings: Dict, count: int, data_root: Optional[str] = None
 def plot_tokens(args: argparse.Namespace) -> str:
     pool_k = args.pool_k[0] if len(args.pool_k) == 1 else args.pool_k
     if args.arch:
-        if not timm.is_model(args.arch):
-            raise CLIError(f"--arch: unknown timm model {args.arch!r}")
-        model = timm.create_model(args.arch)
+        with torch.device("meta"):  # its shape is all that is read
+            model = create_model(args.arch, None, None)
         if not hasattr(model, "patch_embed") or not hasattr(model, "blocks"):
-            raise CLIError(f"--arch {args.arch}: not a Vision Transformer")
+            raise CLIError(f"--arch {args.arch}: the token plot reads a timm model's patch_embed and blocks")
         num_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
         depth, prefix, name = len(model.blocks), model.num_prefix_tokens, f"{args.arch}: "
     elif args.num_tokens and args.depth:
@@ -194,7 +152,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry: bad input ends as one line on stderr and exit code 2, never a traceback."""
     try:
         print(run(build_parser().parse_args(argv)))
-    except CLIError as err:
+    except BAD_INPUT as err:
         return report_error(PROG, err)
     return 0
 
