@@ -186,7 +186,7 @@ def test_seeding_an_unpatched_model_is_refused():
 # --- main.py: --seed, evaluation ----------------------------------------------------------------------
 
 def _options(seed):
-    return argparse.Namespace(method="random", reduce_token=POOL_K, reduce_at=None, prop_attn="auto", seed=seed)
+    return argparse.Namespace(method="random", schedule=POOL_K, reduce_at=None, prop_attn="auto", seed=seed)
 
 
 def test_main_seeds_the_draws_from_its_seed(images):
