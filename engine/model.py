@@ -17,7 +17,7 @@ import data
 
 import pruning.models  # noqa: F401  (registers the vit_pico_* models in timm's registry)
 from pruning.counting import tokens_after
-from pruning.flops import model_token_counts, vit_shape
+from pruning.flops import model_shape as vit_shape, model_token_counts
 from pruning.patch import apply_patch, get_config
 
 from . import zoo

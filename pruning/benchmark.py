@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .counting import PoolK
+from .counting import Schedule
 from .flops import analytic_flops
 from .patch import apply_patch
 
@@ -87,7 +87,7 @@ def compare_speed(models: Dict[str, nn.Module], inputs: torch.Tensor, baseline: 
                         flops[baseline] / flops[name]) for name in models]
 
 
-def build_variants(model: nn.Module, method_names: Sequence[str], pool_k: PoolK,
+def build_variants(model: nn.Module, method_names: Sequence[str], pool_k: Schedule,
                    explicit: bool) -> Dict[str, nn.Module]:
     """The uncompressed model and one patched copy per method name; with ``explicit`` also the same
     pairs running attention that materialises the N×N matrix (``none/explicit``, ``tk_n/explicit``, ...).

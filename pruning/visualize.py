@@ -27,7 +27,7 @@ from matplotlib.colors import hsv_to_rgb
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .counting import PoolK, resolve_schedule, token_counts
+from .counting import Schedule, resolve_schedule, token_counts
 from .methods import METHOD_NAMES, CompressionMethod, get_method
 from .patch import apply_patch, get_config, get_state, remove_patch
 from .reduction import tokens_kept
@@ -330,7 +330,7 @@ def save_token_grid(model: torch.nn.Module, images: Tensor, path: str, *, blocks
 
 # --- tokens left per block -----------------------------------------------------------------------
 
-def tokens_per_block(select_method: str, num_tokens: int, depth: int, pool_k: PoolK,
+def tokens_per_block(select_method: str, num_tokens: int, depth: int, pool_k: Schedule,
                      num_prefix_tokens: int = 1) -> List[int]:
     """Tokens entering the first block, then tokens leaving each block, for ``select_method`` and ``pool_k``.
 
@@ -342,7 +342,7 @@ def tokens_per_block(select_method: str, num_tokens: int, depth: int, pool_k: Po
     return [num_tokens] + [n_mlp for _, n_mlp in counts]
 
 
-def token_curves(num_tokens: int, depth: int, pool_k: PoolK, num_prefix_tokens: int = 1,
+def token_curves(num_tokens: int, depth: int, pool_k: Schedule, num_prefix_tokens: int = 1,
                  method_names: Sequence[str] = METHOD_NAMES) -> Dict[str, List[int]]:
     """``tokens_per_block`` for each method name; methods with the same counts share one entry, labelled
     with their names joined by commas (so tk and tk_n, which always match, give one line)."""
@@ -353,7 +353,7 @@ def token_curves(num_tokens: int, depth: int, pool_k: PoolK, num_prefix_tokens: 
     return {", ".join(names): list(counts) for counts, names in grouped.items()}
 
 
-def save_tokens_per_block_plot(path: str, num_tokens: int, depth: int, pool_k: PoolK, *,
+def save_tokens_per_block_plot(path: str, num_tokens: int, depth: int, pool_k: Schedule, *,
                                num_prefix_tokens: int = 1, method_names: Sequence[str] = METHOD_NAMES,
                                title: Optional[str] = None) -> str:
     """Plot tokens left vs. block index for each method and return ``path``.

@@ -32,7 +32,7 @@ from engine.errors import CLIError, first_line, report_error  # noqa: E402
 from engine.options import ArgumentParser, int_at_least, resolve_device  # noqa: E402
 from pruning import METHOD_NAMES  # noqa: E402
 from pruning.benchmark import build_variants, compare_speed  # noqa: E402
-from pruning.flops import vit_shape  # noqa: E402
+from pruning.flops import model_shape as vit_shape  # noqa: E402
 from pruning.schedules import resolve_schedule  # noqa: E402
 
 PROG = "benchmark.py"
