@@ -1,5 +1,6 @@
-"""Schedules as numbers: ``pool_k`` parsed into one k per block, and the tokens each block leaves as the
-patched model runs it. Pure arithmetic, below everything that touches a model."""
+"""Schedules as numbers: a schedule (tokens removed per block; the seed's ``pool_k``) parsed into one k per
+block, and the tokens each block leaves as the patched model runs it. Pure arithmetic, below everything that
+touches a model."""
 from typing import List, Sequence, Tuple, Union
 
 from .merging import merges_allowed

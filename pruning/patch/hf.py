@@ -7,7 +7,7 @@ itself) is given a subclass of its own class, so weights, hooks and ``state_dict
 ``remove_patch`` restores the plain model.
 
 Attention: a layer that reduces nothing runs transformers' own forward, with whatever attention implementation
-the model was loaded with (``config._attn_implementation``), so ``pool_k=0`` is bit-identical. A layer that
+the model was loaded with (``config._attn_implementation``), so a schedule of 0 is bit-identical. A layer that
 reduces runs the projections itself: with ``eager`` it materialises the N×N attention matrix, as transformers'
 eager path does; with any other implementation (``sdpa``, ...) it calls ``scaled_dot_product_attention`` and
 computes the class-token attention row on its own (O(N·d)), so the N×N matrix is never formed.
