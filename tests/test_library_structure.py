@@ -192,7 +192,7 @@ def test_the_compressed_layer_exists_once():
 
 
 def test_a_models_shape_has_one_name():
-    from pruning import cost, flops, patch
+    from pruning import flops, patch
 
     assert flops.model_shape is patch.model_shape
     for module in pruning_modules():

@@ -237,8 +237,8 @@ def _switched_class(cls: type, switch: str) -> type:
     return compressed_class(cls, _SwitchedAttention, switch, _switch=switch, **{switch: switched})
 
 
-def build_config(method: str, schedule: Schedule, depth: int, num_prefix: int, *, reduce_at: Optional[str],
-                 prop_attn: bool, trace_source: bool, fused_attn: bool, class_token: bool = True,
+def build_config(method: str, schedule: Schedule, depth: int, num_prefix: int, *, reduce_at: Optional[str] = None,
+                 prop_attn: bool = True, trace_source: bool = False, fused_attn: bool = True, class_token: bool = True,
                  names: Tuple[str, str] = ("select_method", "pool_k")) -> CompressionConfig:
     """The CompressionConfig for these arguments; ValueError naming the bad argument (``names``: what the
     caller called the method and the schedule)."""
