@@ -14,7 +14,7 @@ import data
 
 import pruning.models  # noqa: F401  (registers the vit_pico_* models in timm's registry)
 from pruning.counting import tokens_after
-from pruning.flops import model_token_counts, vit_shape
+from pruning.flops import model_shape, model_token_counts
 from pruning.methods import get_method
 from pruning.patch import apply_patch, get_config
 from pruning.state import seed_draws
@@ -163,7 +163,7 @@ def tokens_per_block(model: nn.Module) -> List[int]:
     entering = [attn for attn, _ in model_token_counts(model)]
     cfg = get_config(model)
     last = entering[-1] if cfg is None else tokens_after(cfg.method, entering[-1], cfg.schedule[-1],
-                                                         vit_shape(model).num_prefix)
+                                                         model_shape(model).num_prefix)
     return entering + [last]
 
 
@@ -179,7 +179,7 @@ def unmet_reductions(model: nn.Module) -> List[Tuple[int, int, int]]:
     cfg = get_config(model)
     if cfg is None:
         return []
-    tokens, prefix = tokens_per_block(model), vit_shape(geometry(model).module).num_prefix
+    tokens, prefix = tokens_per_block(model), model_shape(geometry(model).module).num_prefix
     unmet = []
     for block, k in enumerate(cfg.schedule):
         plenty = tokens[block] + 2 * k + prefix + 2

@@ -1,6 +1,8 @@
-"""Token compression for timm Vision Transformers.
+"""Token compression for Vision Transformers (timm, transformers, OpenCLIP).
 
-``pruning.patch.apply_patch(model, select_method="tk_n", pool_k=10)`` makes every block remove tokens.
+``pruning.patch.apply_patch(model, "tk_n", 10)`` makes every block remove tokens: a compression method and
+its schedule (tokens removed per block), by keyword ``method=``/``schedule=`` (or the seed's
+``select_method=``/``pool_k=``).
 """
 from .methods import CONTROL_NAMES, METHOD_NAMES, METHODS, CompressionMethod, get_method
 from .patch import apply_patch, get_config, get_state, remove_patch

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .counting import PoolK
+from .counting import Schedule
 from .flops import analytic_flops
 from .patch import apply_patch
 
@@ -87,7 +87,7 @@ def compare_speed(models: Dict[str, nn.Module], inputs: torch.Tensor, baseline: 
                         flops[baseline] / flops[name]) for name in models]
 
 
-def build_variants(model: nn.Module, method_names: Sequence[str], pool_k: PoolK,
+def build_variants(model: nn.Module, method_names: Sequence[str], schedule: Schedule,
                    explicit: bool) -> Dict[str, nn.Module]:
     """The uncompressed model and one patched copy per method name; with ``explicit`` also the same
     pairs running attention that materialises the N×N matrix (``none/explicit``, ``tk_n/explicit``, ...).
@@ -96,12 +96,12 @@ def build_variants(model: nn.Module, method_names: Sequence[str], pool_k: PoolK,
     is, ``none/explicit`` with timm's ``attn.fused_attn`` off in every block."""
     variants = {"none": model}
     for name in method_names:
-        variants[name] = apply_patch(copy.deepcopy(model), name, pool_k)
+        variants[name] = apply_patch(copy.deepcopy(model), name, schedule)
     if explicit:
         plain = copy.deepcopy(model)
         for block in plain.blocks:
             block.attn.fused_attn = False
         variants["none/explicit"] = plain
         for name in method_names:
-            variants[f"{name}/explicit"] = apply_patch(copy.deepcopy(model), name, pool_k, fused_attn=False)
+            variants[f"{name}/explicit"] = apply_patch(copy.deepcopy(model), name, schedule, fused_attn=False)
     return variants

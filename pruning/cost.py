@@ -2,7 +2,7 @@
 
 For a plain block with N tokens, width d and MLP ratio 4 this is 24·N·d² + 4·N²·d; token
 compression lowers N block by block, which is where the ideal speedup comes from. No model objects
-here: ``flops`` reads a model's ``ViTShape`` and compression, the family adapters build ``ViTShape``.
+here: ``flops`` reads a model's ``ModelShape`` and compression, the family adapters build ``ModelShape``.
 """
 from dataclasses import dataclass
 from typing import Sequence
@@ -12,7 +12,7 @@ from .methods import CompressionMethod
 
 
 @dataclass(frozen=True)
-class ViTShape:
+class ModelShape:
     """The sizes of a ViT that its FLOPs depend on."""
 
     num_tokens: int
@@ -44,7 +44,7 @@ def reduction_flops(method: CompressionMethod, n: int, attn_dim: int, head_dim: 
     return 0.0
 
 
-def schedule_flops(shape: ViTShape, method: CompressionMethod, schedule: Sequence[int], reduce_at: str) -> float:
+def schedule_flops(shape: ModelShape, method: CompressionMethod, schedule: Sequence[int], reduce_at: str) -> float:
     """Forward FLOPs per image of a ViT of ``shape`` compressed by ``method`` with per-block ``schedule``."""
     flops = shape.embed_flops + shape.head_flops
     counts = token_counts(method, shape.num_tokens, schedule, shape.num_prefix, reduce_at)

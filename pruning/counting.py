@@ -1,33 +1,35 @@
-"""Schedules as numbers: ``pool_k`` parsed into one k per block, and the tokens each block leaves as the
-patched model runs it. Pure arithmetic, below everything that touches a model."""
+"""Schedules as numbers: a schedule (tokens removed per block; the seed's ``pool_k``) parsed into one k per
+block, and the tokens each block leaves as the patched model runs it. Pure arithmetic, below everything that
+touches a model."""
 from typing import List, Sequence, Tuple, Union
 
 from .merging import merges_allowed
 from .methods import CompressionMethod
 from .reduction import tokens_kept
 
-PoolK = Union[int, Sequence[int]]  # tokens removed per block: one int for every block, or one per block
+Schedule = Union[int, Sequence[int]]  # tokens removed per block: one int for every block, or one per block
 
 
-def resolve_schedule(pool_k: PoolK, depth: int) -> List[int]:
-    """``pool_k`` as one non-negative int per block; ValueError naming ``pool_k`` otherwise."""
-    if isinstance(pool_k, bool):
-        raise ValueError(f"pool_k: expected an int or a list of {depth} ints, got {pool_k!r}")
-    if isinstance(pool_k, int):
-        schedule = [pool_k] * depth
-    elif isinstance(pool_k, Sequence) and not isinstance(pool_k, str):
-        schedule = list(pool_k)
-        if len(schedule) != depth:
-            raise ValueError(f"pool_k: the list has {len(schedule)} values but the model has {depth} blocks; "
+def resolve_schedule(schedule: Schedule, depth: int, argument: str = "pool_k") -> List[int]:
+    """``schedule`` as one non-negative int per block; ValueError naming ``argument`` (the caller's name for
+    it) otherwise."""
+    if isinstance(schedule, bool):
+        raise ValueError(f"{argument}: expected an int or a list of {depth} ints, got {schedule!r}")
+    if isinstance(schedule, int):
+        per_block = [schedule] * depth
+    elif isinstance(schedule, Sequence) and not isinstance(schedule, str):
+        per_block = list(schedule)
+        if len(per_block) != depth:
+            raise ValueError(f"{argument}: the list has {len(per_block)} values but the model has {depth} blocks; "
                              f"give one value per block or a single int")
     else:
-        raise ValueError(f"pool_k: expected an int or a list of {depth} ints, got {pool_k!r}")
-    for k in schedule:
+        raise ValueError(f"{argument}: expected an int or a list of {depth} ints, got {schedule!r}")
+    for k in per_block:
         if isinstance(k, bool) or not isinstance(k, int):
-            raise ValueError(f"pool_k: every value must be an int, got {k!r}")
+            raise ValueError(f"{argument}: every value must be an int, got {k!r}")
         if k < 0:
-            raise ValueError(f"pool_k: tokens removed per block cannot be negative, got {k}")
-    return schedule
+            raise ValueError(f"{argument}: tokens removed per block cannot be negative, got {k}")
+    return per_block
 
 
 def tokens_after(method: CompressionMethod, num_tokens: int, k: int, num_prefix: int) -> int:

@@ -81,10 +81,10 @@ CONTROL_NAMES: Tuple[str, ...] = tuple(name for name, method in METHODS.items() 
 PLACEMENTS: Tuple[str, ...] = ("block", "attn")
 
 
-def get_method(name: str) -> CompressionMethod:
-    """The method called ``name``; ValueError naming ``select_method`` if there is none."""
+def get_method(name: str, argument: str = "select_method") -> CompressionMethod:
+    """The method called ``name``; ValueError naming ``argument`` (the caller's name for it) if there is none."""
     try:
         return METHODS[name]
     except (KeyError, TypeError):
         raise ValueError(
-            f"select_method: unknown method {name!r}; choose one of {', '.join(METHOD_NAMES)}") from None
+            f"{argument}: unknown method {name!r}; choose one of {', '.join(METHOD_NAMES)}") from None

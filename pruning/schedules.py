@@ -1,16 +1,16 @@
-"""How many tokens each block removes: EViT-style keep rates and matched FLOPs for a model.
+"""How many tokens each block removes (a schedule): EViT-style keep rates and matched FLOPs for a model.
 
-Parsing ``pool_k`` (``resolve_schedule``) and the token counts a schedule gives (``tokens_after``,
+Parsing a schedule (``resolve_schedule``) and the token counts a schedule gives (``tokens_after``,
 ``token_counts``) live in ``counting``, below the patch, and are importable from here too.
 """
 import math
 from typing import List, Optional, Sequence
 
-from .counting import PoolK, resolve_schedule, token_counts, tokens_after
-from .flops import schedule_flops, vit_shape
+from .counting import Schedule, resolve_schedule, token_counts, tokens_after
+from .flops import model_shape, schedule_flops
 from .methods import get_method
 
-__all__ = ["PoolK", "resolve_schedule", "keep_rate_schedule", "matched_flops_schedule", "token_counts",
+__all__ = ["Schedule", "resolve_schedule", "keep_rate_schedule", "matched_flops_schedule", "token_counts",
            "tokens_after"]
 
 
@@ -18,7 +18,7 @@ def keep_rate_schedule(num_tokens: int, depth: int, keep_rate: float, at_blocks:
                        num_prefix: int = 1) -> List[int]:
     """EViT-style schedule: at each block in ``at_blocks`` keep ``keep_rate`` of the non-prefix tokens.
 
-    Returns per-block ``pool_k`` for pruning without fusion (a fused token adds one back per step).
+    Returns the per-block schedule for pruning without fusion (a fused token adds one back per step).
     """
     if not 0.0 < keep_rate <= 1.0:
         raise ValueError(f"keep_rate: expected a fraction in (0, 1], got {keep_rate}")
@@ -34,20 +34,20 @@ def keep_rate_schedule(num_tokens: int, depth: int, keep_rate: float, at_blocks:
     return schedule
 
 
-def matched_flops_schedule(model, select_method: str, target_flops: float, reduce_at: Optional[str] = None,
+def matched_flops_schedule(model, method: str, target_flops: float, reduce_at: Optional[str] = None,
                            img_size: Optional[Sequence[int]] = None) -> List[int]:
-    """Per-block ``pool_k`` for ``select_method`` whose analytic FLOPs come closest to ``target_flops``.
+    """The per-block schedule for ``method`` whose analytic FLOPs come closest to ``target_flops``.
 
     Starts from the largest uniform k that stays at or above the target, then raises k one block at a
     time, earliest block first (an early token saves the most), while the FLOPs stay at or above the
     target; finally takes one more step if that lands closer. So methods can be compared at equal cost.
     """
-    method = get_method(select_method)
-    reduce_at = method.default_reduce_at if reduce_at is None else reduce_at
-    shape = vit_shape(model, img_size)
-    cost = lambda schedule: schedule_flops(shape, method, schedule, reduce_at)  # noqa: E731
+    chosen = get_method(method, argument="method")
+    reduce_at = chosen.default_reduce_at if reduce_at is None else reduce_at
+    shape = model_shape(model, img_size)
+    cost = lambda schedule: schedule_flops(shape, chosen, schedule, reduce_at)  # noqa: E731
     depth, max_k = shape.depth, shape.num_tokens
-    if method.reduction == "none" or cost([0] * depth) <= target_flops:
+    if chosen.reduction == "none" or cost([0] * depth) <= target_flops:
         return [0] * depth
     k = 0
     while k < max_k and cost([k + 1] * depth) >= target_flops:

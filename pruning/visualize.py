@@ -27,7 +27,7 @@ from matplotlib.colors import hsv_to_rgb
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .counting import PoolK, resolve_schedule, token_counts
+from .counting import Schedule, resolve_schedule, token_counts
 from .methods import METHOD_NAMES, CompressionMethod, get_method
 from .patch import apply_patch, get_config, get_state, remove_patch
 from .reduction import tokens_kept
@@ -330,30 +330,30 @@ def save_token_grid(model: torch.nn.Module, images: Tensor, path: str, *, blocks
 
 # --- tokens left per block -----------------------------------------------------------------------
 
-def tokens_per_block(select_method: str, num_tokens: int, depth: int, pool_k: PoolK,
+def tokens_per_block(method: str, num_tokens: int, depth: int, schedule: Schedule,
                      num_prefix_tokens: int = 1) -> List[int]:
-    """Tokens entering the first block, then tokens leaving each block, for ``select_method`` and ``pool_k``.
+    """Tokens entering the first block, then tokens leaving each block, for ``method`` and ``schedule``.
 
     Where a block reduces (after attention or after the MLP) does not change how many tokens leave it.
     """
-    schedule = resolve_schedule(pool_k, depth)
+    per_block = resolve_schedule(schedule, depth)
     # placed between attention and MLP, the MLP sees exactly the tokens that leave the block
-    counts = token_counts(get_method(select_method), num_tokens, schedule, num_prefix_tokens, reduce_at="attn")
+    counts = token_counts(get_method(method), num_tokens, per_block, num_prefix_tokens, reduce_at="attn")
     return [num_tokens] + [n_mlp for _, n_mlp in counts]
 
 
-def token_curves(num_tokens: int, depth: int, pool_k: PoolK, num_prefix_tokens: int = 1,
+def token_curves(num_tokens: int, depth: int, schedule: Schedule, num_prefix_tokens: int = 1,
                  method_names: Sequence[str] = METHOD_NAMES) -> Dict[str, List[int]]:
     """``tokens_per_block`` for each method name; methods with the same counts share one entry, labelled
     with their names joined by commas (so tk and tk_n, which always match, give one line)."""
     grouped: Dict[Tuple[int, ...], List[str]] = {}
     for name in method_names:
-        counts = tuple(tokens_per_block(name, num_tokens, depth, pool_k, num_prefix_tokens))
+        counts = tuple(tokens_per_block(name, num_tokens, depth, schedule, num_prefix_tokens))
         grouped.setdefault(counts, []).append(name)
     return {", ".join(names): list(counts) for counts, names in grouped.items()}
 
 
-def save_tokens_per_block_plot(path: str, num_tokens: int, depth: int, pool_k: PoolK, *,
+def save_tokens_per_block_plot(path: str, num_tokens: int, depth: int, schedule: Schedule, *,
                                num_prefix_tokens: int = 1, method_names: Sequence[str] = METHOD_NAMES,
                                title: Optional[str] = None) -> str:
     """Plot tokens left vs. block index for each method and return ``path``.
@@ -364,7 +364,7 @@ def save_tokens_per_block_plot(path: str, num_tokens: int, depth: int, pool_k: P
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
     markers = "osD^vP*X"
-    curves = token_curves(num_tokens, depth, pool_k, num_prefix_tokens, method_names)
+    curves = token_curves(num_tokens, depth, schedule, num_prefix_tokens, method_names)
     for index, (label, counts) in enumerate(curves.items()):
         ax.plot(range(depth + 1), counts, marker=markers[index % len(markers)], markersize=4, label=label)
     ax.set_xlabel("block (0 = tokens entering the first block)")
@@ -373,7 +373,7 @@ def save_tokens_per_block_plot(path: str, num_tokens: int, depth: int, pool_k: P
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(title or f"{num_tokens} tokens, {depth} blocks, pool_k={pool_k}", fontsize=10)
+    ax.set_title(title or f"{num_tokens} tokens, {depth} blocks, pool_k={schedule}", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=DPI)
     return path

@@ -9,16 +9,21 @@ import torch
 
 
 def attention(block, x, size=None):
-    """Returns (output, class-token attention averaged over heads, keys averaged over heads) for one sample (N, C)."""
+    """Returns (output, class-token attention averaged over heads, keys averaged over heads) for one sample (N, C).
+
+    timm's optional parts are read from the block as timm builds them: q/k norms (identity unless qk_norm), a
+    norm of the attention output (identity unless scale_attn_norm) and a sigmoid gate (None unless gated)."""
     attn = block.attn
     n, _ = x.shape
     qkv = attn.qkv(x).reshape(n, 3, attn.num_heads, attn.head_dim).permute(1, 2, 0, 3)
-    q, k, v = qkv[0], qkv[1], qkv[2]
+    q, k, v = attn.q_norm(qkv[0]), attn.k_norm(qkv[1]), qkv[2]
     logits = (q @ k.transpose(-1, -2)) / math.sqrt(attn.head_dim)
     if size is not None:
         logits = logits + torch.log(torch.tensor(size, dtype=x.dtype))[None, None, :]
     weights = logits.softmax(-1)
-    out = (weights @ v).transpose(0, 1).reshape(n, -1)
+    out = attn.norm((weights @ v).transpose(0, 1).reshape(n, -1))
+    if attn.gate is not None:
+        out = out * torch.sigmoid(attn.gate(x))
     return attn.proj(out), weights[:, 0, :].mean(0), k.mean(0)
 
 

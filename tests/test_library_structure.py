@@ -259,6 +259,37 @@ def test_importing_every_module_loads_nothing_from_the_application():
     assert done.stdout.strip() == "[]"
 
 
+ADAPTERS = ("pruning.patch.timm", "pruning.patch.hf", "pruning.patch.open_clip")
+
+
+def test_the_compressed_layer_exists_once():
+    """The attention, the reduction step and the class swap live in ``patch.layers``; a family adapter holds
+    only its layout and what is its library's own, so it reaches none of them directly."""
+    graph, _, _ = module_graph()
+    modules = pruning_modules()
+    below = {"pruning.compress", "pruning.scoring", "pruning.reduction", "pruning.merging", "pruning.methods"}
+    for adapter in ADAPTERS:
+        assert not below & graph[adapter], f"{adapter} imports {sorted(below & graph[adapter])}"
+        tree = ast.parse(modules[adapter].read_text())
+        used = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+        used |= {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+        assert not {"scaled_dot_product_attention", "softmax", "reduce_tokens"} & used, adapter
+        swaps = [node for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                 and any(isinstance(t, ast.Attribute) and t.attr == "__class__" for t in node.targets)]
+        # the one allowed: the DINOv2 classifiers' pooling swaps the model's class (restored by unpatch_layers)
+        assert len(swaps) == (1 if adapter == "pruning.patch.hf" else 0), adapter
+    assert "pruning.patch.layers" in graph["pruning.patch.timm"]
+
+
+def test_a_models_shape_has_one_name():
+    from pruning import flops, patch
+
+    assert flops.model_shape is patch.model_shape
+    for module in pruning_modules():
+        names = set(vars(importlib.import_module(module)))
+        assert not {"ViTShape", "vit_shape", "family_shape", "Geometry"} & names, module
+
+
 @pytest.mark.parametrize("old, new", [("pruning.schedules", "matched_flops_schedule"),
                                       ("pruning.schedules", "token_counts"),
                                       ("pruning.schedules", "keep_rate_schedule"),
@@ -266,6 +297,7 @@ def test_importing_every_module_loads_nothing_from_the_application():
                                       ("pruning.benchmark", "measure_throughput"),
                                       ("pruning.benchmark", "compare_speed"),
                                       ("pruning.visualize", "save_token_grid"),
-                                      ("pruning.flops", "analytic_flops")])
+                                      ("pruning.flops", "analytic_flops"), ("pruning.flops", "model_shape"),
+                                      ("pruning.patch", "model_shape")])
 def test_public_names_stay_where_they_were(old, new):
     assert callable(getattr(importlib.import_module(old), new))

@@ -1,12 +1,13 @@
 """The token compression library, specified by its behaviour on small timm ViTs."""
 import pytest
 import torch
+from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode
 
 from pruning import METHOD_NAMES, get_method
 from pruning.flops import analytic_flops
-from pruning.patch import apply_patch, get_state, remove_patch
+from pruning.patch import apply_patch, get_config, get_state, remove_patch
 from pruning.schedules import keep_rate_schedule, matched_flops_schedule
 from reference_vit import expected_token_counts, kept_ids, reference_logits
 
@@ -67,6 +68,83 @@ def test_rules_hold_with_register_tokens(images):
         apply_patch(model, method, 10)
         with torch.no_grad():
             torch.testing.assert_close(model(images), expected, atol=1e-4, rtol=0)
+
+
+class GatedAttention(Attention):
+    """timm's attention with its sigmoid output gate on (VisionTransformer builds its attention by class)."""
+
+    def __init__(self, *args, depth=0, **kwargs):
+        super().__init__(*args, gated=True, **kwargs)
+
+
+ATTENTION_OPTIONS = {  # the optional parts of timm's block, which the layout reads
+    "qk_norm+attn_norm+layer_scale": dict(qk_norm=True, scale_attn_norm=True, init_values=0.5),
+    "gate": dict(attn_layer=GatedAttention),
+}
+
+
+def make_vit_with(option, seed=0):
+    model = make_vit(seed, **ATTENTION_OPTIONS[option])
+    with torch.no_grad():  # the norms and layer scales away from their identity-like initial values
+        for name, param in model.blocks.named_parameters():
+            if name.endswith(("norm.weight", "norm.bias", "gamma")):
+                param.add_(0.5 * torch.randn_like(param))
+    return model
+
+
+@pytest.mark.parametrize("fused_attn", [True, False])
+@pytest.mark.parametrize("reduce_at", ["block", "attn"])
+@pytest.mark.parametrize("method", REDUCING)
+@pytest.mark.parametrize("option", ATTENTION_OPTIONS)
+def test_attention_options_follow_the_rules(option, method, reduce_at, fused_attn, images):
+    model = make_vit_with(option)
+    schedule = [9, 20, 5, 30]
+    expected = reference_logits(model, images, method, schedule, reduce_at)
+    apply_patch(model, method, schedule, reduce_at=reduce_at, fused_attn=fused_attn)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("fused_attn", [True, False])
+@pytest.mark.parametrize("option", ATTENTION_OPTIONS)
+def test_attention_options_k_zero_and_remove_patch_are_bit_identical(option, fused_attn, images):
+    model = make_vit_with(option)
+    for block in model.blocks:
+        block.attn.fused_attn = fused_attn
+    with torch.no_grad():
+        plain = model(images)
+        for method in ("tk", "tome"):
+            apply_patch(model, method, 0, fused_attn=fused_attn)
+            assert torch.equal(model(images), plain)
+            apply_patch(model, method, 4, fused_attn=fused_attn)
+            assert not torch.allclose(model(images), plain)
+            remove_patch(model)
+            assert torch.equal(model(images), plain)
+
+
+def test_method_and_schedule_keywords_are_the_seeds_select_method_and_pool_k(images):
+    seed = apply_patch(make_vit(), select_method="evit", pool_k=[3, 0, 5, 2], reduce_at="attn")
+    library = apply_patch(make_vit(), method="evit", schedule=[3, 0, 5, 2], reduce_at="attn")
+    positional = apply_patch(make_vit(), "evit", [3, 0, 5, 2], reduce_at="attn")
+    assert get_config(library).method.name == "evit" and get_config(library).schedule == [3, 0, 5, 2]
+    with torch.no_grad():
+        assert torch.equal(library(images), seed(images)) and torch.equal(positional(images), seed(images))
+    assert get_config(apply_patch(make_vit())).method.name == "tk_n"  # the defaults: tk_n, 10 per block
+    assert get_config(apply_patch(make_vit())).schedule == [10] * DEPTH
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    (dict(method="topk"), "method"),
+    (dict(schedule=-1), "schedule"),
+    (dict(schedule=[1, 2]), "schedule"),
+    (dict(method="tk", select_method="tk_n"), "method"),
+    (dict(schedule=1, pool_k=2), "schedule"),
+])
+def test_errors_name_the_keyword_given(kwargs, argument):
+    with pytest.raises(ValueError, match=f"^{argument}:"):
+        apply_patch(make_vit(), **kwargs)
+    with pytest.raises(ValueError, match="^method:.*class token"):
+        apply_patch(make_vit(class_token=False, global_pool="avg"), method="tk")
 
 
 def test_the_methods_really_differ(images):
@@ -362,6 +440,14 @@ def test_analytic_flops_of_a_patched_vit_match_the_flop_counter(method, reduce_a
     model = apply_patch(make_vit(), method, 9, reduce_at=reduce_at, fused_attn=False)
     assert _counted_flops(model, images) == analytic_flops(model)
     assert analytic_flops(model) < analytic_flops(remove_patch(make_vit()))
+
+
+def test_analytic_flops_count_an_added_head():
+    model = make_vit()
+    head = torch.nn.Linear(32, 7)
+    assert analytic_flops(model, head=head) == analytic_flops(model) + 2 * 32 * 7
+    apply_patch(model, "tome", 5)
+    assert analytic_flops(model, head=head) == analytic_flops(model) + 2 * 32 * 7
 
 
 def test_keep_rate_schedule():

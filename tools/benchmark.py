@@ -31,7 +31,7 @@ from engine.errors import CLIError, report_error  # noqa: E402
 from engine.options import ArgumentParser, int_at_least, resolve_device  # noqa: E402
 from pruning import METHOD_NAMES  # noqa: E402
 from pruning.benchmark import build_variants, compare_speed  # noqa: E402
-from pruning.flops import vit_shape  # noqa: E402
+from pruning.flops import model_shape  # noqa: E402
 from pruning.schedules import resolve_schedule  # noqa: E402
 
 PROG = "benchmark.py"
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     model = create_model(args.arch, args.img_size)
     try:
-        resolve_schedule(args.pool_k, vit_shape(model).depth)
+        resolve_schedule(args.pool_k, model_shape(model).depth)
         variants = build_variants(model.to(device), names, args.pool_k, args.explicit)
     except ValueError as err:  # the library names the argument: pool_k, select_method or model
         message = str(err)
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> None:
     if args.explicit:
         groups.append(("none/explicit", [v for v in variants if v.endswith("/explicit")]))
     channels, height, width = input_shape(model)
-    print(f"{args.arch} @ {height}x{width} px, {channels} channel(s), {vit_shape(model).num_tokens} tokens, "
+    print(f"{args.arch} @ {height}x{width} px, {channels} channel(s), {model_shape(model).num_tokens} tokens, "
           f"batch {args.batch_size}, {device}, {args.dtype}, pool_k={args.pool_k}, "
           f"threads={torch.get_num_threads()}, {args.rounds} rounds")
     print(f"{'variant':<18} {'img/s':>9} {'GFLOPs':>8} {'speedup':>8} {'ideal':>7} {'of ideal':>9}")

@@ -1,12 +1,13 @@
 """The Hugging Face transformers part: every method on ViT, DeiT, DINOv2 (with or without registers) and CLIP's
 vision tower.
 
-This is the only module that knows transformers' classes. It patches the way ``timm.py`` does: each encoder
-layer (and, for the DINOv2 classifiers, the model itself) is given a subclass of its own class, so weights,
-hooks and ``state_dict`` are untouched and ``remove_patch`` restores the plain model.
+This is the only module that knows transformers' classes. Each family is a layout of the shared compressed
+layer (``layers.py``, as for timm and OpenCLIP): each encoder layer (and, for the DINOv2 classifiers, the model
+itself) is given a subclass of its own class, so weights, hooks and ``state_dict`` are untouched and
+``remove_patch`` restores the plain model.
 
 Attention: a layer that reduces nothing runs transformers' own forward, with whatever attention implementation
-the model was loaded with (``config._attn_implementation``), so ``pool_k=0`` is bit-identical. A layer that
+the model was loaded with (``config._attn_implementation``), so a schedule of 0 is bit-identical. A layer that
 reduces runs the projections itself: with ``eager`` it materialises the N×N attention matrix, as transformers'
 eager path does; with any other implementation (``sdpa``, ...) it calls ``scaled_dot_product_attention`` and
 computes the class-token attention row on its own (O(N·d)), so the N×N matrix is never formed.
@@ -20,8 +21,7 @@ and the mean equals the mean over the original patches' slots), and every other 
 token included, counted once (a fused token is a weighted sum, not an average, of the tokens it replaced;
 no patch count is kept for it).
 
-The family-neutral layer patching is in ``layers.py`` (shared with ``open_clip.py``); transformers itself is
-imported only inside the functions that need its classes.
+transformers itself is imported only inside the functions that need its classes.
 """
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
@@ -29,10 +29,11 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..cost import ViTShape
-from ..counting import PoolK
+from ..cost import ModelShape
+from ..counting import Schedule
 from ..state import get_config
-from .layers import LayerLayout, build_config, grid_of, linear_flops, mlp_hidden, patch_layers, unpatch_layers
+from .layers import (LayerLayout, build_config, get_path, grid_of, linear_flops, mlp_hidden, patch_layers,
+                     unpatch_layers)
 
 __all__ = ["apply_patch", "remove_patch", "supports", "model_shape", "patch_token_mean", "SUPPORTED"]
 
@@ -65,10 +66,10 @@ class _Family:
     mean_pool: bool = False  # the classifier reads class token + mean of the patch tokens (DINOv2)
 
     def backbone_of(self, model: nn.Module) -> nn.Module:
-        return _get(model, self.backbone) if self.backbone else model
+        return get_path(model, self.backbone) if self.backbone else model
 
     def layers_of(self, model: nn.Module) -> nn.ModuleList:
-        return _get(self.backbone_of(model), self.layers)
+        return get_path(self.backbone_of(model), self.layers)
 
     def num_prefix(self, model: nn.Module) -> int:
         name = self.class_name
@@ -77,12 +78,6 @@ class _Family:
         if name.startswith("Dinov2WithRegisters"):
             return 1 + model.config.num_register_tokens
         return 1
-
-
-def _get(module: nn.Module, path: str):
-    for name in path.split("."):
-        module = getattr(module, name, None) if module is not None else None
-    return module
 
 
 _FAMILIES = {f.class_name: f for f in (
@@ -131,15 +126,15 @@ def _require_family(model: nn.Module) -> _Family:
     return family
 
 
-def apply_patch(model: nn.Module, select_method: str = "tk_n", pool_k: PoolK = 10, *,
-                reduce_at: Optional[str] = None, prop_attn: bool = True, trace_source: bool = False,
-                fused_attn: bool = True) -> nn.Module:
-    """Make every encoder layer of a transformers ViT / DeiT / DINOv2 / CLIP vision model remove tokens.
+def apply_patch(model: nn.Module, method: str, schedule: Schedule, *, fused_attn: bool = True,
+                **options) -> nn.Module:
+    """Make every encoder layer of a transformers ViT / DeiT / DINOv2 / CLIP vision model remove tokens (arguments
+    as ``pruning.patch.apply_patch``).
 
-    The arguments are those of ``pruning.patch.apply_patch``. ``fused_attn``: reducing layers use
-    scaled_dot_product_attention unless the model was loaded with ``attn_implementation="eager"`` or this is
-    False. It is one switch for every layer: with ``fused_attn=False`` on an sdpa model the layers that
-    reduce nothing materialise the attention too (instead of transformers' own sdpa forward).
+    ``fused_attn``: reducing layers use scaled_dot_product_attention unless the model was loaded with
+    ``attn_implementation="eager"`` or this is False. It is one switch for every layer: with ``fused_attn=False``
+    on an sdpa model the layers that reduce nothing materialise the attention too (instead of transformers'
+    own sdpa forward).
     """
     family = _require_family(model)
     checkpointing = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
@@ -149,9 +144,8 @@ def apply_patch(model: nn.Module, select_method: str = "tk_n", pool_k: PoolK = 1
                          "call model.gradient_checkpointing_disable() before apply_patch")
     layers = family.layers_of(model)
     own_fused = getattr(model.config, "_attn_implementation", "eager") != "eager"
-    fused = bool(fused_attn) and own_fused
-    cfg = build_config(select_method, pool_k, len(layers), family.num_prefix(model), reduce_at=reduce_at,
-                       prop_attn=prop_attn, trace_source=trace_source, fused_attn=fused)
+    cfg = build_config(method, schedule, len(layers), family.num_prefix(model),
+                       fused_attn=bool(fused_attn) and own_fused, **options)
     remove_patch(model)
     patch_layers(model, layers, family.layout, cfg, own_attn_fused=own_fused)
     if family.mean_pool:
@@ -166,21 +160,21 @@ def remove_patch(model: nn.Module) -> nn.Module:
     return model
 
 
-def model_shape(model: nn.Module, img_size: Optional[Sequence[int]] = None) -> ViTShape:
-    """The sizes ``pruning.flops`` needs, read from the model and its config."""
+def model_shape(model: nn.Module, img_size: Optional[Sequence[int]] = None) -> ModelShape:
+    """The sizes ``pruning.flops`` needs, read from the model and its config (``img_size`` overrides its own)."""
     family = _require_family(model)
     backbone, layers = family.backbone_of(model), family.layers_of(model)
     config = backbone.config
     grid_h, grid_w, patch_h, patch_w = grid_of(config.image_size, config.patch_size, img_size)
-    conv = _get(backbone, family.patch_conv)
+    conv = get_path(backbone, family.patch_conv)
     attn = getattr(layers[0], family.layout.attn)
     prefix = family.num_prefix(model)
-    return ViTShape(
+    return ModelShape(
         num_tokens=grid_h * grid_w + prefix, num_prefix=prefix, dim=config.hidden_size,
         attn_dim=config.num_attention_heads * attn.head_dim, head_dim=attn.head_dim,
         hidden=mlp_hidden(getattr(layers[0], family.layout.mlp)), depth=len(layers),
         embed_flops=2.0 * grid_h * grid_w * conv.in_channels * patch_h * patch_w * conv.out_channels,
-        head_flops=linear_flops(*(_get(model, path) for path in family.heads)),
+        head_flops=linear_flops(*(get_path(model, path) for path in family.heads)),
     )
 
 

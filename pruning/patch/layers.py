@@ -1,8 +1,22 @@
-"""Family-neutral patching of pre-norm encoder layers, shared by the transformers and OpenCLIP adapters.
+"""The compressed layer, once for every model family: a pre-norm encoder layer that reduces tokens.
 
-A family describes where its layer keeps its parts (``LayerLayout``); ``CompressedLayer`` runs such a
-layer with a reduction step after attention or after the MLP; ``patch_layers``/``unpatch_layers`` swap
-each layer's class for a compressing subclass and back. Nothing here names a model library's classes.
+A family says where its layer keeps its parts, and which optional parts its attention has, in a
+``LayerLayout``; ``CompressedLayer`` runs any such layer with a reduction step after attention or after the
+MLP; ``patch_layers``/``unpatch_layers`` swap each layer's class for a compressing subclass and back. The
+adapters (``timm.py``, ``hf.py``, ``open_clip.py``) hold only what is their library's: where the layers are,
+the layout, prefix tokens, pooling and the model's shape. Nothing here names a model library's classes.
+
+The layer computes, with ``attn`` the layout's attention module::
+
+    h = norm1(x)
+    q, k, v = heads of qkv(h) (packed) or of q_proj(h), k_proj(h), v_proj(h)
+    q, k = q_norm(q), k_norm(k)                      # adjust_qk: the one place for per-family extras
+    o = attention(q, k, v)                           # fused (SDPA) or explicit (N×N)
+    o = out_proj(attn_norm(o) * sigmoid(gate(h)))    # attn_norm and gate: when the layout names them
+    x = x + attn_post(o)                             # dropout, layer scale, drop path, in order
+    (reduce here when reduce_at == "attn")
+    x = x + mlp_post(mlp(norm2(x)))
+    (reduce here when reduce_at == "block")
 """
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -10,56 +24,129 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..compress import reduce_tokens
-from ..counting import PoolK, resolve_schedule
+from ..counting import Schedule, resolve_schedule
 from ..methods import PLACEMENTS, get_method
 from ..scoring import class_attention
-from ..state import CONFIG_ATTR, CompressionConfig, get_config
+from ..state import CONFIG_ATTR, CompressionConfig, CompressionState, get_config
 
 __all__ = ["LayerLayout", "CompressedLayer", "attend_heads", "compressed_class", "build_config", "patch_layers",
-           "unpatch_layers", "linear_flops", "mlp_hidden", "grid_of"]
+           "unpatch_layers", "get_path", "linear_flops", "mlp_hidden", "grid_of"]
+
+_NOT_SET = object()  # an attribute that was not in the module's __dict__ before patching
+
+
+def get_path(module, path: str):
+    """``module.a.b`` for ``path`` ``"a.b"``; None where a part is missing."""
+    for name in path.split("."):
+        module = getattr(module, name, None) if module is not None else None
+    return module
 
 
 class LayerLayout:
-    """Where a family's pre-norm layer keeps its parts, by attribute name.
+    """Where a family's pre-norm layer keeps its parts, and which optional parts its attention has.
 
-    The layer computes ``x + attn_post(out_proj(attention(norm1(x))))`` and then
-    ``x + mlp_post(mlp(norm2(x)))``; ``attn_post``/``mlp_post`` are the modules applied to each branch in
-    order (dropout, layer scale, drop path). Attention modules with separate q/k/v projections are read
-    here; a family whose attention differs overrides ``project``, ``scale_of`` and ``dropout_of``.
+    Names are attribute paths (``"attn.proj_drop"``): ``norm1``, ``attn``, ``norm2``, ``mlp``, ``attn_post`` and
+    ``mlp_post`` from the layer; the others from the attention module. Options:
+
+    - ``qkv``: one packed Linear giving queries, keys and values (timm); else ``q_proj``/``k_proj``/``v_proj``.
+    - ``qk_norm``: the (query, key) norms applied per head after the projection (timm's ``q_norm``/``k_norm``).
+    - ``attn_norm``: a norm of the attention output before ``out_proj`` (timm's ``attn.norm``).
+    - ``gate``: a Linear whose sigmoid, from the layer's normed input, scales the attention output (timm).
+    - ``scale``, ``dropout``: the attention's logit scale and dropout probability.
+    - ``scale_queries``: the explicit path scales the queries before the product (timm) instead of the
+      logits after it, as the family's own forward does (so results match it bit for bit).
+    - ``fused_switch``: the attention's own attribute choosing fused attention (timm's ``fused_attn``); while
+      patched it reads the config's ``fused_attn``, so the family's own forward follows the one switch.
+    - ``attn_post``/``mlp_post``: the modules applied to each branch in order (dropout, layer scale, drop path).
+    - ``mask_arg``: the name of the layer's mask argument, for the message refusing it while compressing.
+
+    A family whose attention differs further subclasses this and overrides ``packed_qkv`` (how the packed
+    projection is computed), ``adjust_qk`` (queries and keys before attention: the one point where extras
+    such as rotary position embeddings plug in), ``scale_of`` or ``dropout_of``.
     """
 
-    def __init__(self, name: str, norm1: str, attn: str, norm2: str, mlp: str, out_proj: str = "o_proj",
-                 scale: str = "scaling", dropout: str = "attention_dropout",
-                 attn_post: Tuple[str, ...] = (), mlp_post: Tuple[str, ...] = ()):
+    def __init__(self, name: str, norm1: str, attn: str, norm2: str, mlp: str, *, qkv: Optional[str] = None,
+                 qk_norm: Optional[Tuple[str, str]] = None, attn_norm: Optional[str] = None,
+                 gate: Optional[str] = None, out_proj: str = "o_proj", scale: str = "scaling",
+                 dropout: str = "attention_dropout", scale_queries: bool = False, fused_switch: Optional[str] = None,
+                 attn_post: Tuple[str, ...] = (), mlp_post: Tuple[str, ...] = (), mask_arg: str = "attention_mask"):
         self.name, self.norm1, self.attn, self.norm2, self.mlp = name, norm1, attn, norm2, mlp
-        self.out_proj, self.scale, self.dropout = out_proj, scale, dropout
-        self.attn_post, self.mlp_post = attn_post, mlp_post
+        self.qkv, self.qk_norm, self.attn_norm, self.gate = qkv, qk_norm, attn_norm, gate
+        self.out_proj, self.scale, self.dropout, self.scale_queries = out_proj, scale, dropout, scale_queries
+        self.fused_switch, self.attn_post, self.mlp_post, self.mask_arg = fused_switch, attn_post, mlp_post, mask_arg
+
+    # --- the attention's parts ---------------------------------------------------------------------------
+
+    def packed_qkv(self, attn: nn.Module, x: Tensor) -> Tensor:
+        """The packed projection (B, N, 3·H·D), queries then keys then values."""
+        return get_path(attn, self.qkv)(x)
 
     def project(self, attn: nn.Module, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """Queries, keys, values as (B, H, N, D)."""
-        shape = (*x.shape[:-1], -1, attn.head_dim)
-        return tuple(proj(x).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        if self.qkv is None:
+            shape = (*x.shape[:-1], -1, attn.head_dim)
+            return tuple(proj(x).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        batch, num_tokens, _ = x.shape
+        qkv = self.packed_qkv(attn, x).reshape(batch, num_tokens, 3, -1, attn.head_dim).permute(2, 0, 3, 1, 4)
+        return tuple(qkv.unbind(0))
+
+    def adjust_qk(self, attn: nn.Module, queries: Tensor, keys: Tensor,
+                  state: CompressionState) -> Tuple[Tensor, Tensor]:
+        """Queries and keys as the attention uses them: the q/k norms where the layout has them. A family
+        with rotary embeddings overrides this to rotate them by each token's angles (carried in ``state``)."""
+        if self.qk_norm is None:
+            return queries, keys
+        q_norm, k_norm = self.qk_norm
+        return get_path(attn, q_norm)(queries), get_path(attn, k_norm)(keys)
 
     def scale_of(self, attn: nn.Module) -> float:
-        return getattr(attn, self.scale)
+        return get_path(attn, self.scale)
 
     def dropout_of(self, attn: nn.Module) -> float:
-        return getattr(attn, self.dropout)
+        return get_path(attn, self.dropout)
+
+    def attention(self, attn: nn.Module, x: Tensor, *, size: Optional[Tensor], fused: bool, want_cls_attn: bool,
+                  want_keys: bool, state: Optional[CompressionState] = None
+                  ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """The attention sublayer on the normed tokens ``x``: (its output after ``out_proj``, the class-token
+        attention row (B, N) averaged over heads, the keys averaged over heads (B, N, D)); see ``attend_heads``."""
+        gate = get_path(attn, self.gate) if self.gate else None
+        gate = gate(x).sigmoid() if gate is not None else None
+        queries, keys, values = self.project(attn, x)
+        queries, keys = self.adjust_qk(attn, queries, keys, state if state is not None else CompressionState())
+        out, cls_attn, mean_keys = attend_heads(
+            queries, keys, values, scale=self.scale_of(attn), size=size,
+            dropout_p=self.dropout_of(attn) if attn.training else 0.0, fused=fused, want_cls_attn=want_cls_attn,
+            want_keys=want_keys, scale_queries=self.scale_queries)
+        if self.attn_norm:
+            out = get_path(attn, self.attn_norm)(out)
+        if gate is not None:
+            out = out * gate
+        return get_path(attn, self.out_proj)(out), cls_attn, mean_keys
+
+    # --- the layer's parts -------------------------------------------------------------------------------
 
     def branch(self, layer: nn.Module, names: Tuple[str, ...], x: Tensor) -> Tensor:
         for name in names:
-            x = getattr(layer, name)(x)
+            x = get_path(layer, name)(x)
         return x
+
+    def check_inputs(self, args: tuple, kwargs: dict) -> None:
+        """Refuse masks (any tensor argument beyond the tokens) and causal attention while compressing."""
+        if any(isinstance(a, Tensor) or a is True for a in (*args, *kwargs.values())):
+            raise ValueError(f"{self.mask_arg}: token compression changes the token set, so attention masks, "
+                             f"causal attention and separate key/value inputs are not supported")
 
 
 def attend_heads(queries: Tensor, keys: Tensor, values: Tensor, *, scale: float, size: Optional[Tensor],
-                 dropout_p: float, fused: bool, want_cls_attn: bool,
-                 want_keys: bool) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+                 dropout_p: float, fused: bool, want_cls_attn: bool, want_keys: bool,
+                 scale_queries: bool = False) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Multi-head attention of (B, H, N, D) inputs: (output (B, N, H·D), class-token attention row (B, N) averaged
     over heads, keys averaged over heads (B, N, D)).
 
     ``size`` adds log(size) to the logits (ToMe's proportional attention). ``fused`` runs
-    scaled_dot_product_attention and computes the class-token row separately, never forming N×N.
+    scaled_dot_product_attention and computes the class-token row separately, never forming N×N; otherwise
+    the logits are ``(queries · scale) @ keysᵀ`` with ``scale_queries`` and ``(queries @ keysᵀ) · scale`` without.
     """
     batch, heads, num_tokens, head_dim = queries.shape
     bias = None if size is None else size.log()[:, None, None, :, 0].to(queries.dtype)
@@ -70,7 +157,10 @@ def attend_heads(queries: Tensor, keys: Tensor, values: Tensor, *, scale: float,
         if want_cls_attn:
             cls_attn = class_attention(queries, keys, scale, bias)
     else:
-        logits = (queries @ keys.transpose(-2, -1)) * scale
+        if scale_queries:
+            logits = (queries * scale) @ keys.transpose(-2, -1)
+        else:
+            logits = (queries @ keys.transpose(-2, -1)) * scale
         if bias is not None:
             logits = logits + bias
         weights = logits.softmax(dim=-1)
@@ -84,38 +174,51 @@ def attend_heads(queries: Tensor, keys: Tensor, values: Tensor, *, scale: float,
 class CompressedLayer:
     """Mixed into a family's layer class: reduces tokens after attention or after the MLP.
 
-    A layer that reduces nothing (and carries no ToMe sizes) runs the family's own forward, bit for bit.
+    A layer that reduces nothing (and carries no ToMe sizes) runs the family's own forward, bit for bit, when
+    that forward runs the attention the config's ``fused_attn`` asks for; otherwise the layer's own projections
+    with the chosen attention.
     """
 
     _compression_index: int
+    _own_attn_fused: Optional[bool]  # None: the family's own attention follows the config's switch
     _layout: LayerLayout
 
     def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
         cfg = get_config(self)
         k, size = cfg.begin_block(self._compression_index, hidden_states)  # layer 0 starts a forward pass
-        if not cfg.reduces(k, size) and cfg.fused_attn == self._own_attn_fused:
+        own = self._own_attn_fused
+        if not cfg.reduces(k, size) and (own is None or own == cfg.fused_attn):
             return cfg.end_block(super().forward(hidden_states, *args, **kwargs))  # the layer's own: bit-identical
-        if any(isinstance(a, Tensor) for a in (*args, *kwargs.values())):
-            raise ValueError("attention_mask: token compression changes the token set, so attention masks "
-                             "and separate key/value inputs are not supported")
+        self._layout.check_inputs(args, kwargs)
         return cfg.end_block(self._compressed_forward(cfg, hidden_states, k, size))
 
     def _compressed_forward(self, cfg: CompressionConfig, x: Tensor, k: int, size: Optional[Tensor]) -> Tensor:
         layout, method = self._layout, cfg.method
-        attn = getattr(self, layout.attn)
-        queries, keys, values = layout.project(attn, getattr(self, layout.norm1)(x))
-        out, cls_attn, keys = attend_heads(
-            queries, keys, values, scale=layout.scale_of(attn), size=size,
-            dropout_p=layout.dropout_of(attn) if self.training else 0.0, fused=cfg.fused_attn,
-            want_cls_attn=k > 0 and method.needs_cls_attention, want_keys=k > 0 and method.reduction == "merge")
-        x = x + layout.branch(self, layout.attn_post, getattr(attn, layout.out_proj)(out))
+        out, cls_attn, keys = layout.attention(
+            get_path(self, layout.attn), get_path(self, layout.norm1)(x), size=size, fused=cfg.fused_attn,
+            want_cls_attn=k > 0 and method.needs_cls_attention, want_keys=k > 0 and method.reduction == "merge",
+            state=cfg.state)
+        x = x + layout.branch(self, layout.attn_post, out)
         if cfg.reduce_at == "attn" and k > 0:
             x = reduce_tokens(cfg, x, k, cls_attn, keys)
-        mlp_out = getattr(self, layout.mlp)(getattr(self, layout.norm2)(x))
-        x = x + layout.branch(self, layout.mlp_post, mlp_out)
+        x = x + layout.branch(self, layout.mlp_post, get_path(self, layout.mlp)(get_path(self, layout.norm2)(x)))
         if cfg.reduce_at == "block" and k > 0:
             x = reduce_tokens(cfg, x, k, cls_attn, keys)
         return x
+
+
+class _SwitchedAttention:
+    """Mixed into an attention class whose own forward reads a fused-attention attribute (the layout's
+    ``fused_switch``): while patched, that attribute is the config's ``fused_attn``, the one switch."""
+
+    _switch: str
+
+    def _read_switch(self) -> bool:
+        return get_config(self).fused_attn
+
+    def _refuse_write(self, value: bool) -> None:
+        raise AttributeError(f"{self._switch}: the layers of a patched model share one attention switch; "
+                             f"set it with pruning.patch.apply_patch(model, ..., fused_attn=...)")
 
 
 _SUBCLASSES: Dict[Tuple[type, type, str], type] = {}
@@ -129,27 +232,38 @@ def compressed_class(cls: type, mixin: type, tag: str = "", **attrs) -> type:
     return _SUBCLASSES[key]
 
 
-def build_config(select_method: str, pool_k: PoolK, depth: int, num_prefix: int, *, reduce_at: Optional[str],
-                 prop_attn: bool, trace_source: bool, fused_attn: bool) -> CompressionConfig:
-    """The CompressionConfig for these arguments; ValueError naming the bad argument."""
-    method = get_method(select_method)
-    reduce_at = method.default_reduce_at if reduce_at is None else reduce_at
+def _switched_class(cls: type, switch: str) -> type:
+    switched = property(_SwitchedAttention._read_switch, _SwitchedAttention._refuse_write)
+    return compressed_class(cls, _SwitchedAttention, switch, _switch=switch, **{switch: switched})
+
+
+def build_config(method: str, schedule: Schedule, depth: int, num_prefix: int, *, reduce_at: Optional[str] = None,
+                 prop_attn: bool = True, trace_source: bool = False, fused_attn: bool = True, class_token: bool = True,
+                 names: Tuple[str, str] = ("select_method", "pool_k")) -> CompressionConfig:
+    """The CompressionConfig for these arguments; ValueError naming the bad argument (``names``: what the
+    caller called the method and the schedule)."""
+    method_arg, schedule_arg = names
+    chosen = get_method(method, argument=method_arg)
+    reduce_at = chosen.default_reduce_at if reduce_at is None else reduce_at
     if reduce_at not in PLACEMENTS:
         raise ValueError(f"reduce_at: expected one of {', '.join(PLACEMENTS)}, got {reduce_at!r}")
-    schedule = resolve_schedule(pool_k, depth)
-    if method.reduction == "none":
-        schedule = [0] * depth
-    return CompressionConfig(method=method, schedule=schedule, reduce_at=reduce_at, num_prefix_tokens=num_prefix,
+    per_block = resolve_schedule(schedule, depth, argument=schedule_arg)
+    if chosen.reduction == "none":
+        per_block = [0] * depth
+    if chosen.needs_cls_attention and not class_token:
+        raise ValueError(f"{method_arg}: {chosen.name!r} scores tokens by class-token attention, but this model has "
+                         f"no class token; use a model with one, or tk_n, evit_n or tome")
+    return CompressionConfig(method=chosen, schedule=per_block, reduce_at=reduce_at, num_prefix_tokens=num_prefix,
                              prop_attn=prop_attn, trace_source=trace_source, fused_attn=bool(fused_attn))
 
 
 def patch_layers(model: nn.Module, layers: Sequence[nn.Module], layout: LayerLayout, cfg: CompressionConfig,
-                 own_attn_fused: bool) -> None:
+                 own_attn_fused: Optional[bool] = None) -> None:
     """Give every layer the compressed subclass of its class and the shared config.
 
-    ``own_attn_fused`` says whether the layers' own forward runs fused attention. ``cfg.fused_attn`` is the
-    one switch: a layer that reduces nothing runs its own forward only when that agrees with the switch,
-    and the same projections with the chosen attention otherwise.
+    ``cfg.fused_attn`` is the one switch. With a ``fused_switch`` layout the attention's own attribute reads
+    it; otherwise ``own_attn_fused`` says whether the layers' own forward runs fused attention, and a layer
+    that reduces nothing runs its own forward only when that agrees with the switch.
     """
     setattr(model, CONFIG_ATTR, cfg)
     for index, layer in enumerate(layers):
@@ -157,7 +271,13 @@ def patch_layers(model: nn.Module, layers: Sequence[nn.Module], layout: LayerLay
         layer.__class__ = compressed_class(layer.__class__, CompressedLayer, layout.name, _layout=layout)
         setattr(layer, CONFIG_ATTR, cfg)
         layer._compression_index = index
-        layer._own_attn_fused = own_attn_fused
+        layer._own_attn_fused = None if layout.fused_switch else own_attn_fused
+        if layout.fused_switch:
+            attn = get_path(layer, layout.attn)
+            attn._original_switch = attn.__dict__.pop(layout.fused_switch, _NOT_SET)
+            attn._original_class = attn.__class__
+            attn.__class__ = _switched_class(attn.__class__, layout.fused_switch)
+            setattr(attn, CONFIG_ATTR, cfg)
 
 
 def unpatch_layers(model: nn.Module, layers: Sequence[nn.Module]) -> None:
@@ -166,9 +286,17 @@ def unpatch_layers(model: nn.Module, layers: Sequence[nn.Module]) -> None:
         original = layer.__dict__.pop("_original_class", None)
         if original is None:
             continue
+        layout = layer._layout
         layer.__class__ = original
         del layer._compression_index, layer._own_attn_fused
         layer.__dict__.pop(CONFIG_ATTR)
+        if layout.fused_switch:
+            attn = get_path(layer, layout.attn)
+            attn.__class__ = attn.__dict__.pop("_original_class")
+            attn.__dict__.pop(CONFIG_ATTR)
+            switch = attn.__dict__.pop("_original_switch")
+            if switch is not _NOT_SET:
+                attn.__dict__[layout.fused_switch] = switch
     original = model.__dict__.pop("_original_class", None)
     if original is not None:
         model.__class__ = original

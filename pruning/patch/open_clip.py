@@ -2,7 +2,7 @@
 
 This is the only module that knows OpenCLIP's classes. Its blocks (``ResidualAttentionBlock``: ``ln_1``, an
 ``nn.MultiheadAttention``, layer scale ``ls_1``, ``ln_2``, the ``c_fc``/``c_proj`` MLP, ``ls_2``) are patched
-as ``hf.py`` patches transformers' layers (the shared, family-agnostic machinery lives there): a block that
+as one layout of the shared compressed layer (``layers.py``, as timm and transformers are): a block that
 reduces nothing runs OpenCLIP's own forward, bit for bit; a block that reduces runs the packed in-projection
 itself and scaled_dot_product_attention (``fused_attn=False``: the N×N matrix, materialised), computing the
 class-token attention row separately.
@@ -10,26 +10,23 @@ class-token attention row separately.
 Pooling: only class-token pooling (``pool_type='tok'``, no attention pooler) is supported; the class token
 stays first, so ``ln_post`` and ``proj`` are unchanged. Other poolings are refused.
 """
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..cost import ViTShape
-from ..counting import PoolK
+from ..cost import ModelShape
+from ..counting import Schedule
 from .layers import LayerLayout, build_config, grid_of, mlp_hidden, patch_layers, unpatch_layers
 
 __all__ = ["apply_patch", "remove_patch", "supports", "model_shape"]
 
 
 class _MultiheadLayout(LayerLayout):
-    """``nn.MultiheadAttention`` with one packed in-projection."""
+    """``nn.MultiheadAttention``: one packed in-projection held as weight and bias, not as a Linear."""
 
-    def project(self, attn: nn.Module, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        batch, num_tokens, _ = x.shape
-        qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
-        qkv = qkv.reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        return tuple(qkv.unbind(0))
+    def packed_qkv(self, attn: nn.Module, x: Tensor) -> Tensor:
+        return F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
 
     def scale_of(self, attn: nn.Module) -> float:
         return attn.head_dim ** -0.5
@@ -38,7 +35,7 @@ class _MultiheadLayout(LayerLayout):
         return attn.dropout
 
 
-_LAYOUT = _MultiheadLayout("open_clip", "ln_1", "attn", "ln_2", "mlp", out_proj="out_proj",
+_LAYOUT = _MultiheadLayout("open_clip", "ln_1", "attn", "ln_2", "mlp", qkv="in_proj", out_proj="out_proj",
                            attn_post=("ls_1",), mlp_post=("ls_2",))
 
 
@@ -79,15 +76,12 @@ def _check(model: nn.Module) -> None:
                              "biases is not supported")
 
 
-def apply_patch(model: nn.Module, select_method: str = "tk_n", pool_k: PoolK = 10, *,
-                reduce_at: Optional[str] = None, prop_attn: bool = True, trace_source: bool = False,
-                fused_attn: bool = True) -> nn.Module:
+def apply_patch(model: nn.Module, method: str, schedule: Schedule, **options) -> nn.Module:
     """Make every block of an OpenCLIP ``VisionTransformer`` remove tokens (arguments as
     ``pruning.patch.apply_patch``); the model returns its pooled features (and tokens) as before."""
     _check(model)
     blocks = model.transformer.resblocks
-    cfg = build_config(select_method, pool_k, len(blocks), 1, reduce_at=reduce_at, prop_attn=prop_attn,
-                       trace_source=trace_source, fused_attn=fused_attn)
+    cfg = build_config(method, schedule, len(blocks), 1, **options)
     remove_patch(model)
     patch_layers(model, blocks, _LAYOUT, cfg, own_attn_fused=True)  # nn.MultiheadAttention runs SDPA
     return model
@@ -101,13 +95,13 @@ def remove_patch(model: nn.Module) -> nn.Module:
     return model
 
 
-def model_shape(model: nn.Module, img_size: Optional[Sequence[int]] = None) -> ViTShape:
+def model_shape(model: nn.Module, img_size: Optional[Sequence[int]] = None) -> ModelShape:
     """The sizes ``pruning.flops`` needs."""
     _check(model)
     grid_h, grid_w, patch_h, patch_w = grid_of(model.image_size, model.patch_size, img_size)
     block = model.transformer.resblocks[0]
     conv, proj = model.conv1, model.proj
-    return ViTShape(
+    return ModelShape(
         num_tokens=grid_h * grid_w + 1, num_prefix=1, dim=model.transformer.width,
         attn_dim=block.attn.num_heads * block.attn.head_dim, head_dim=block.attn.head_dim,
         hidden=mlp_hidden(block.mlp), depth=len(model.transformer.resblocks),
