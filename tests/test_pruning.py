@@ -99,10 +99,13 @@ def make_vit_with(option, seed=0):
 def test_attention_options_follow_the_rules(option, method, reduce_at, fused_attn, images):
     model = make_vit_with(option)
     schedule = [9, 20, 5, 30]
-    expected = reference_logits(model, images, method, schedule, reduce_at)
-    apply_patch(model, method, schedule, reduce_at=reduce_at, fused_attn=fused_attn)
+    stochastic = get_method(method).stochastic  # random: the reference keeps what the model drew
+    apply_patch(model, method, schedule, reduce_at=reduce_at, fused_attn=fused_attn, trace_source=stochastic)
     with torch.no_grad():
-        torch.testing.assert_close(model(images), expected, atol=1e-4, rtol=0)
+        got = model(images)
+    kept = kept_ids(get_state(model).block_sources) if stochastic else None
+    expected = reference_logits(remove_patch(model), images, method, schedule, reduce_at, kept=kept)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("fused_attn", [True, False])
