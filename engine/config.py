@@ -14,7 +14,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
-from pruning.methods import get_method
+from pruning import get_method
 
 from . import options
 from .distributed import Processes

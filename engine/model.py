@@ -13,11 +13,10 @@ from timm.models.vision_transformer import VisionTransformer
 import data
 
 import pruning.models  # noqa: F401  (registers the vit_pico_* models in timm's registry)
-from pruning.counting import tokens_after
+from pruning import get_method, seed_draws
+from pruning.core.counting import tokens_after
 from pruning.flops import model_shape, model_token_counts
-from pruning.methods import get_method
 from pruning.patch import apply_patch, get_config
-from pruning.state import seed_draws
 
 from . import hub, zoo
 from .checkpoint import load_weights, torch_load

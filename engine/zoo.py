@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from pruning.flops import analytic_flops as _library_flops
-from pruning.state import CONFIG_ATTR
+from pruning.core.state import CONFIG_ATTR
 
 from . import hub
 from .errors import CLIError, one_line

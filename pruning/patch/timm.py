@@ -16,8 +16,8 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from ..cost import ModelShape
-from ..counting import Schedule
+from ..core.cost import ModelShape
+from ..core.counting import Schedule
 from .layers import LayerLayout, build_config, patch_layers, unpatch_layers
 
 __all__ = ["BLOCK_LAYOUT", "apply_patch", "remove_patch", "supports", "model_shape", "attend"]
