@@ -153,8 +153,8 @@ def block_scores(model: torch.nn.Module, images: Tensor, reduce_at: str = "block
     Returns (norms, attn, logits): norms and attn of the patch tokens, (depth, B, P) each, and the model's
     logits computed from the same block-by-block pass.
     """
-    from pruning.patch.timm import attend
     from pruning.core.scoring import token_norm
+    from pruning.patch.timm import BLOCK_LAYOUT
 
     prefix = model.num_prefix_tokens
     norms, attns, logits = [], [], []
@@ -163,8 +163,8 @@ def block_scores(model: torch.nn.Module, images: Tensor, reduce_at: str = "block
             x = model.patch_drop(model.norm_pre(model._pos_embed(model.patch_embed(images[start:start + batch_size]))))
             batch_norms, batch_attn = [], []
             for block in model.blocks:
-                out, cls_attn, _ = attend(block.attn, block.norm1(x), size=None, want_cls_attn=True, want_keys=False,
-                                          fused=False)
+                out, cls_attn, _ = BLOCK_LAYOUT.attention(block.attn, block.norm1(x), size=None, want_cls_attn=True,
+                                                          want_keys=False, fused=False)
                 x = x + block.drop_path1(block.ls1(out))
                 if reduce_at == "attn":
                     batch_norms.append(token_norm(x)[:, prefix:])
