@@ -351,13 +351,21 @@ def test_the_compressed_layer_exists_once():
     assert "pruning.patch.layers" in graph["pruning.patch.timm"]
 
 
-def test_a_models_shape_has_one_name():
+def test_a_models_shape_has_one_name_and_one_analytic_count():
+    """The library's ``ModelShape`` and ``analytic_flops`` are the only ones: the engine uses them, with no shape
+    class or FLOPs count of its own."""
     from pruning import flops, patch
 
     assert flops.model_shape is patch.model_shape
-    for module in pruning_modules():
-        names = set(vars(importlib.import_module(module)))
-        assert not {"ViTShape", "vit_shape", "family_shape", "Geometry"} & names, module
+    engine_modules = [name for name in repo_modules() if layer_of(name) == "engine"]
+    for module in [*pruning_modules(), *engine_modules]:
+        names = vars(importlib.import_module(module))
+        assert not {"ViTShape", "vit_shape", "family_shape", "Geometry", "geometry"} & set(names), module
+        # the family adapters have their own model_shape, which pruning.patch dispatches to; nothing else does
+        own = ("ModelShape", "analytic_flops") if module.startswith("pruning.") else \
+            ("ModelShape", "analytic_flops", "model_shape")
+        for name in own:
+            assert names.get(name, getattr(flops, name)) is getattr(flops, name), f"{module}.{name}"
 
 
 @pytest.mark.parametrize("old, new", [("pruning.schedules", "matched_flops_schedule"),
