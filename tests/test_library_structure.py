@@ -362,9 +362,9 @@ def test_a_models_shape_has_one_name_and_one_analytic_count():
         names = vars(importlib.import_module(module))
         assert not {"ViTShape", "vit_shape", "family_shape", "Geometry", "geometry"} & set(names), module
         # the family adapters have their own model_shape, which pruning.patch dispatches to; nothing else does
-        own = ("ModelShape", "analytic_flops") if module.startswith("pruning.") else \
+        library_only = ("ModelShape", "analytic_flops") if module.startswith("pruning.") else \
             ("ModelShape", "analytic_flops", "model_shape")
-        for name in own:
+        for name in library_only:
             assert names.get(name, getattr(flops, name)) is getattr(flops, name), f"{module}.{name}"
 
 
