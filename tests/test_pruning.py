@@ -97,12 +97,17 @@ def make_vit_with(option, seed=0):
 @pytest.mark.parametrize("method", REDUCING)
 @pytest.mark.parametrize("option", ATTENTION_OPTIONS)
 def test_attention_options_follow_the_rules(option, method, reduce_at, fused_attn, images):
+    """As ``test_logits_follow_the_rules``, with timm's optional attention parts on (random: the tokens the model
+    drew are kept by the reference)."""
     model = make_vit_with(option)
     schedule = [9, 20, 5, 30]
-    expected = reference_logits(model, images, method, schedule, reduce_at)
-    apply_patch(model, method, schedule, reduce_at=reduce_at, fused_attn=fused_attn)
+    stochastic = get_method(method).stochastic
+    apply_patch(model, method, schedule, reduce_at=reduce_at, fused_attn=fused_attn, trace_source=stochastic)
     with torch.no_grad():
-        torch.testing.assert_close(model(images), expected, atol=1e-4, rtol=0)
+        got = model(images)
+    kept = kept_ids(get_state(model).block_sources) if stochastic else None
+    expected = reference_logits(remove_patch(model), images, method, schedule, reduce_at, kept=kept)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("fused_attn", [True, False])
