@@ -73,7 +73,7 @@ def test_a_stochastic_method_is_evaluated_once_per_seed_off_the_shelf(tmp_path):
     """random draws other tokens with every seed, so even an evaluation of the fixed baseline runs once per seed;
     low_norm, deterministic, once."""
     config = sweep.load_config(fixed_config(tmp_path, methods=["none", "tk", "random", "low_norm"]), {})
-    plan = sweep.plan_runs(config, lambda method, level: level.reduce_token)
+    plan = sweep.plan_runs(config, lambda method, level: level.schedule)
     seeds = {}
     for spec in plan:
         seeds.setdefault((spec.protocol, spec.method, spec.level), []).append(spec.seed)
@@ -97,14 +97,15 @@ def test_a_fixed_baseline_sweep_runs_and_fills_the_speedups(tmp_path, no_plot):
     assert all(r["speedup"] == shelf[r["level"]] for r in finetune)  # every seed: the one off-the-shelf measure
 
 
-def test_a_missing_fixed_baseline_dry_runs_and_skips_when_run(tmp_path, no_plot, capsys):
+def test_a_missing_fixed_baseline_dry_runs_and_is_refused_up_front_when_run(tmp_path, no_plot, capsys):
     config = fixed_config(tmp_path)
     (tmp_path / "trained" / "last.pt").unlink()
     assert run_fake(config, FakeMain(), "--dry_run") == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 25
     fake = FakeMain()
-    assert run_fake(config, fake) == 1
+    assert run_fake(config, fake) == 2  # bad input: one line, nothing run
     assert fake.calls == []
+    assert capsys.readouterr().err.startswith("sweep.py: error: baseline_checkpoint: ")
 
 
 def test_more_seeds_later_add_fine_tunes_without_evaluating_the_fixed_baseline_again(tmp_path, no_plot):
