@@ -36,10 +36,10 @@ from engine.errors import BAD_INPUT, Interrupted, TrainingDiverged, one_line
 from engine.outputs import RunFolder, plan_output_dir
 from engine.measure import Bench, measure
 from engine.report import RESULT_KEYS, TIMING_KEYS  # noqa: F401  (what results.json holds; TIMING_KEYS: measured times)
-from engine.model import (arch_label, build_model, compress, geometry, removed_per_block, tokens_per_block,
-                          unmet_reductions)
+from engine.model import arch_label, build_model, compress, removed_per_block, tokens_per_block, unmet_reductions
 from engine.options import Recipe
 from engine.signals import StopSignal
+from engine.zoo import backbone_of
 from pruning.patch import get_config
 
 # What a run does when no option says otherwise, by setting name (--model sets `method`, --reduce_token
@@ -209,7 +209,7 @@ def announce(config: RunConfig, folder: RunFolder, compressed: Compressed, split
     processes, model = host.processes, compressed.model
     where = f"{processes.world_size} processes ({host.device.type})" if processes.enabled else str(host.device)
     print(f"{config.arch}: {sum(p.numel() for p in model.parameters()) / 1e6:.3f} M params, {config.img_size} px, "
-          f"patch {config.patch_size}, {geometry(model).depth} blocks | {config.method} removing "
+          f"patch {config.patch_size}, {backbone_of(model).shape.depth} blocks | {config.method} removing "
           f"{report.tokens_text(config.schedule)} per block at {config.reduce_at}: tokens "
           f"{report.arrows(compressed.tokens)} | {config.data_name}: {sizes(splits)} | {where}, "
           f"{torch.get_num_threads()} threads")
@@ -302,8 +302,8 @@ def measure_and_report(config: RunConfig, compressed: Compressed, splits: Option
         print(f"visualization: {report.save_visualization(compressed.model, config, splits, host.device, out_dir)}")
     amp = f", amp {dtype}".replace("torch.", "") if config.amp else ""
     print(report.summary(results, {
-        "reduce_at": config.reduce_at, "geometry": f"{config.img_size} px, patch {config.patch_size}, "
-                                                   f"{geometry(compressed.model).depth} blocks",
+        "reduce_at": config.reduce_at, "shape": f"{config.img_size} px, patch {config.patch_size}, "
+                                                f"{backbone_of(compressed.model).shape.depth} blocks",
         "sizes": sizes(splits), "analytic": f"{figures['analytic_gflops']:.4g}",
         "ideal": f"{figures['baseline_gflops'] / figures['gflops']:.3f}x" if compressed.baseline is not None else "-",
         "bench": f"batch {bench.batch_size}, {host.device.type}{amp}{', compiled' if config.compile else ''}, "

@@ -6,7 +6,8 @@
 - ``model``: the model of ``--arch`` (hub weights checked first), its starting weights, compression, threads,
   and the model of a trained checkpoint (``load_trained``, what the tools read);
 - ``hub``: whether the Hugging Face hub can be reached (asked before timm or transformers try);
-- ``zoo``: transformers and OpenCLIP models behind ``--arch hf:...`` / ``open_clip:...`` as images -> logits;
+- ``zoo``: transformers and OpenCLIP models behind ``--arch hf:...`` / ``open_clip:...`` as images -> logits, and
+  every family's ``Backbone`` (the module the library patches, the images it takes, the head the engine added);
 - ``train``: the training loop (``fit``, ``train_one_epoch``, ``evaluate``), warm-up + cosine, resume state;
 - ``measure``: FLOPs (flop_counter), thop MACs, compile-for-inference, throughput;
 - ``report``: results.json's fields, the environment, predictions, the summary table, the ``--visualize`` grid;

@@ -14,12 +14,12 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
-from pruning.methods import get_method
+from pruning import get_method
 
 from . import options
 from .distributed import Processes
 from .model import check_schedule_length, reference_model
-from .zoo import geometry
+from .zoo import backbone_of
 
 Schedule = Union[int, Tuple[int, ...]]  # tokens removed per block: one int for every block, or one per block
 UNSAVED = ("config", "resume", "overwrite")  # how this one run was started, not what it computes
@@ -103,8 +103,9 @@ def model_sizes(values: Mapping[str, Any], arch: str) -> Tuple[int, int, int]:
     """(image size, patch size, blocks) of the model the settings describe, read from a weightless (meta) copy
     built as the run builds it: bad sizes and unknown archs are refused here, before any data is read."""
     with torch.device("meta"):
-        shape = geometry(reference_model(argparse.Namespace(**values), arch))
-    return shape.img_size, shape.patch_size, shape.depth
+        backbone = backbone_of(reference_model(argparse.Namespace(**values), arch))
+        depth = backbone.shape.depth
+    return backbone.img_size, backbone.patch_size, depth
 
 
 def resolve_config(args: argparse.Namespace, parser: "options.ArgumentParser", recipes: Mapping[str, "options.Recipe"],

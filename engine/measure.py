@@ -13,8 +13,10 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from pruning.benchmark import measure_throughput
+from pruning.flops import analytic_flops
+
 from .errors import CLIError, one_line
-from .zoo import analytic_flops  # every family (a transformers / OpenCLIP model: its added head included)
+from .zoo import backbone_of
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,8 @@ def measure(model: nn.Module, baseline: Optional[nn.Module], input_shape: Sequen
     With ``bench.compile`` the timed models are compiled; FLOPs are counted on the plain modules.
     """
     gflops = count_gflops(model, input_shape, device)
-    analytic = analytic_flops(model) / 1e9
+    backbone = backbone_of(model)
+    analytic = analytic_flops(backbone.module, head=backbone.head) / 1e9
     if abs(gflops - analytic) > 0.05 * analytic:
         print(f"warning: flop_counter counts {gflops:.4g} GFLOPs, the analytic count is {analytic:.4g}",
               file=sys.stderr)

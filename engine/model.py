@@ -1,6 +1,7 @@
 """The model of a run: a timm model created by name (hub weights when asked for, checked before timm tries), or a
 transformers / OpenCLIP model (``hf:``, ``open_clip:``, built by ``zoo``); its starting weights loaded, and
-compressed with the chosen method. ``geometry(model)`` reads image size, patch size and blocks of every family."""
+compressed with the chosen method. ``zoo.backbone_of(model)`` reads the module to patch, its image and patch size
+and its channels, of every family."""
 import argparse
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -13,17 +14,16 @@ from timm.models.vision_transformer import VisionTransformer
 import data
 
 import pruning.models  # noqa: F401  (registers the vit_pico_* models in timm's registry)
-from pruning.counting import tokens_after
+from pruning import get_method, seed_draws
+from pruning.core.counting import tokens_after
 from pruning.flops import model_shape, model_token_counts
-from pruning.methods import get_method
 from pruning.patch import apply_patch, get_config
-from pruning.state import seed_draws
 
 from . import hub, zoo
 from .checkpoint import load_weights, torch_load
 from .errors import CLIError, one_line
 from .options import dests
-from .zoo import Geometry, analytic_flops, arch_label, geometry  # noqa: F401  (the accessors of every family)
+from .zoo import arch_label, backbone_of  # noqa: F401  (arch_label: main.py's folder names)
 
 
 def create_model(arch: str, num_classes: Optional[int], in_chans: Optional[int], *, pretrained: bool = False,
@@ -109,16 +109,16 @@ def _announce_head(model: nn.Module, args: Any, num_classes: int, trained: bool)
 
 
 def compress(model: nn.Module, settings: Any, trace_source: bool = False) -> nn.Module:
-    """Patch ``model`` (its backbone, ``geometry(model).module``) in place with the settings' ``method``,
+    """Patch ``model`` (its backbone, ``backbone_of(model).module``) in place with the settings' ``method``,
     ``schedule``, ``reduce_at`` and ``prop_attn`` (on unless ``off``, the library's default); its random draws
     (the ``random`` control) seeded with the settings' ``seed``; returns ``model``."""
     try:
-        apply_patch(geometry(model).module, settings.method, settings.schedule, reduce_at=settings.reduce_at,
+        apply_patch(backbone_of(model).module, settings.method, settings.schedule, reduce_at=settings.reduce_at,
                     prop_attn=settings.prop_attn != "off", trace_source=trace_source)
     except ValueError as err:
         raise CLIError(f"--model {settings.method} / --reduce_token / --reduce_at: {err}") from None
     if get_method(settings.method).stochastic:
-        seed_draws(geometry(model).module, getattr(settings, "seed", 0))
+        seed_draws(backbone_of(model).module, getattr(settings, "seed", 0))
     return model
 
 
@@ -159,7 +159,7 @@ def load_trained(path: str, option: str = "--checkpoint") -> Tuple[nn.Module, Di
 def tokens_per_block(model: nn.Module) -> List[int]:
     """Tokens entering the first block, then leaving each block, as the compressed model runs them
     (the library's own count, ``pruning.flops.model_token_counts``): ``[17, 15, 13, 11, 9]``."""
-    model = geometry(model).module
+    model = backbone_of(model).module
     entering = [attn for attn, _ in model_token_counts(model)]
     cfg = get_config(model)
     last = entering[-1] if cfg is None else tokens_after(cfg.method, entering[-1], cfg.schedule[-1],
@@ -179,7 +179,7 @@ def unmet_reductions(model: nn.Module) -> List[Tuple[int, int, int]]:
     cfg = get_config(model)
     if cfg is None:
         return []
-    tokens, prefix = tokens_per_block(model), model_shape(geometry(model).module).num_prefix
+    tokens, prefix = tokens_per_block(model), backbone_of(model).shape.num_prefix
     unmet = []
     for block, k in enumerate(cfg.schedule):
         plenty = tokens[block] + 2 * k + prefix + 2

@@ -95,7 +95,7 @@ def unmet_warning(method: str, schedule: Any, unmet: Sequence[Tuple[int, int, in
 
 
 def summary(results: Dict[str, Any], extra: Dict[str, str]) -> str:
-    """The end-of-run table of ``results``; ``extra`` says how they came about (keys: reduce_at, geometry,
+    """The end-of-run table of ``results``; ``extra`` says how they came about (keys: reduce_at, shape,
     sizes, bench, analytic, ideal, time, results)."""
     def num(value: Optional[float], fmt: str, unit: str = "") -> str:
         return "-" if value is None else f"{value:{fmt}}{unit}"
@@ -103,7 +103,7 @@ def summary(results: Dict[str, Any], extra: Dict[str, str]) -> str:
     rows = [
         ("method", f"{results['method']} (schedule {tokens_text(results['schedule'])}, at {extra['reduce_at']})"),
         ("tokens", " → ".join(map(str, results["tokens_per_block"])) if results.get("tokens_per_block") else "-"),
-        ("arch", f"{results['arch']} ({extra['geometry']})"),
+        ("arch", f"{results['arch']} ({extra['shape']})"),
         ("data", f"{results['data_name']} ({extra['sizes']})"),
         ("epochs", str(results["epochs"])),
         ("accuracy", f"{num(results['accuracy'], '.2f', ' %')} (best {num(results['best_accuracy'], '.2f', ' %')})"),

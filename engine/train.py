@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import data
-from pruning.state import evaluation_draws
+from pruning import evaluation_draws
 
 from . import distributed
 from .checkpoint import append_line, rng_states, save_atomic, set_rng_states, write_text_atomic

@@ -14,7 +14,7 @@ checkpoint, or, for ``open_clip:``, OpenCLIP's own weights file. Every model is 
 a module mapping the dataset's images to logits: gray images are repeated to the model's 3 channels, the
 dataset's normalisation is turned into the model's own (its preprocessor's mean/std), and a model without a
 classifier gets a linear head on its pooled feature. This is the only module of the engine that knows these
-families; the library (``pruning/``) patches the wrapped backbone, ``geometry(model).module``.
+families; the library (``pruning/``) patches the wrapped backbone, ``backbone_of(model).module``.
 """
 import contextlib
 import json
@@ -26,8 +26,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from pruning.flops import analytic_flops as _library_flops
-from pruning.state import CONFIG_ATTR
+from pruning.core.state import CONFIG_ATTR
+from pruning.flops import ModelShape, model_shape
 
 from . import hub
 from .errors import CLIError, one_line
@@ -75,14 +75,20 @@ def arch_label(arch: str) -> str:
 # --- the wrapped model ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Geometry:
-    """What the engine reads of a model of any family."""
-    family: str  # timm, hf, open_clip
+class Backbone:
+    """What the engine knows of a model of any family beyond the library's ``ModelShape``: the module the library
+    patches, the images it takes, and the head the engine added on its output. Its blocks, tokens and widths are
+    the library's: ``shape``; its FLOPs ``pruning.flops.analytic_flops(backbone.module, head=backbone.head)``."""
+    module: nn.Module  # what pruning.patch.apply_patch patches (the model itself for timm)
     img_size: int  # input height = width in pixels
     patch_size: int
-    depth: int  # blocks (encoder layers)
     in_chans: int  # channels the model takes
-    module: nn.Module  # what pruning.patch.apply_patch patches (the model itself for timm)
+    head: Optional[nn.Linear] = None  # the linear head a Classifier adds on the module's output; None: none added
+
+    @property
+    def shape(self) -> ModelShape:
+        """The library's sizes of ``module`` (``pruning.flops.model_shape``): blocks, tokens, widths."""
+        return model_shape(self.module)
 
 
 assert CONFIG_ATTR == "_compression"  # Classifier._compression below
@@ -98,14 +104,14 @@ class Classifier(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, *, family: str, arch: str, output: str, head: Optional[nn.Linear],
-                 img_size: int, patch_size: int, depth: int, channels: int,
+                 img_size: int, patch_size: int, channels: int,
                  scale: Optional[Tensor] = None, shift: Optional[Tensor] = None, head_keys: Sequence[str] = (),
                  new_head: bool = True):
         super().__init__()
         self.new_head = new_head  # the classifier starts untrained (added here, built from the config, resized)
         self.backbone, self.head = backbone, head
         self.family, self.arch, self.output = family, arch, output
-        self.img_size, self.patch_size, self.depth, self.channels = img_size, patch_size, depth, channels
+        self.img_size, self.patch_size, self.channels = img_size, patch_size, channels
         self.head_keys = tuple(head_keys) if head is None else ("head.weight", "head.bias")
         self.renormalise = scale is not None
         self.register_buffer("scale", scale if scale is not None else torch.ones(channels, 1, 1), persistent=False)
@@ -130,22 +136,12 @@ class Classifier(nn.Module):
         return f"arch={self.arch!r}, reads={self.output or 'pooled'!r}"
 
 
-def geometry(model: nn.Module) -> Geometry:
-    """Image size, patch size, blocks, channels and the module to patch of a timm model or a
-    :class:`Classifier`."""
+def backbone_of(model: nn.Module) -> Backbone:
+    """The :class:`Backbone` of a timm model (the model itself) or of a :class:`Classifier`."""
     if isinstance(model, Classifier):
-        return Geometry(model.family, model.img_size, model.patch_size, model.depth, model.channels, model.backbone)
+        return Backbone(model.backbone, model.img_size, model.patch_size, model.channels, model.head)
     embed = model.patch_embed
-    return Geometry("timm", embed.img_size[0], embed.patch_size[0], len(model.blocks), embed.proj.in_channels, model)
-
-
-def analytic_flops(model: nn.Module) -> float:
-    """The library's analytic forward FLOPs per image (``pruning.flops.analytic_flops``) of any family, the
-    linear head a :class:`Classifier` adds included (2 · features · classes)."""
-    if not isinstance(model, Classifier):
-        return _library_flops(model)
-    head = 0.0 if model.head is None else 2.0 * model.head.in_features * model.head.out_features
-    return _library_flops(model.backbone) + head
+    return Backbone(model, embed.img_size[0], embed.patch_size[0], embed.proj.in_channels)
 
 
 def _renormalisation(channels: int, data_norm: Optional[Tuple[Sequence[float], Sequence[float]]],
@@ -314,18 +310,16 @@ def _build_hf(arch: str, name: str, num_classes: int, in_chans: int, pretrained:
     patch = _square(model_config.patch_size, "patch size", arch)
     channels = int(getattr(model_config, "num_channels", 3))
     _check_sizes(arch, img, patch, img_size, patch_size, channels, in_chans)
-    depth = int(model_config.num_hidden_layers)
     if classifies:
         heads = ("cls_classifier", "distillation_classifier") if "WithTeacher" in class_name else ("classifier",)
         return Classifier(model, family="hf", arch=arch, output="logits", head=None, img_size=img, patch_size=patch,
-                          depth=depth, channels=channels, head_keys=[f"backbone.{h}.{p}" for h in heads
-                                                                     for p in ("weight", "bias")],
+                          channels=channels, head_keys=[f"backbone.{h}.{p}" for h in heads for p in ("weight", "bias")],
                           new_head=not trained_head,
                           **_renormalisation(channels, data_norm, _hf_mean_std(name)))
     output = HF_POOLED.get(class_name, "pooler_output")
     features = int(model_config.projection_dim) if output == "image_embeds" else int(model_config.hidden_size)
     return Classifier(model, family="hf", arch=arch, output=output, head=_head(features, num_classes),
-                      img_size=img, patch_size=patch, depth=depth, channels=channels,
+                      img_size=img, patch_size=patch, channels=channels,
                       **_renormalisation(channels, data_norm, _hf_mean_std(name)))
 
 
@@ -426,7 +420,7 @@ def _build_open_clip(arch: str, name: str, num_classes: int, in_chans: int, pret
     defaults = PreprocessCfg()
     model_norm = (preprocess.get("mean", defaults.mean), preprocess.get("std", defaults.std))
     return Classifier(visual, family="open_clip", arch=arch, output="", head=_head(features, num_classes),
-                      img_size=img, patch_size=patch, depth=len(visual.transformer.resblocks), channels=channels,
+                      img_size=img, patch_size=patch, channels=channels,
                       **_renormalisation(channels, data_norm, model_norm))
 
 

@@ -4,9 +4,9 @@
 its schedule (tokens removed per block), by keyword ``method=``/``schedule=`` (or the seed's
 ``select_method=``/``pool_k=``).
 """
-from .methods import CONTROL_NAMES, METHOD_NAMES, METHODS, CompressionMethod, get_method
+from .core.methods import CONTROL_NAMES, METHOD_NAMES, METHODS, CompressionMethod, get_method
 from .patch import apply_patch, get_config, get_state, remove_patch
-from .state import evaluation_draws, seed_draws
+from .core.state import evaluation_draws, seed_draws
 
 __all__ = ["METHODS", "METHOD_NAMES", "CONTROL_NAMES", "CompressionMethod", "get_method",
            "apply_patch", "remove_patch", "get_config", "get_state", "seed_draws", "evaluation_draws"]

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .counting import Schedule
+from .core.counting import Schedule
 from .flops import analytic_flops
 from .patch import apply_patch
 

@@ -1,17 +1,17 @@
 """Analytic FLOPs of a (patched) model: the matrix products, one multiply-add = 2 FLOPs.
 
-The arithmetic is ``cost`` (re-exported here); this module reads a model's ``ModelShape`` (``model_shape``, from
-its family's adapter in ``patch``) and its compression (``state``).
+The arithmetic is ``core.cost`` (re-exported here); this module reads a model's ``ModelShape`` (``model_shape``, from
+its family's adapter in ``patch``) and its compression (``core.state``).
 """
 from typing import List, Optional, Sequence, Tuple
 
 from torch import nn
 
-from .cost import ModelShape, block_flops, reduction_flops, schedule_flops
-from .counting import token_counts
-from .methods import CompressionMethod, get_method
+from .core.cost import ModelShape, block_flops, reduction_flops, schedule_flops
+from .core.counting import token_counts
+from .core.methods import CompressionMethod, get_method
 from .patch import model_shape
-from .state import get_config
+from .core.state import get_config
 
 __all__ = ["ModelShape", "model_shape", "block_flops", "reduction_flops", "schedule_flops", "model_token_counts",
            "analytic_flops"]

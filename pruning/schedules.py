@@ -1,14 +1,14 @@
 """How many tokens each block removes (a schedule): EViT-style keep rates and matched FLOPs for a model.
 
 Parsing a schedule (``resolve_schedule``) and the token counts a schedule gives (``tokens_after``,
-``token_counts``) live in ``counting``, below the patch, and are importable from here too.
+``token_counts``) live in ``core.counting``, below the patch, and are importable from here too.
 """
 import math
 from typing import List, Optional, Sequence
 
-from .counting import Schedule, resolve_schedule, token_counts, tokens_after
+from .core.counting import Schedule, resolve_schedule, token_counts, tokens_after
 from .flops import model_shape, schedule_flops
-from .methods import get_method
+from .core.methods import get_method
 
 __all__ = ["Schedule", "resolve_schedule", "keep_rate_schedule", "matched_flops_schedule", "token_counts",
            "tokens_after"]

@@ -27,10 +27,10 @@ from matplotlib.colors import hsv_to_rgb
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .counting import Schedule, resolve_schedule, token_counts
-from .methods import METHOD_NAMES, CompressionMethod, get_method
+from .core.counting import Schedule, resolve_schedule, token_counts
+from .core.methods import METHOD_NAMES, CompressionMethod, get_method
 from .patch import apply_patch, get_config, get_state, remove_patch
-from .reduction import tokens_kept
+from .core.reduction import tokens_kept
 
 # What became of an original patch after a block.
 KEPT = 0  # still its own token

@@ -17,6 +17,7 @@ from cli_helpers import fails
 from engine import zoo
 from engine.checkpoint import load_weights
 from engine.errors import CLIError
+from pruning.flops import analytic_flops
 from pruning.patch import apply_patch
 from tools import benchmark as bench_tool
 
@@ -63,8 +64,9 @@ def _run(argv, out) -> dict:
 
 def _analytic_gflops(arch: str, method: str, k: int) -> float:
     model = zoo.build(arch, 10, 1)
-    apply_patch(zoo.geometry(model).module, method, k)
-    return zoo.analytic_flops(model) / 1e9
+    backbone = zoo.backbone_of(model)
+    apply_patch(backbone.module, method, k)
+    return analytic_flops(backbone.module, head=backbone.head) / 1e9
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -117,8 +119,9 @@ def test_images_reach_the_model_as_its_preprocessor_says(folders):
         mean, std = (torch.tensor(v).reshape(1, 3, 1, 1) for v in OPEN_CLIP_NORM)
         expected = oc.head(oc.backbone((raw.expand(-1, 3, -1, -1) - mean) / std))
         torch.testing.assert_close(oc(images), expected, atol=1e-5, rtol=0)
-    geometry = zoo.geometry(vit)
-    assert (geometry.img_size, geometry.patch_size, geometry.depth, geometry.in_chans) == (32, 8, 2, 3)
+    backbone = zoo.backbone_of(vit)
+    assert (backbone.img_size, backbone.patch_size, backbone.shape.depth, backbone.in_chans) == (32, 8, 2, 3)
+    assert backbone.module is vit.backbone and backbone.head is None
     assert vit.backbone.classifier.out_features == 10  # the saved 3-class head resized for the dataset
 
 

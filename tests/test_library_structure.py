@@ -1,6 +1,7 @@
 """The layers of the repository, read from the source of every module: ``pruning`` < ``data`` < ``engine`` <
 ``main`` < ``tools``, each importing only its own layer and those below, with no import cycle between modules
-(imports inside functions counted) or between the layers; and ``pruning`` a pure library: no command lines."""
+(imports inside functions counted) or between packages at any nesting level (``pruning.core`` < ``pruning.patch``
+< ``pruning``'s model-level modules); and ``pruning`` a pure library: no command lines."""
 import ast
 import importlib
 import os
@@ -139,6 +140,39 @@ def repo_graph() -> Tuple[Dict[str, Set[str]], Dict[str, Set[str]]]:
     return graph, layers
 
 
+def repo_packages() -> Set[str]:
+    """Every package and sub-package of the layers (``pruning``, ``pruning.patch``, ``engine``, ...)."""
+    return {name for name, path in repo_modules().items() if path.name == "__init__.py"}
+
+
+def package_at(module: str, packages: Set[str], level: int) -> str:
+    """The package holding ``module`` seen at nesting ``level`` (1: ``pruning``, 2: ``pruning.patch``, ...): its
+    deepest enclosing package of at most ``level`` parts (a package's ``__init__`` is the package itself); a
+    module in no package (``main``) stands for itself."""
+    parts = module.split(".")
+    for size in range(min(level, len(parts)), 0, -1):
+        name = ".".join(parts[:size])
+        if name in packages:
+            return name
+    return module
+
+
+def package_graph(graph: Dict[str, Set[str]], packages: Set[str], level: int) -> Dict[str, Set[str]]:
+    """package -> the packages its modules import, with every module seen at nesting ``level``."""
+    found: Dict[str, Set[str]] = {}
+    for name, targets in graph.items():
+        own = package_at(name, packages, level)
+        found.setdefault(own, set()).update({package_at(target, packages, level) for target in targets} - {own})
+    return found
+
+
+def package_cycles(graph: Dict[str, Set[str]], packages: Set[str]) -> Dict[int, List[str]]:
+    """level -> one cycle between the packages seen at that nesting level, for every level that has one."""
+    deepest = max(len(name.split(".")) for name in packages)
+    cycles = {level: find_cycle(package_graph(graph, packages, level)) for level in range(1, deepest + 1)}
+    return {level: cycle for level, cycle in cycles.items() if cycle}
+
+
 def upward_imports(graph: Dict[str, Set[str]]) -> List[str]:
     """``importer -> imported`` for every import of a later layer by an earlier one."""
     return sorted(f"{name} -> {target}" for name, targets in graph.items() for target in targets
@@ -178,6 +212,24 @@ def test_the_layer_checks_find_the_old_faults():
     assert upward_imports({"tools.sweep": {"main", "engine.options"}, "main": {"engine.model"}}) == []
 
 
+def test_the_package_check_finds_the_old_package_cycle():
+    # modules of pruning imported pruning.patch, whose modules imported pruning.counting: no cycle between modules
+    old = {"pruning": {"pruning.patch"}, "pruning.flops": {"pruning.patch", "pruning.counting"},
+           "pruning.counting": set(), "pruning.patch": {"pruning.patch.layers"},
+           "pruning.patch.layers": {"pruning.counting"}, "engine.model": {"pruning.flops"}}
+    packages = {"pruning", "pruning.patch", "engine"}
+    assert find_cycle(old) is None
+    assert package_cycles(old, packages) == {2: ["pruning", "pruning.patch", "pruning"]}
+    new = {"pruning": {"pruning.patch", "pruning.core"}, "pruning.flops": {"pruning.patch", "pruning.core.counting"},
+           "pruning.core": set(), "pruning.core.counting": set(), "pruning.patch": {"pruning.patch.layers"},
+           "pruning.patch.layers": {"pruning.core.counting"}, "engine.model": {"pruning.flops"}}
+    assert package_cycles(new, packages | {"pruning.core"}) == {}
+    # sub-packages seen as one at a shallower level: a.x -> b, b -> a.sub.y is a cycle between a and b at level 2
+    nested = {"p.a.x": {"p.b.z"}, "p.b.z": {"p.a.sub.y"}, "p.a.sub.y": set()}
+    assert package_cycles(nested, {"p", "p.a", "p.b", "p.a.sub"}) == {2: ["p.a", "p.b", "p.a"]}
+    assert package_at("main", {"pruning"}, 3) == "main" and package_at("pruning.core", {"pruning"}, 2) == "pruning"
+
+
 def test_bare_imports_inside_tools_resolve_to_the_tool():
     imports = imports_of("from export_onnx import compress\nimport sweep_rows\n", "tools.deploy_benchmark", False)
     modules = {"tools.export_onnx", "tools.sweep_rows", "engine.zoo"}
@@ -199,6 +251,14 @@ def test_no_import_cycle_between_modules_or_layers():
     cycle = find_cycle(layers)
     assert cycle is None, f"import cycle between layers: {' -> '.join(cycle)}"
     assert layers["pruning"] == set() and layers["data"] <= {"pruning"}
+
+
+def test_no_import_cycle_between_packages_at_any_nesting_level():
+    graph, _ = repo_graph()
+    packages = repo_packages()
+    cycles = package_cycles(graph, packages)
+    assert not cycles, "; ".join(f"level {level}: {' -> '.join(cycle)}" for level, cycle in cycles.items())
+    assert {"pruning", "pruning.core", "pruning.patch", "data", "engine", "tools"} <= packages
 
 
 def test_the_small_models_expect_the_normalisation_of_their_datasets():
@@ -231,11 +291,21 @@ def test_module_graph_has_no_cycle_counting_function_level_imports():
     graph, nested, _ = module_graph()
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
     # the old dodges are gone: flops reads the compression from state, schedules imports flops at the top
-    assert "pruning.state" in graph["pruning.flops"]
+    assert "pruning.core.state" in graph["pruning.flops"]
     assert not nested["pruning.flops"] and not nested["pruning.schedules"]
-    # the arithmetic the patch adapters need sits below them
-    for low in ("pruning.counting", "pruning.cost"):
-        assert not {"pruning.patch", "pruning.flops", "pruning.schedules"} & graph[low], low
+
+
+def test_the_core_sits_below_patch_and_patch_below_the_model_level_modules():
+    """``pruning.core`` imports only itself; ``pruning.patch`` only itself and the core; the model-level modules
+    (flops, schedules, benchmark, visualize, models) are imported by neither."""
+    graph, _, _ = module_graph()
+    allowed = {"pruning.core": ("pruning.core",), "pruning.patch": ("pruning.core", "pruning.patch")}
+    for name, targets in graph.items():
+        for package, below in allowed.items():
+            if name == package or name.startswith(package + "."):
+                outside = sorted(t for t in targets if not any(t == b or t.startswith(b + ".") for b in below))
+                assert not outside, f"{name} imports {outside}"
+    assert "pruning.patch" in graph["pruning.flops"] and "pruning.core.cost" in graph["pruning.patch.timm"]
 
 
 def test_no_command_line_programs_inside_the_library():
@@ -267,7 +337,7 @@ def test_the_compressed_layer_exists_once():
     only its layout and what is its library's own, so it reaches none of them directly."""
     graph, _, _ = module_graph()
     modules = pruning_modules()
-    below = {"pruning.compress", "pruning.scoring", "pruning.reduction", "pruning.merging", "pruning.methods"}
+    below = {f"pruning.core.{name}" for name in ("compress", "scoring", "reduction", "merging", "methods")}
     for adapter in ADAPTERS:
         assert not below & graph[adapter], f"{adapter} imports {sorted(below & graph[adapter])}"
         tree = ast.parse(modules[adapter].read_text())
@@ -281,13 +351,21 @@ def test_the_compressed_layer_exists_once():
     assert "pruning.patch.layers" in graph["pruning.patch.timm"]
 
 
-def test_a_models_shape_has_one_name():
+def test_a_models_shape_has_one_name_and_one_analytic_count():
+    """The library's ``ModelShape`` and ``analytic_flops`` are the only ones: the engine uses them, with no shape
+    class or FLOPs count of its own."""
     from pruning import flops, patch
 
     assert flops.model_shape is patch.model_shape
-    for module in pruning_modules():
-        names = set(vars(importlib.import_module(module)))
-        assert not {"ViTShape", "vit_shape", "family_shape", "Geometry"} & names, module
+    engine_modules = [name for name in repo_modules() if layer_of(name) == "engine"]
+    for module in [*pruning_modules(), *engine_modules]:
+        names = vars(importlib.import_module(module))
+        assert not {"ViTShape", "vit_shape", "family_shape", "Geometry", "geometry"} & set(names), module
+        # the family adapters have their own model_shape, which pruning.patch dispatches to; nothing else does
+        library_only = ("ModelShape", "analytic_flops") if module.startswith("pruning.") else \
+            ("ModelShape", "analytic_flops", "model_shape")
+        for name in library_only:
+            assert names.get(name, getattr(flops, name)) is getattr(flops, name), f"{module}.{name}"
 
 
 @pytest.mark.parametrize("old, new", [("pruning.schedules", "matched_flops_schedule"),

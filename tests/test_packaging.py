@@ -50,7 +50,7 @@ def test_the_wheel_holds_the_library_package_only(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top_level == {"pruning"}
-    assert "pruning/patch/timm.py" in names and "pruning/methods.py" in names
+    assert "pruning/patch/timm.py" in names and "pruning/core/methods.py" in names
 
 
 def test_the_library_depends_on_torch_and_timm_only(wheel):

@@ -97,6 +97,8 @@ def make_vit_with(option, seed=0):
 @pytest.mark.parametrize("method", REDUCING)
 @pytest.mark.parametrize("option", ATTENTION_OPTIONS)
 def test_attention_options_follow_the_rules(option, method, reduce_at, fused_attn, images):
+    """As ``test_logits_follow_the_rules``, with timm's optional attention parts on (random: the tokens the model
+    drew are kept by the reference)."""
     model = make_vit_with(option)
     schedule = [9, 20, 5, 30]
     stochastic = get_method(method).stochastic  # random: the reference keeps what the model drew

@@ -14,7 +14,7 @@ import timm
 import torch
 
 import pruning.models  # noqa: F401  (registers the vit_pico_* models)
-from pruning.scoring import token_norm
+from pruning.core.scoring import token_norm
 from tools import score_analysis as sa
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -97,14 +97,15 @@ def test_a_fixed_baseline_sweep_runs_and_fills_the_speedups(tmp_path, no_plot):
     assert all(r["speedup"] == shelf[r["level"]] for r in finetune)  # every seed: the one off-the-shelf measure
 
 
-def test_a_missing_fixed_baseline_dry_runs_and_is_refused_when_run(tmp_path, no_plot, capsys):
+def test_a_missing_fixed_baseline_dry_runs_and_is_refused_up_front_when_run(tmp_path, no_plot, capsys):
     config = fixed_config(tmp_path)
     (tmp_path / "trained" / "last.pt").unlink()
     assert run_fake(config, FakeMain(), "--dry_run") == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 25
     fake = FakeMain()
-    assert run_fake(config, fake) == 2  # refused before anything runs, in one line
-    assert fake.calls == [] and "baseline_checkpoint:" in capsys.readouterr().err
+    assert run_fake(config, fake) == 2  # bad input: one line, nothing run
+    assert fake.calls == []
+    assert capsys.readouterr().err.startswith("sweep.py: error: baseline_checkpoint: ")
 
 
 def test_more_seeds_later_add_fine_tunes_without_evaluating_the_fixed_baseline_again(tmp_path, no_plot):

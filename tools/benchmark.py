@@ -88,7 +88,7 @@ def create_model(arch: str, img_size: Optional[int] = None) -> torch.nn.Module:
     the library patches."""
     model = engine_model.create_model(arch, None, None if zoo.parse_arch(arch).family == "timm" else 3,
                                       img_size=img_size)
-    return zoo.geometry(model).module.eval()
+    return zoo.backbone_of(model).module.eval()
 
 
 def input_shape(model: torch.nn.Module) -> Tuple[int, int, int]:

@@ -37,6 +37,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 from engine import model as engine_model  # noqa: E402
+from engine.zoo import backbone_of  # noqa: E402
 from engine.errors import CLIError, report_error  # noqa: E402
 from engine.options import ArgumentParser  # noqa: E402
 from export_onnx import (compress, export_onnx, input_shape, ort_run, ort_session, refuse_stochastic,  # noqa: E402
@@ -131,7 +132,7 @@ def check(args: argparse.Namespace) -> None:
 
 def build_models(args: argparse.Namespace) -> Dict[str, torch.nn.Module]:
     plain = engine_model.create_model(args.arch, None, None, img_size=args.img_size).eval()
-    engine_model.check_schedule_length(args.schedule, engine_model.geometry(plain).depth, args.arch)
+    engine_model.check_schedule_length(args.schedule, backbone_of(plain).shape.depth, args.arch)
     models = {BASELINE: plain}
     for method in args.methods:
         models[method] = compress(plain, method, args.schedule, None)

@@ -153,8 +153,8 @@ def block_scores(model: torch.nn.Module, images: Tensor, reduce_at: str = "block
     Returns (norms, attn, logits): norms and attn of the patch tokens, (depth, B, P) each, and the model's
     logits computed from the same block-by-block pass.
     """
-    from pruning.patch.timm import attend
-    from pruning.scoring import token_norm
+    from pruning.core.scoring import token_norm
+    from pruning.patch.timm import BLOCK_LAYOUT
 
     prefix = model.num_prefix_tokens
     norms, attns, logits = [], [], []
@@ -163,8 +163,8 @@ def block_scores(model: torch.nn.Module, images: Tensor, reduce_at: str = "block
             x = model.patch_drop(model.norm_pre(model._pos_embed(model.patch_embed(images[start:start + batch_size]))))
             batch_norms, batch_attn = [], []
             for block in model.blocks:
-                out, cls_attn, _ = attend(block.attn, block.norm1(x), size=None, want_cls_attn=True, want_keys=False,
-                                          fused=False)
+                out, cls_attn, _ = BLOCK_LAYOUT.attention(block.attn, block.norm1(x), size=None, want_cls_attn=True,
+                                                          want_keys=False, fused=False)
                 x = x + block.drop_path1(block.ls1(out))
                 if reduce_at == "attn":
                     batch_norms.append(token_norm(x)[:, prefix:])
@@ -181,7 +181,7 @@ def block_scores(model: torch.nn.Module, images: Tensor, reduce_at: str = "block
 def kept_patches(scores: Tensor, keep: int) -> np.ndarray:
     """The patch tokens (0-based among the patches) a Top-K keeps: the library's ``select_tokens``, with a
     dummy prefix token in front so that it ranks exactly these scores. (B, P) -> (B, keep)."""
-    from pruning.reduction import select_tokens
+    from pruning.core.reduction import select_tokens
     padded = torch.cat([scores.new_zeros(scores.shape[0], 1), scores], dim=1)
     index, _ = select_tokens(padded, keep + 1, num_prefix=1, want_dropped=False)
     return (index[:, 1:] - 1).numpy()
@@ -192,7 +192,7 @@ def kept_patches(scores: Tensor, keep: int) -> np.ndarray:
 
 def keep_levels(num_patches: int, reduce_token: int, fractions: Sequence[float]) -> List[Dict[str, Any]]:
     """The kept-set sizes compared: K = patches - reduce_token (as the library counts it), then each fraction."""
-    from pruning.reduction import tokens_kept
+    from pruning.core.reduction import tokens_kept
     levels = [{"label": f"K={tokens_kept(num_patches + 1, reduce_token, 1) - 1} (reduce_token {reduce_token})",
                "keep": tokens_kept(num_patches + 1, reduce_token, 1) - 1, "source": "reduce_token",
                "fraction": None}]

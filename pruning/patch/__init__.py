@@ -8,9 +8,9 @@ entry points: ``supports``, ``apply_patch``, ``remove_patch`` and ``model_shape`
 """
 from typing import Optional, Sequence
 
-from ..cost import ModelShape
-from ..counting import Schedule
-from ..state import get_config, get_state
+from ..core.cost import ModelShape
+from ..core.counting import Schedule
+from ..core.state import get_config, get_state
 from . import timm as _timm
 
 __all__ = ["apply_patch", "remove_patch", "get_config", "get_state", "model_shape"]

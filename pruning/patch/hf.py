@@ -29,9 +29,9 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..cost import ModelShape
-from ..counting import Schedule
-from ..state import get_config
+from ..core.cost import ModelShape
+from ..core.counting import Schedule
+from ..core.state import get_config
 from .layers import (LayerLayout, build_config, get_path, grid_of, linear_flops, mlp_hidden, patch_layers,
                      unpatch_layers)
 

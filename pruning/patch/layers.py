@@ -23,11 +23,11 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..compress import reduce_tokens
-from ..counting import Schedule, resolve_schedule
-from ..methods import PLACEMENTS, get_method
-from ..scoring import class_attention
-from ..state import CONFIG_ATTR, CompressionConfig, CompressionState, get_config
+from ..core.compress import reduce_tokens
+from ..core.counting import Schedule, resolve_schedule
+from ..core.methods import PLACEMENTS, get_method
+from ..core.scoring import class_attention
+from ..core.state import CONFIG_ATTR, CompressionConfig, CompressionState, get_config
 
 __all__ = ["LayerLayout", "CompressedLayer", "attend_heads", "compressed_class", "build_config", "patch_layers",
            "unpatch_layers", "get_path", "linear_flops", "mlp_hidden", "grid_of"]

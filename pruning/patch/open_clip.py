@@ -15,8 +15,8 @@ from typing import Optional, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..cost import ModelShape
-from ..counting import Schedule
+from ..core.cost import ModelShape
+from ..core.counting import Schedule
 from .layers import LayerLayout, build_config, grid_of, mlp_hidden, patch_layers, unpatch_layers
 
 __all__ = ["apply_patch", "remove_patch", "supports", "model_shape"]

@@ -16,19 +16,16 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from ..cost import ModelShape
-from ..counting import Schedule
+from ..core.cost import ModelShape
+from ..core.counting import Schedule
 from .layers import LayerLayout, build_config, patch_layers, unpatch_layers
 
-__all__ = ["BLOCK_LAYOUT", "apply_patch", "remove_patch", "supports", "model_shape", "attend"]
+__all__ = ["BLOCK_LAYOUT", "apply_patch", "remove_patch", "supports", "model_shape"]
 
 BLOCK_LAYOUT = LayerLayout(
     "timm_block", "norm1", "attn", "norm2", "mlp", qkv="qkv", qk_norm=("q_norm", "k_norm"), attn_norm="norm",
     gate="gate", out_proj="proj", scale="scale", dropout="attn_drop.p", scale_queries=True, fused_switch="fused_attn",
     attn_post=("attn.proj_drop", "ls1", "drop_path1"), mlp_post=("ls2", "drop_path2"), mask_arg="attn_mask")
-
-# the attention sublayer of a timm block with its class-token row: tools/score_analysis.py reads scores with it
-attend = BLOCK_LAYOUT.attention
 
 
 def supports(model: nn.Module) -> bool:

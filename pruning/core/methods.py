@@ -21,7 +21,7 @@ class CompressionMethod:
 
     keep_by: ``attn`` (class-token attention, head-averaged), ``norm`` (L2 norm of the token), ``low_norm``
         (the smallest L2 norms) or ``random`` (a uniformly random subset, drawn afresh on every forward from
-        the model's own generator, ``pruning.state.seed_draws``).
+        the model's own generator, ``pruning.core.state.seed_draws``).
     fuse_by: weights of the fused token made from the dropped tokens: ``attn`` (their class-token
         attention, not renormalised, as in EViT) or ``norm`` (softmax of their norms over the dropped
         tokens); None drops them outright.
