@@ -410,7 +410,7 @@ def test_jobs_skip_the_runs_of_a_failed_baseline(tmp_path, no_plot):
     failed = sweep.execute(plan, tmp_path / "out" / "runs.csv", FakeMain(fail_on="--epochs 2 --save_predictions --model none "
                                                                                   "--reduce_token 0 --seed 1"),
                            log=lambda line: None, jobs=2, pool_factory=lambda: concurrent.futures.ThreadPoolExecutor(2))
-    assert {spec.seed for spec in failed} == {1} and len(failed) == len([s for s in plan if s.seed == 1])
+    assert {spec.seed for spec, _ in failed} == {1} and len(failed) == len([s for s in plan if s.seed == 1])
 
 
 def test_jobs_must_be_positive(tmp_path):

@@ -541,7 +541,7 @@ class RunQueue:
         self.todo = pending_runs(plan, self.rows)
         self.waiting: List[RunSpec] = list(self.todo)
         self.running: Dict[Any, RunSpec] = {}  # future -> its run (a process pool's)
-        self.failed: List[RunSpec] = []
+        self.failed: List[Tuple[RunSpec, str]] = []  # (run, why it failed or was skipped)
         self.started = 0
         # checkpoint -> the baseline run that writes it, while that run is still to do
         self.producers = {baseline_checkpoint_of(spec): spec for spec in self.todo
@@ -566,7 +566,7 @@ class RunQueue:
             self.waiting.remove(spec)
             if state == "skip":
                 self.log(f"skipped {spec.name}: {spec.needs} is missing: {spec.command}")
-                self.failed.append(spec)
+                self.failed.append((spec, f"{spec.needs} is missing"))
             else:
                 chosen.append(spec)
                 self.started += 1
@@ -583,14 +583,15 @@ class RunQueue:
 
     def failed_run(self, spec: RunSpec, why: str) -> None:
         self.log(f"  failed: {spec.name}: {why}")
-        self.failed.append(spec)
+        self.failed.append((spec, why))
 
 
 def execute(plan: List[RunSpec], runs_csv: Path, run_fn: RunFn = run_main,
             log: Callable[[str], None] = print, jobs: int = 1, threads: int = 1,
             pool_factory: Optional[Callable[[], Any]] = None, log_dir: Optional[Path] = None,
             row_order: Sequence[Key] = ()) -> List[RunSpec]:
-    """Run what runs.csv lacks, saving each row as soon as its run ends; returns the runs that failed.
+    """Run what runs.csv lacks, saving each row as soon as its run ends; returns the runs that failed, each
+    with why (one line).
 
     A failed run is logged and left out of runs.csv (the next sweep retries it); runs that need a
     checkpoint that failed to appear are skipped. ``jobs`` > 1: that many runs at once, each in a
@@ -720,15 +721,6 @@ def check_baseline_exists(config: SweepConfig, todo: Sequence[RunSpec]) -> None:
                          f"FILE")
 
 
-def failure_recorder(failures: List[str]) -> Callable[[str], None]:
-    """The sweep's log: printed, and each failed or skipped run's line kept in ``failures``."""
-    def log(line: str) -> None:
-        print(line)
-        if line.lstrip().startswith(("failed:", "skipped ")):
-            failures.append(line.strip().removeprefix("failed: "))
-    return log
-
-
 def main(argv: Optional[List[str]] = None, run_fn: RunFn = run_main,
          schedule: Optional[Callable[[str, Level], Schedule]] = None) -> int:
     """The sweep; ``run_fn`` and ``schedule`` stand in for main.py and the model's shape in tests.
@@ -754,7 +746,7 @@ def main(argv: Optional[List[str]] = None, run_fn: RunFn = run_main,
                 check_baseline_exists(config, pending_runs(plan, read_rows(config.runs_csv)))
     except (ValueError, TypeError, CLIError) as err:
         return report_error("sweep.py", err)
-    failed: List[RunSpec] = []
+    failed: List[Tuple[RunSpec, str]] = []
     if not opts.report_only:
         import torch
 
@@ -766,16 +758,15 @@ def main(argv: Optional[List[str]] = None, run_fn: RunFn = run_main,
             if not todo:
                 print(f"sweep: nothing left to do: all {len(plan)} runs are in {config.runs_csv}")
             return 0
-        failures: List[str] = []
-        failed = execute(plan, config.runs_csv, run_fn, log=failure_recorder(failures), jobs=config.jobs,
+        failed = execute(plan, config.runs_csv, run_fn, jobs=config.jobs,
                          threads=threads, log_dir=config.work_dir / "logs", row_order=[spec.key for spec in whole_plan])
         if failed and not read_rows(config.runs_csv):
             print(f"sweep: error: none of the {len(plan)} runs finished, so there is nothing to summarise (no "
-                  f"summary.md or pareto.png written); the first failure: {failures[0] if failures else '?'}; fix "
+                  f"summary.md or pareto.png written); the first failure: {failed[0][0].name}: {failed[0][1]}; fix "
                   f"that (a dataset elsewhere: --data_root DIR) and run the same command again", file=sys.stderr)
             return 1
         if failed:
-            names = "; ".join(spec.name for spec in failed[:5]) + ("; ..." if len(failed) > 5 else "")
+            names = "; ".join(spec.name for spec, _ in failed[:5]) + ("; ..." if len(failed) > 5 else "")
             print(f"sweep: {len(failed)} runs failed or were skipped ({names}); run the sweep again to retry them",
                   file=sys.stderr)
     write_reports(config.runs_csv, [level.name for level in config.levels], config.compare)
