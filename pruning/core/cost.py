@@ -34,11 +34,11 @@ def block_flops(n_attn: int, n_mlp: int, dim: int, attn_dim: int, hidden: int) -
     return float(projections + attention + mlp)
 
 
-def reduction_flops(method: CompressionMethod, n: int, attn_dim: int, head_dim: int) -> float:
+def reduction_flops(method: CompressionMethod, n: int, attn_dim: int, head_dim: int, num_prefix: int = 1) -> float:
     """Products a reduction adds: the class-token attention row, or ToMe's A×B similarities of the
-    head-averaged keys."""
+    head-averaged keys (the ``num_prefix`` prefix tokens take no part in them)."""
     if method.reduction == "merge":
-        return float(2 * ((n + 1) // 2) * (n // 2) * head_dim)
+        return float(2 * ((n + 1) // 2 - (num_prefix + 1) // 2) * (n // 2 - num_prefix // 2) * head_dim)
     if method.needs_cls_attention:
         return float(2 * n * attn_dim)
     return 0.0
@@ -51,5 +51,5 @@ def schedule_flops(shape: ModelShape, method: CompressionMethod, schedule: Seque
     for k, (n_attn, n_mlp) in zip(schedule, counts):
         flops += block_flops(n_attn, n_mlp, shape.dim, shape.attn_dim, shape.hidden)
         if k > 0:
-            flops += reduction_flops(method, n_attn, shape.attn_dim, shape.head_dim)
+            flops += reduction_flops(method, n_attn, shape.attn_dim, shape.head_dim, shape.num_prefix)
     return flops

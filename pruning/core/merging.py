@@ -3,6 +3,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .reduction import flat_index
@@ -13,31 +14,44 @@ def merges_allowed(num_tokens: int, k: int, num_prefix: int) -> int:
     return max(0, min(k, (num_tokens - num_prefix) // 2))
 
 
+_EMPTY_SLOT = {"sum": 0.0, "amax": -torch.inf}  # what an unmerged A token's slot holds before it arrives
+
+
 @dataclass
 class Matching:
-    """One bipartite soft matching, as the output slot of every input token.
+    """One bipartite soft matching, as the output slot of every non-prefix A (even-position) token.
 
-    ``dest`` (B, N) sends each token to its slot in the merged sequence of ``num_out`` tokens: the
-    prefix tokens as they were, then the unmerged A (even-position) tokens in their original order,
-    then the B (odd-position) tokens, each B slot also receiving the A tokens merged into it. With one
-    prefix token (the class token) this is ToMe's order; keeping further prefix tokens (registers,
+    The merged sequence of ``num_out`` tokens is: the ``num_prefix`` prefix tokens as they were, then the
+    unmerged A tokens in their original order, then the non-prefix B (odd-position) tokens in order, each B slot
+    also receiving the A tokens merged into it. ``a_dest`` (B, A) holds the slot of each non-prefix A token.
+    With one prefix token (the class token) this is ToMe's order; keeping further prefix tokens (registers,
     distillation) in front is what timm's pooling and heads expect.
     """
 
-    dest: Tensor
+    a_dest: Tensor
+    num_prefix: int
     num_out: int
     k: int  # tokens merged away (ToMe's r)
 
     def merge(self, x: Tensor, reduce: str = "sum") -> Tensor:
-        """(B, N, C) -> (B, N - k, C), reducing the tokens that share a slot (``sum``, ``amax``, ...)."""
-        batch, num_tokens, channels = x.shape
+        """(B, N, C) -> (B, N - k, C), reducing the tokens that share a slot (``sum`` or ``amax``)."""
+        batch, _, channels = x.shape
+        num_prefix, a_first = self.num_prefix, 2 * ((self.num_prefix + 1) // 2)
+        b_tokens = x[:, 2 * (self.num_prefix // 2) + 1::2]
+        # the prefix and B tokens are copied to their slots, the A tokens added in: a few large operations
+        # instead of a full destination map (fewer kernels at batch 1, where each costs more than its work)
+        out = x.new_full((batch, self.num_out, channels), _EMPTY_SLOT[reduce])
+        out[:, :num_prefix] = x[:, :num_prefix]
+        out[:, self.num_out - b_tokens.shape[1]:] = b_tokens
+        a_tokens = x[:, a_first::2]
         if reduce == "sum":  # whole rows of the flattened batch: several times faster than scatter_add_
-            out = x.new_zeros(batch * self.num_out, channels)
-            out.index_add_(0, flat_index(self.dest, self.num_out), x.reshape(batch * num_tokens, channels))
-            return out.reshape(batch, self.num_out, channels)
-        index = self.dest.unsqueeze(-1).expand(-1, -1, channels)
-        out = x.new_zeros(batch, self.num_out, channels)
-        return out.scatter_reduce_(1, index, x, reduce=reduce, include_self=False)
+            rows = out.view(batch * self.num_out, channels)
+            # a strided source (every other token) makes index_add_ several times slower than copying it first
+            sources = a_tokens.reshape(-1, channels).contiguous()
+            rows.index_add_(0, flat_index(self.a_dest, self.num_out), sources)
+            return out
+        index = self.a_dest.unsqueeze(-1).expand(-1, -1, channels)
+        return out.scatter_reduce_(1, index, a_tokens, reduce=reduce, include_self=True)
 
 
 def bipartite_soft_matching(metric: Tensor, k: int, num_prefix: int) -> Matching:
@@ -45,40 +59,29 @@ def bipartite_soft_matching(metric: Tensor, k: int, num_prefix: int) -> Matching
     merge the ``k`` best-matched A tokens into their partners. Prefix tokens (class, distillation,
     registers) are protected: they neither merge away nor receive merges.
     """
-    batch, num_tokens, _ = metric.shape
+    num_tokens = metric.shape[1]
     k = merges_allowed(num_tokens, k, num_prefix)
-    prefix_in_a, prefix_in_b = (num_prefix + 1) // 2, num_prefix // 2
-    num_a, num_b = (num_tokens + 1) // 2, num_tokens // 2
+    a_first, b_first = 2 * ((num_prefix + 1) // 2), 2 * (num_prefix // 2) + 1
     with torch.no_grad():
         metric = metric / metric.norm(dim=-1, keepdim=True)
-        scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
-        scores[:, :prefix_in_a, :] = -torch.inf  # prefix tokens in A never merge away
-        scores[:, :, :prefix_in_b] = -torch.inf  # prefix tokens in B receive nothing
+        scores = metric[:, a_first::2] @ metric[:, b_first::2].transpose(-1, -2)  # non-prefix A × non-prefix B
         best_score, best_match = scores.max(dim=-1)
-        ranked = best_score.argsort(dim=-1, descending=True)
-        src_idx = ranked[:, :k]
-        unmerged = ranked[:, k:].sort(dim=-1).values[:, prefix_in_a:]  # non-prefix A tokens kept, in order
-
-        arange = torch.arange(num_tokens, device=metric.device)
-        num_unmerged = unmerged.shape[1]
-        b_slot = arange[:num_b] + (num_prefix + num_unmerged - prefix_in_b)
-        b_slot[:prefix_in_b] = 2 * arange[:prefix_in_b] + 1  # prefix tokens keep their positions
-        a_slot = (2 * arange[:num_a]).expand(batch, num_a).clone()
-        a_slot.scatter_(1, unmerged, (arange[:num_unmerged] + num_prefix).expand(batch, -1))
-        a_slot.scatter_(1, src_idx, b_slot[best_match.gather(1, src_idx)])
-        dest = torch.empty(batch, num_tokens, dtype=torch.long, device=metric.device)
-        dest[:, ::2] = a_slot
-        dest[:, 1::2] = b_slot
-    return Matching(dest, num_tokens - k, k)
+        merged = torch.zeros_like(best_score, dtype=torch.bool)
+        if k > 0:
+            merged.scatter_(1, best_score.topk(k, dim=-1, sorted=False).indices, True)
+        num_unmerged = merged.shape[1] - k
+        unmerged_slot = (~merged).cumsum(dim=1) + (num_prefix - 1)  # in original order, after the prefix
+        a_dest = torch.where(merged, best_match + (num_prefix + num_unmerged), unmerged_slot)
+    return Matching(a_dest, num_prefix, num_tokens - k, k)
 
 
 def merge_wavg(matching: Matching, x: Tensor, size: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Size-weighted average merge of x (B, N, C); ``size`` (B, N, 1) counts the patches in each token."""
-    if size is None:
-        size = torch.ones_like(x[..., :1])
-    x = matching.merge(x * size, reduce="sum")
-    size = matching.merge(size, reduce="sum")
-    return x / size, size
+    # the weighted tokens and their sizes merged together, as one tensor with the size as its last channel
+    weighted = F.pad(x, (0, 1), value=1.0) if size is None else torch.cat([x * size, size], dim=-1)
+    merged = matching.merge(weighted, reduce="sum")
+    size = merged[..., -1:]
+    return merged[..., :-1] / size, size
 
 
 def merge_source(matching: Matching, source: Tensor) -> Tensor:

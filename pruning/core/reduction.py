@@ -30,6 +30,8 @@ def select_tokens(scores: Tensor, keep: int, num_prefix: int, want_dropped: bool
 
 def flat_index(index: Tensor, num_tokens: int) -> Tensor:
     """(B, M) token indices as rows of the (B * num_tokens, C) view of a batch: index[b, j] + b * num_tokens."""
+    if index.shape[0] == 1:  # no offsets to add: at batch 1 each small operation costs more than its work
+        return index.reshape(-1)
     offsets = torch.arange(index.shape[0], device=index.device).unsqueeze(1) * num_tokens
     return (index + offsets).reshape(-1)
 
