@@ -12,14 +12,16 @@ import copy
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .core.counting import Schedule
-from .flops import analytic_flops
+from .core.counting import Schedule, tokens_after
+from .core.state import get_config
+from .flops import analytic_flops, model_token_counts
 from .patch import apply_patch
+from .patch.timm import supports as is_timm_vit
 
 
 @dataclass
@@ -105,3 +107,52 @@ def build_variants(model: nn.Module, method_names: Sequence[str], schedule: Sche
         for name in method_names:
             variants[f"{name}/explicit"] = apply_patch(copy.deepcopy(model), name, schedule, fused_attn=False)
     return variants
+
+
+class SlicedBlock(nn.Module):
+    """A timm ``Block`` run by its own parts, keeping the first ``after_attn`` tokens between its attention and
+    its MLP and the first ``after_block`` tokens after it: a slice, a view that costs nothing."""
+
+    def __init__(self, block: nn.Module, after_attn: int, after_block: int):
+        super().__init__()
+        self.block, self.after_attn, self.after_block = block, after_attn, after_block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        block = self.block
+        x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+        x = x[:, :self.after_attn]
+        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        return x[:, :self.after_block]
+
+
+def bound_token_counts(compressed: nn.Module) -> List[Tuple[int, int]]:
+    """(tokens left after the attention, tokens left after the block) for every block of a patched model."""
+    cfg = get_config(compressed)
+    if cfg is None:
+        raise ValueError("model: not patched; the schedule-only bound follows a patched model's token counts")
+    counts = model_token_counts(compressed)  # (tokens through attention, through the MLP) per block
+    last_attn, last_mlp = counts[-1]
+    last_out = (last_mlp if cfg.reduce_at == "attn" else
+                tokens_after(cfg.method, last_attn, cfg.schedule[-1], cfg.num_prefix_tokens))
+    outputs = [n_attn for n_attn, _ in counts[1:]] + [last_out]
+    return [(n_mlp, n_out) for (_, n_mlp), n_out in zip(counts, outputs)]
+
+
+def schedule_only(model: nn.Module, compressed: nn.Module) -> nn.Module:
+    """The schedule-only bound of ``compressed``: a copy of the uncompressed timm ``model`` whose plain blocks
+    run at the token counts ``compressed`` leaves, each reduction done for free.
+
+    Every block of the copy is timm's own attention (no proportional-attention bias, no class-token row, no
+    key average) and MLP; where the method reduces (after attention or after the block, as it is patched) the
+    copy keeps the first n tokens (a slice), n being what the method leaves (its fused token and ToMe's merges
+    included). So the time of the copy is what the method's token counts allow, and the compressed model's
+    time beyond it is the cost of choosing, gathering and merging tokens. The weights are ``model``'s (copied).
+    """
+    if not is_timm_vit(model) or get_config(model) is not None:
+        raise ValueError(f"model: the schedule-only bound is built from an unpatched timm VisionTransformer, "
+                         f"got {type(model).__name__}")
+    counts = bound_token_counts(compressed)
+    bound = copy.deepcopy(model)
+    bound.blocks = nn.Sequential(*(SlicedBlock(block, after_attn, after_block)
+                                   for block, (after_attn, after_block) in zip(bound.blocks, counts)))
+    return bound

@@ -4,6 +4,8 @@ import json
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import deploy_benchmark  # noqa: E402
@@ -11,22 +13,36 @@ import deploy_benchmark  # noqa: E402
 
 def test_runs_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code = deploy_benchmark.main(["--arch", "vit_pico_patch2_8", "--methods", "tk_n", "--reduce_token", "3",
-                                  "--batch_sizes", "1,2", "--runtimes", "eager,onnxruntime", "--rounds", "1",
-                                  "--latency_rounds", "2", "--warmup", "0", "--train_batch_size", "2",
-                                  "--train_rounds", "1", "--threads", "1", "--json", str(out)])
+    code = deploy_benchmark.main(["--arch", "vit_pico_patch2_8", "--methods", "tk_n,tk,tome", "--reduce_token", "3",
+                                  "--runtimes", "eager,onnxruntime", "--threads", "1", "--quick", "--json", str(out)])
     table = capsys.readouterr().out
     assert code == 0
     report = json.loads(out.read_text())
-    assert {"cpu", "threads", "torch", "onnxruntime"} <= set(report["machine"])
-    assert report["machine"]["threads"] == 1 and len(report["loadavg_start"]) == 3
-    rows = {(r["runtime"], r["method"], r["batch"]) for r in report["inference"]}
-    assert rows == {(rt, m, b) for rt in ("eager", "onnxruntime") for m in ("none", "tk_n") for b in (1, 2)}
+    assert {"cpu", "torch", "onnxruntime", "glibc_tunables"} <= set(report["machine"])
+    assert report["settings"]["threads"] == [1] and len(report["loadavg_start"]) == 3
+    # tk and tk_n leave the same token counts, so they share one bound
+    assert report["settings"]["bounds"] == {"tk_n": "bound:tk_n", "tk": "bound:tk_n", "tome": "bound:tome"}
+    rows = {(r["runtime"], r["threads"], r["method"], r["batch"]) for r in report["inference"]}
+    assert rows == {(rt, 1, m, b) for rt in ("eager", "onnxruntime") for m in ("none", "tk_n", "tk", "tome")
+                    for b in (1, 2)}
     for r in report["inference"] + report["training"]:
         assert {"median_ms", "p90_ms", "images_per_s", "speedup", "ideal", "of_ideal"} <= set(r)
         assert r["speedup"] > 0 and (r["ideal"] > 1) == (r["method"] != "none")
-    assert [r["method"] for r in report["training"]] == ["none", "tk_n"]
-    assert "| onnxruntime | tk_n | 1 |" in table and report["machine"]["cpu"] in table
+    for r in report["inference"]:
+        decomposed = {"bound_ms", "bound_speedup", "bound_of_ideal", "of_bound"}
+        assert decomposed <= set(r) if r["method"] != "none" else not decomposed & set(r)
+        if r["method"] != "none":
+            assert r["bound_speedup"] / r["ideal"] == pytest.approx(r["bound_of_ideal"])
+            assert r["speedup"] / r["bound_speedup"] == pytest.approx(r["of_bound"])
+    assert [r["method"] for r in report["training"]] == ["none", "tk_n", "tk", "tome"]
+    assert "| onnxruntime | 1 | 1 | tk_n |" in table and report["machine"]["cpu"] in table
+    assert "| bound | bound/ideal | speedup | of bound |" in table
+
+
+def test_thread_counts_are_one_line_errors_when_bad(capsys):
+    assert deploy_benchmark.main(["--threads", "1,two"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deploy_benchmark.py: error: --threads: expected") and err.count("\n") == 1
 
 
 def test_bad_runtime_is_one_line(capsys):

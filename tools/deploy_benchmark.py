@@ -1,17 +1,26 @@
-"""What a deployed user sees: compressed ViTs against the uncompressed one, in each runtime.
+"""What a deployed user sees: compressed ViTs against the uncompressed one, in each runtime, and how much of the
+gap to the ideal is the runtime's and how much the method's.
 
-    python tools/deploy_benchmark.py --arch vit_small_patch16_224 --reduce_token 10 --batch_sizes 1,32 \\
+    python tools/deploy_benchmark.py --arch vit_small_patch16_224 --reduce_token 10 \\
         --json results/deployment/vit_small.json
 
-For every runtime (PyTorch eager, ``torch.compile``, onnxruntime CPU) and batch size, every method is
-timed against the SAME runtime's uncompressed model, in one interleaved run: each round calls every
-(runtime, model) once, in turn, so that drift in the machine's speed (other jobs on a shared machine)
-hits all alike (the order rotates from round to round). Batch 1 reports latency (median and p90 ms over
-the rounds), larger batches throughput (images/s from the median time). The ideal speedup is the ratio of analytic FLOPs. A
-training step (forward, backward and AdamW step, eager) is timed the same way at
+For every runtime (PyTorch eager, ``torch.compile``, onnxruntime CPU), thread count and batch size, three models
+are timed in one interleaved run: the uncompressed model, the *schedule-only bound* of each method (the plain
+blocks run at the token counts the method leaves, each reduction a free slice: ``pruning.benchmark.schedule_only``)
+and the compressed model. Each round calls every model once, in turn (the order rotates), so that drift in the
+machine's speed (other jobs on a shared machine) hits all alike. The decomposition, per method:
+
+    ideal        FLOPs ratio (uncompressed / compressed)
+    bound        uncompressed time / bound time: what the token counts buy in this runtime
+    bound/ideal  how much of the ideal the runtime turns into time at these matrix sizes
+    speedup      uncompressed time / compressed time
+    of bound     bound time / compressed time: what the method's own work (scores, gathers, merging) leaves
+
+Batch 1 reports latency (median and p90 ms over the rounds), larger batches throughput (images/s from the
+median time). A training step (forward, backward and AdamW step, eager) is timed the same way at
 ``--train_batch_size``.
 
-Output: a markdown table on stdout (and ``--md``), all figures with the machine in ``--json``.
+Output: a markdown table on stdout (and ``--md``), all figures with the machine and its load in ``--json``.
 Random weights: speed does not depend on them.
 """
 import argparse
@@ -24,7 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -43,15 +52,17 @@ from engine.options import ArgumentParser  # noqa: E402
 from export_onnx import (compress, export_onnx, input_shape, ort_run, ort_session, refuse_stochastic,  # noqa: E402
                          reduce_token_type)
 from pruning import METHOD_NAMES, METHODS  # noqa: E402
-from pruning.benchmark import time_interleaved  # noqa: E402
+from pruning.benchmark import bound_token_counts, schedule_only, time_interleaved  # noqa: E402
 from pruning.flops import analytic_flops  # noqa: E402
 
 PROG = "deploy_benchmark.py"
 RUNTIMES = ("eager", "compile", "onnxruntime")
 BASELINE = "none"
+BOUND = "bound:"  # the prefix of a schedule-only bound's name: bound:tk_n is tk_n's bound
+QUICK = dict(batch_sizes="1,2", rounds=1, latency_rounds=2, warmup=0, train_batch_size=2, train_rounds=1)
 
 
-def machine(threads: int) -> Dict[str, Any]:
+def machine() -> Dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -59,8 +70,9 @@ def machine(threads: int) -> Dict[str, Any]:
         cpu = names[0] if names else cpu
     except OSError:
         pass
-    info = {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads": threads, "python": platform.python_version(),
-            "torch": torch.__version__, "timm": timm.__version__, "gpu": None}
+    info = {"cpu": cpu, "logical_cpus": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "timm": timm.__version__, "gpu": None,
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
     try:
         import onnxruntime
         info["onnxruntime"] = onnxruntime.__version__
@@ -90,22 +102,39 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--reduce_token", dest="schedule", type=reduce_token_type, default=10,
                         help="tokens removed per block: an int or one value per block (default: %(default)s)")
     parser.add_argument("--batch_sizes", default="1,32", help="comma list; 1 = latency (default: %(default)s)")
-    parser.add_argument("--runtimes", default=",".join(RUNTIMES), help="comma list from eager, compile, onnxruntime")
+    parser.add_argument("--runtimes", default="eager,onnxruntime",
+                        help="comma list from eager, compile, onnxruntime (default: %(default)s)")
+    parser.add_argument("--threads", default="1,all",
+                        help="comma list of thread counts, each a separate run; all = every core (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds at batch > 1 (default: 10)")
     parser.add_argument("--latency_rounds", type=int, default=30,
                         help="interleaved rounds at batch 1 (median and p90 over them) (default: 30)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per model first (default: 2)")
     parser.add_argument("--train_batch_size", type=int, default=32,
-                        help="batch of the training-step timing; 0 skips it (default: 32)")
+                        help="batch of the training-step timing, at the first thread count; 0 skips it (default: 32)")
     parser.add_argument("--train_rounds", type=int, default=5, help="interleaved training rounds (default: 5)")
-    parser.add_argument("--threads", type=int, default=0, help="threads of every runtime (default: all cores)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: batches 1,2, one or two rounds, no warm-up (default: off)")
     parser.add_argument("--json", metavar="OUT.json", default=None)
     parser.add_argument("--md", metavar="OUT.md", default=None, help="also write the markdown table here")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
 
+def thread_counts(text: str) -> List[int]:
+    counts = []
+    for value in csv_list(text):
+        count = (os.cpu_count() or 1) if value == "all" else int(value) if value.isdigit() else 0
+        if count < 1:
+            raise CLIError(f"--threads: expected a comma list of thread counts >= 1 or 'all', got {text!r}")
+        counts.append(count)
+    return list(dict.fromkeys(counts)) or [os.cpu_count() or 1]
+
+
 def check(args: argparse.Namespace) -> None:
+    if args.quick:
+        for option, value in QUICK.items():
+            setattr(args, option, value)
     args.methods = csv_list(args.methods)
     args.runtimes = csv_list(args.runtimes)
     for m in args.methods:
@@ -117,6 +146,7 @@ def check(args: argparse.Namespace) -> None:
             raise CLIError(f"--runtimes: unknown runtime {r!r}; choose from {', '.join(RUNTIMES)}")
     for m in args.methods if "onnxruntime" in args.runtimes else ():
         refuse_stochastic(m, "--methods")
+    args.threads = thread_counts(args.threads)
     try:
         args.batch_sizes = [int(b) for b in csv_list(args.batch_sizes)]
     except ValueError:
@@ -130,13 +160,23 @@ def check(args: argparse.Namespace) -> None:
         raise CLIError(f"--json: the folder of {args.json} does not exist")
 
 
-def build_models(args: argparse.Namespace) -> Dict[str, torch.nn.Module]:
+def build_models(args: argparse.Namespace) -> Tuple[Dict[str, torch.nn.Module], Dict[str, str]]:
+    """(every model to time by name: the uncompressed one, each method and each distinct schedule-only bound;
+    the bound's name of each method). Methods that leave the same token counts share one bound."""
     plain = engine_model.create_model(args.arch, None, None, img_size=args.img_size).eval()
     engine_model.check_schedule_length(args.schedule, backbone_of(plain).shape.depth, args.arch)
-    models = {BASELINE: plain}
+    models, bound_of, bounds = {BASELINE: plain}, {}, {}
     for method in args.methods:
         models[method] = compress(plain, method, args.schedule, None)
-    return models
+        counts = tuple(bound_token_counts(models[method]))
+        if counts not in bounds:
+            try:
+                bounds[counts] = (f"{BOUND}{method}", schedule_only(plain, models[method]).eval())
+            except ValueError as err:
+                raise CLIError(f"--arch: {args.arch}: {err}") from None
+        bound_of[method] = bounds[counts][0]
+    models.update(dict(bounds.values()))
+    return models, bound_of
 
 
 def inference_callables(runtime: str, models: Dict[str, torch.nn.Module], batch: int, tmp: str,
@@ -152,7 +192,7 @@ def inference_callables(runtime: str, models: Dict[str, torch.nn.Module], batch:
             compiled(images)  # compile now, not in the first timed round
             calls[name] = lambda m=compiled: m(images)
         else:
-            path = os.path.join(tmp, f"{name}.onnx")
+            path = os.path.join(tmp, f"{name.replace(':', '_')}.onnx")
             if not os.path.exists(path):
                 export_onnx(model, path)
             session = ort_session(path, threads)
@@ -167,6 +207,8 @@ def train_callables(models: Dict[str, torch.nn.Module], batch: int) -> Dict[str,
     labels = torch.randint(0, max(1, models[BASELINE].num_classes), (batch,))
     calls = {}
     for name, model in models.items():
+        if name.startswith(BOUND):
+            continue
         model = copy.deepcopy(model).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
@@ -185,53 +227,78 @@ def summarise(times: List[float], batch: int) -> Dict[str, float]:
     return {"median_ms": median * 1e3, "p90_ms": p90 * 1e3, "images_per_s": batch / median, "rounds": len(times)}
 
 
+def decompose(times: Dict[str, List[float]], runtime: str, threads: int, batch: int, ideal: Dict[str, float],
+              bound_of: Dict[str, str]) -> List[Dict[str, Any]]:
+    """One row per model (the uncompressed one and each method) of one interleaved run: its time, and for a
+    method the decomposition against the uncompressed model and its schedule-only bound."""
+    median = {name: statistics.median(t) for name, t in times.items()}
+    rows = []
+    for name in [BASELINE, *bound_of]:
+        row = {"runtime": runtime, "threads": threads, "method": name, "batch": batch, **summarise(times[name], batch),
+               "ideal": ideal[name], "speedup": median[BASELINE] / median[name]}
+        row["of_ideal"] = row["speedup"] / row["ideal"]
+        if name in bound_of:
+            bound = median[bound_of[name]]
+            row.update(bound_ms=bound * 1e3, bound_speedup=median[BASELINE] / bound,
+                       bound_of_ideal=median[BASELINE] / bound / ideal[name], of_bound=bound / median[name])
+        rows.append(row)
+    return rows
+
+
+def run_inference(args: argparse.Namespace, models: Dict[str, torch.nn.Module], bound_of: Dict[str, str],
+                  ideal: Dict[str, float], tmp: str) -> List[Dict[str, Any]]:
+    """Every (runtime, thread count, batch): one interleaved run of every model, decomposed."""
+    rows: List[Dict[str, Any]] = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for batch in args.batch_sizes:
+            for runtime in args.runtimes:
+                calls = inference_callables(runtime, models, batch, tmp, threads)
+                rounds = args.latency_rounds if batch == 1 else args.rounds
+                times = time_interleaved(calls, rounds, args.warmup)
+                rows += decompose(times, runtime, threads, batch, ideal, bound_of)
+    return rows
+
+
+def run_training(args: argparse.Namespace, models: Dict[str, torch.nn.Module],
+                 ideal: Dict[str, float]) -> List[Dict[str, Any]]:
+    """The training step of every model but the bounds, at the first thread count."""
+    if args.train_batch_size <= 0:
+        return []
+    torch.set_num_threads(args.threads[0])
+    times = time_interleaved(train_callables(models, args.train_batch_size), args.train_rounds, 1)
+    rows = []
+    for name, t in times.items():
+        speedup = statistics.median(times[BASELINE]) / statistics.median(t)
+        # a training step costs about 3x the forward FLOPs in every model, so the ideal is the same ratio
+        rows.append({"runtime": "eager (train step)", "threads": args.threads[0], "method": name,
+                     "batch": args.train_batch_size, **summarise(t, args.train_batch_size), "speedup": speedup,
+                     "ideal": ideal[name], "of_ideal": speedup / ideal[name]})
+    return rows
+
+
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     check(args)
     torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
     load_start = loadavg()
     started = time.time()
-    models = build_models(args)
-    flops = {name: analytic_flops(model) for name, model in models.items()}
+    models, bound_of = build_models(args)
+    flops = {name: analytic_flops(model) for name, model in models.items() if not name.startswith(BOUND)}
     ideal = {name: flops[BASELINE] / f for name, f in flops.items()}
-    results: List[Dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        for batch in args.batch_sizes:
-            calls: Dict[str, Callable[[], Any]] = {}
-            for runtime in args.runtimes:
-                per_model = inference_callables(runtime, models, batch, tmp, threads)
-                for name, fn in per_model.items():
-                    calls[f"{runtime}/{name}"] = fn
-            rounds = args.latency_rounds if batch == 1 else args.rounds
-            times = time_interleaved(calls, rounds, args.warmup)
-            for key, t in times.items():
-                runtime, name = key.split("/")
-                stats = summarise(t, batch)
-                base = statistics.median(times[f"{runtime}/{BASELINE}"])
-                speedup = base / statistics.median(t)
-                results.append({"runtime": runtime, "method": name, "batch": batch, **stats,
-                                "speedup": speedup, "ideal": ideal[name], "of_ideal": speedup / ideal[name]})
-    training: List[Dict[str, Any]] = []
-    if args.train_batch_size > 0:
-        times = time_interleaved(train_callables(models, args.train_batch_size), args.train_rounds, 1)
-        for name, t in times.items():
-            speedup = statistics.median(times[BASELINE]) / statistics.median(t)
-            # a training step costs about 3x the forward FLOPs in every model, so the ideal is the same ratio
-            training.append({"runtime": "eager (train step)", "method": name, "batch": args.train_batch_size,
-                             **summarise(t, args.train_batch_size), "speedup": speedup, "ideal": ideal[name],
-                             "of_ideal": speedup / ideal[name]})
+        inference = run_inference(args, models, bound_of, ideal, tmp)
+    training = run_training(args, models, ideal)
     return {
-        "machine": machine(threads),
+        "machine": machine(),
         "loadavg_start": load_start, "loadavg_end": loadavg(), "seconds": time.time() - started,
         "settings": {"arch": args.arch, "img_size": input_shape(models[BASELINE])[1], "methods": args.methods,
                      "schedule": args.schedule, "batch_sizes": args.batch_sizes, "runtimes": args.runtimes,
-                     "rounds": args.rounds, "latency_rounds": args.latency_rounds, "warmup": args.warmup,
-                     "train_batch_size": args.train_batch_size, "train_rounds": args.train_rounds,
+                     "threads": args.threads, "rounds": args.rounds, "latency_rounds": args.latency_rounds,
+                     "warmup": args.warmup, "train_batch_size": args.train_batch_size,
+                     "train_rounds": args.train_rounds, "bounds": bound_of,
                      "command": " ".join(["python", "tools/deploy_benchmark.py"] + sys.argv[1:])},
         "gflops": {name: f / 1e9 for name, f in flops.items()},
-        "inference": results,
+        "inference": inference,
         "training": training,
     }
 
@@ -241,22 +308,25 @@ def markdown(report: Dict[str, Any]) -> str:
     load = lambda v: "n/a" if v is None else " ".join(f"{x:.2f}" for x in v)  # noqa: E731
     lines = [f"### {s['arch']} @ {s['img_size']}px, schedule {s['schedule']}, fp32",
              "",
-             f"{m['cpu']}, {m['threads']} threads ({m['logical_cpus']} logical CPUs), no GPU; torch {m['torch']}, "
-             f"onnxruntime {m['onnxruntime']}, timm {m['timm']}; load average {load(report['loadavg_start'])} "
-             f"(start) / {load(report['loadavg_end'])} (end); batch 1: median (p90) of {s['latency_rounds']} "
-             f"interleaved rounds, larger batches: median of {s['rounds']}; ideal = FLOPs ratio",
+             f"{m['cpu']} ({m['logical_cpus']} logical CPUs), no GPU; torch {m['torch']}, onnxruntime "
+             f"{m['onnxruntime']}, timm {m['timm']}; load average {load(report['loadavg_start'])} (start) / "
+             f"{load(report['loadavg_end'])} (end); batch 1: median (p90) of {s['latency_rounds']} interleaved "
+             f"rounds, larger batches: median of {s['rounds']}; ideal = FLOPs ratio, bound = the plain blocks at "
+             f"the method's token counts, each reduction a free slice",
              "",
-             "| runtime | method | batch | GFLOPs | latency ms (p90) / img/s | speedup | ideal | of ideal |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    rows = sorted(report["inference"], key=lambda r: (r["batch"], s["runtimes"].index(r["runtime"]),
-                                                      r["method"] != BASELINE))
-    for r in rows + report["training"]:
+             "| runtime | threads | batch | method | GFLOPs | latency ms (p90) / img/s | ideal | bound | "
+             "bound/ideal | speedup | of bound |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["inference"] + report["training"]:
         if r["batch"] == 1 and r["runtime"] in RUNTIMES:
             figure = f"{r['median_ms']:.1f} ({r['p90_ms']:.1f}) ms"
         else:
             figure = f"{r['images_per_s']:.1f} img/s"
-        lines.append(f"| {r['runtime']} | {r['method']} | {r['batch']} | {report['gflops'][r['method']]:.2f} | "
-                     f"{figure} | {r['speedup']:.2f}x | {r['ideal']:.2f}x | {r['of_ideal']:.2f} |")
+        bound = (f"{r['bound_speedup']:.2f}x | {r['bound_of_ideal']:.2f} | " if "bound_speedup" in r else "| | ")
+        of_bound = f"{r['of_bound']:.2f}" if "of_bound" in r else ""
+        lines.append(f"| {r['runtime']} | {r['threads']} | {r['batch']} | {r['method']} | "
+                     f"{report['gflops'][r['method']]:.3g} | {figure} | {r['ideal']:.2f}x | {bound}"
+                     f"{r['speedup']:.2f}x | {of_bound} |")
     return "\n".join(lines) + "\n"
 
 
