@@ -183,7 +183,7 @@ def kept_patches(scores: Tensor, keep: int) -> np.ndarray:
     dummy prefix token in front so that it ranks exactly these scores. (B, P) -> (B, keep)."""
     from pruning.core.reduction import select_tokens
     padded = torch.cat([scores.new_zeros(scores.shape[0], 1), scores], dim=1)
-    index, _ = select_tokens(padded, keep + 1, num_prefix=1, want_dropped=False)
+    index = select_tokens(padded, keep + 1, num_prefix=1)
     return (index[:, 1:] - 1).numpy()
 
 

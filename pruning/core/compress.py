@@ -6,11 +6,10 @@ per-forward state (token sizes, source maps) is updated on the way.
 """
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from .merging import bipartite_soft_matching, merge_source, merge_wavg
-from .reduction import prune_tokens, select_tokens, tokens_kept
+from .reduction import kept_mask, prune_tokens, select_tokens, tokens_kept
 from .scoring import fusion_weights, keep_scores, token_norm
 from .state import CompressionConfig
 
@@ -35,12 +34,11 @@ def reduce_tokens(cfg: CompressionConfig, x: Tensor, k: int, cls_attn: Optional[
         return x
     norms = token_norm(x) if method.needs_norms else None
     scores = keep_scores(method.keep_by, x, cls_attn, norms, cfg.generator)
-    keep_idx, drop_idx = select_tokens(scores, keep, num_prefix, want_dropped=method.fuses)
-    weights = None
+    keep_idx = select_tokens(scores, keep, num_prefix)
+    weights = kept = None
     if method.fuses:
-        pick = lambda s: None if s is None else s.gather(1, drop_idx)  # noqa: E731
-        weights = fusion_weights(method.fuse_by, pick(cls_attn), pick(norms))
+        kept = kept_mask(keep_idx, x.shape[1])
+        weights = fusion_weights(method.fuse_by, kept, cls_attn, norms)
     if state.source is not None:
-        state.source = prune_tokens(state.source, keep_idx, drop_idx,
-                                    None if weights is None else torch.ones_like(weights))
-    return prune_tokens(x, keep_idx, drop_idx, weights)
+        state.source = prune_tokens(state.source, keep_idx, None if kept is None else (~kept).to(x.dtype))
+    return prune_tokens(x, keep_idx, weights)

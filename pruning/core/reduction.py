@@ -1,5 +1,5 @@
 """Pruning: keep the best-scored tokens, optionally fusing the dropped ones into one token."""
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -10,22 +10,21 @@ def tokens_kept(num_tokens: int, k: int, num_prefix: int) -> int:
     return min(num_tokens, max(num_tokens - k, 2, num_prefix + 1))
 
 
-def select_tokens(scores: Tensor, keep: int, num_prefix: int, want_dropped: bool) -> Tuple[Tensor, Optional[Tensor]]:
-    """Indices of the tokens to keep (prefix tokens first, then the best-scored) and of those dropped.
+def select_tokens(scores: Tensor, keep: int, num_prefix: int) -> Tensor:
+    """Indices of the tokens to keep (B, keep): prefix tokens first, then the best-scored in descending order.
 
     scores: (B, N); prefix tokens (class, register, distillation) are always kept and never ranked.
-    Kept tokens after the prefix are in descending score order. Returns (B, keep), (B, N - keep).
     """
-    batch, num_tokens = scores.shape
-    ranked = scores[:, num_prefix:]
-    if want_dropped:
-        order = ranked.argsort(dim=-1, descending=True) + num_prefix
-        best, dropped = order[:, :keep - num_prefix], order[:, keep - num_prefix:]
-    else:
-        best = ranked.topk(keep - num_prefix, dim=-1).indices + num_prefix
-        dropped = None
+    batch = scores.shape[0]
+    best = scores[:, num_prefix:].topk(keep - num_prefix, dim=-1).indices + num_prefix
     prefix = torch.arange(num_prefix, device=scores.device).expand(batch, num_prefix)
-    return torch.cat([prefix, best], dim=1), dropped
+    return torch.cat([prefix, best], dim=1)
+
+
+def kept_mask(keep_idx: Tensor, num_tokens: int) -> Tensor:
+    """(B, N) True at the kept tokens."""
+    return torch.zeros(keep_idx.shape[0], num_tokens, dtype=torch.bool, device=keep_idx.device).scatter_(
+        1, keep_idx, True)
 
 
 def flat_index(index: Tensor, num_tokens: int) -> Tensor:
@@ -45,11 +44,11 @@ def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     return rows.reshape(batch, index.shape[1], channels)
 
 
-def prune_tokens(x: Tensor, keep_idx: Tensor, drop_idx: Optional[Tensor] = None,
-                 fuse_weights: Optional[Tensor] = None) -> Tensor:
-    """Keep ``keep_idx``; with ``fuse_weights`` (B, D), append sum_j w_j · x[drop_idx_j] as one token."""
+def prune_tokens(x: Tensor, keep_idx: Tensor, fuse_weights: Optional[Tensor] = None) -> Tensor:
+    """Keep ``keep_idx``; with ``fuse_weights`` (B, N), zero at the kept tokens, append sum_j w_j · x_j as one token."""
     kept = gather_tokens(x, keep_idx)
-    if fuse_weights is None or drop_idx is None or drop_idx.shape[1] == 0:
+    if fuse_weights is None:
         return kept
-    fused = (gather_tokens(x, drop_idx) * fuse_weights.unsqueeze(-1).to(x.dtype)).sum(dim=1, keepdim=True)
+    # one product over all tokens (the kept ones weigh 0) instead of gathering the dropped ones first
+    fused = fuse_weights.unsqueeze(1).to(x.dtype) @ x
     return torch.cat([kept, fused], dim=1)

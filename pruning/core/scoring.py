@@ -43,14 +43,13 @@ def keep_scores(criterion: str, x: Tensor, cls_attn: Optional[Tensor], norms: Op
     raise ValueError(f"keep_by: unknown criterion {criterion!r}; expected 'attn', 'norm', 'low_norm' or 'random'")
 
 
-def fusion_weights(criterion: str, dropped_cls_attn: Optional[Tensor], dropped_norms: Optional[Tensor]) -> Tensor:
-    """Weights of the dropped tokens in the fused token, (B, D).
-
-    ``attn``: their class-token attention as it is (not renormalised, as in EViT);
+def fusion_weights(criterion: str, kept: Tensor, cls_attn: Optional[Tensor], norms: Optional[Tensor]) -> Tensor:
+    """Weights of every token in the fused token, (B, N): 0 at the ``kept`` tokens (a (B, N) mask), and at
+    the dropped ones ``attn``: their class-token attention as it is (not renormalised, as in EViT);
     ``norm``: softmax of their norms, over the dropped tokens only.
     """
     if criterion == "attn":
-        return dropped_cls_attn
+        return cls_attn.masked_fill(kept, 0.0)
     if criterion == "norm":
-        return dropped_norms.softmax(dim=-1)
+        return norms.masked_fill(kept, -torch.inf).softmax(dim=-1)
     raise ValueError(f"fuse_by: unknown criterion {criterion!r}; expected 'attn' or 'norm'")
