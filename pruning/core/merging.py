@@ -38,17 +38,15 @@ class Matching:
         batch, _, channels = x.shape
         num_prefix, a_first = self.num_prefix, 2 * ((self.num_prefix + 1) // 2)
         b_tokens = x[:, 2 * (self.num_prefix // 2) + 1::2]
-        # the prefix and B tokens are copied to their slots, the A tokens added in: a few large operations
-        # instead of a full destination map (fewer kernels at batch 1, where each costs more than its work)
-        out = x.new_full((batch, self.num_out, channels), _EMPTY_SLOT[reduce])
-        out[:, :num_prefix] = x[:, :num_prefix]
-        out[:, self.num_out - b_tokens.shape[1]:] = b_tokens
+        # the prefix and B tokens go to their slots whole, the A tokens are added in: a few large operations
+        # instead of a destination map for every token (fewer kernels at batch 1, where each costs more than its work)
+        empty = x.new_full((batch, self.num_out - num_prefix - b_tokens.shape[1], channels), _EMPTY_SLOT[reduce])
+        out = torch.cat([x[:, :num_prefix], empty, b_tokens], dim=1)
         a_tokens = x[:, a_first::2]
         if reduce == "sum":  # whole rows of the flattened batch: several times faster than scatter_add_
-            rows = out.view(batch * self.num_out, channels)
             # a strided source (every other token) makes index_add_ several times slower than copying it first
             sources = a_tokens.reshape(-1, channels).contiguous()
-            rows.index_add_(0, flat_index(self.a_dest, self.num_out), sources)
+            out.view(batch * self.num_out, channels).index_add_(0, flat_index(self.a_dest, self.num_out), sources)
             return out
         index = self.a_dest.unsqueeze(-1).expand(-1, -1, channels)
         return out.scatter_reduce_(1, index, a_tokens, reduce=reduce, include_self=True)
@@ -66,12 +64,12 @@ def bipartite_soft_matching(metric: Tensor, k: int, num_prefix: int) -> Matching
         metric = metric / metric.norm(dim=-1, keepdim=True)
         scores = metric[:, a_first::2] @ metric[:, b_first::2].transpose(-1, -2)  # non-prefix A × non-prefix B
         best_score, best_match = scores.max(dim=-1)
-        merged = torch.zeros_like(best_score, dtype=torch.bool)
+        unmerged = torch.ones_like(best_score, dtype=torch.bool)
         if k > 0:
-            merged.scatter_(1, best_score.topk(k, dim=-1, sorted=False).indices, True)
-        num_unmerged = merged.shape[1] - k
-        unmerged_slot = (~merged).cumsum(dim=1) + (num_prefix - 1)  # in original order, after the prefix
-        a_dest = torch.where(merged, best_match + (num_prefix + num_unmerged), unmerged_slot)
+            unmerged.scatter_(1, best_score.topk(k, dim=-1, sorted=False).indices, False)
+        num_unmerged = unmerged.shape[1] - k
+        unmerged_slot = unmerged.cumsum(dim=1) + (num_prefix - 1)  # in original order, after the prefix
+        a_dest = torch.where(unmerged, unmerged_slot, best_match + (num_prefix + num_unmerged))
     return Matching(a_dest, num_prefix, num_tokens - k, k)
 
 
