@@ -122,8 +122,8 @@ def reduce(method, x, cls_attn, keys, size, positions, ids, k, num_prefix, liste
 
 
 def run_blocks(blocks, x, angles_of, method, schedule, num_prefix, reduce_at, prop_attn, kept):
-    """The pre-norm blocks, each a function (h, positions, angles, size) -> attention output, and (x) -> parts;
-    see ``_eva_blocks``/``_hf_blocks``. Returns (tokens, sizes)."""
+    """The pre-norm blocks (dicts of their parts: ``_eva_block``, ``_hf_block``) with the rules applied;
+    ``angles_of(i)``: block i's (sin, cos, half) of the full grid. Returns (tokens, sizes)."""
     size, ids = [1.0] * x.shape[0], list(range(x.shape[0]))
     positions = [None] * num_prefix + list(range(x.shape[0] - num_prefix))
     for index, (block, k) in enumerate(zip(blocks, schedule)):
