@@ -16,8 +16,8 @@ from . import timm as _timm
 
 __all__ = ["apply_patch", "remove_patch", "get_config", "get_state", "model_shape"]
 
-SUPPORTED_MODELS = ("a timm VisionTransformer or Eva (EVA-02, DINOv3, RoPE-ViT), a transformers ViT / DeiT / "
-                    "DINOv2 / DINOv3 / CLIP vision model, or an OpenCLIP VisionTransformer")
+SUPPORTED_MODELS = ("a timm VisionTransformer, a transformers ViT / DeiT / DINOv2 / DINOv3 / CLIP vision model, "
+                    "a timm Eva (EVA-02, DINOv3, RoPE-ViT) or an OpenCLIP VisionTransformer")
 
 
 def _adapter(model):

@@ -44,6 +44,12 @@ class _EvaLayout(LayerLayout):
         bias = torch.cat((q_bias, attn.k_bias, attn.v_bias))
         return attn.qkv(x) + bias if attn.qkv_bias_separate else F.linear(x, attn.qkv.weight, bias)
 
+    def project(self, attn: nn.Module, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        if attn.qkv is not None:
+            return super().project(attn, x)
+        shape = (*x.shape[:-1], -1, attn.head_dim)
+        return tuple(proj(x).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+
     def rotary_table(self, attn: nn.Module, value: Tensor) -> RotaryTable:
         sin, cos = value.chunk(2, dim=-1)
         return RotaryTable(sin, cos, half=bool(attn.rotate_half))

@@ -136,7 +136,7 @@ class LayerLayout:
 
     def project(self, attn: nn.Module, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """Queries, keys, values as (B, H, N, D)."""
-        if self.qkv is None or get_path(attn, self.qkv) is None:  # separate projections
+        if self.qkv is None:
             shape = (*x.shape[:-1], -1, attn.head_dim)
             return tuple(proj(x).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
         batch, num_tokens, _ = x.shape
