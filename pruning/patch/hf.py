@@ -1,4 +1,5 @@
-"""The Hugging Face transformers part: every method on ViT, DeiT, DINOv2 (with or without registers) and CLIP's
+"""The Hugging Face transformers part: every method on ViT, DeiT, DINOv2 (with or without registers), DINOv3
+(rotary position embeddings: each token keeps its original patch's angles, see ``layers.RotaryTable``) and CLIP's
 vision tower.
 
 This is the only module that knows transformers' classes. Each family is a layout of the shared compressed
