@@ -39,13 +39,13 @@ def rotate(vector, sin, cos, half):
 
 def attention(q, k, v, positions, angles, size):
     """q, k, v (H, N, D) after the q/k norms; ``positions``: each token's original patch (None: not rotated);
-    ``angles``: (sin, cos, half) with rows (P, D) or (H, P, D). Returns (output (N, H·D), class-token attention
+    ``angles``: (sin, cos, half) with rows (P, D) or (H, P, D), None without rotary embeddings. Returns (output (N, H·D), class-token attention
     averaged over heads, keys before rotation averaged over heads)."""
-    sin, cos, half = angles
     keys_before = k.mean(0)
     rotated_q, rotated_k = q.clone(), k.clone()
+    sin, cos, half = angles if angles is not None else (None, None, None)
     for i, position in enumerate(positions):
-        if position is not None:
+        if position is not None and angles is not None:
             rows = sin[..., position, :], cos[..., position, :]
             rotated_q[:, i] = rotate(q[:, i], *rows, half)
             rotated_k[:, i] = rotate(k[:, i], *rows, half)
@@ -188,7 +188,8 @@ def eva_outputs(model, images, method, schedule, reduce_at=None, prop_attn=True,
         x = model.norm_pre(x)[0]
         half = bool(model.blocks[0].attn.rotate_half)
         tables = [rope[i] if model.rope_mixed else rope for i in range(len(blocks))]
-        angles_of = lambda i: (*tables[i].chunk(2, dim=-1), half)  # noqa: E731  [sin, cos] concatenated
+        # timm gives each block [sin, cos] rows concatenated
+        angles_of = lambda i: None if rope is None else (*tables[i].chunk(2, dim=-1), half)  # noqa: E731
         x, size = run_blocks(blocks, x, angles_of, method, schedule, num_prefix, reduce_at, prop_attn,
                              kept[index] if kept else None)
         x = model.norm(x)
@@ -238,6 +239,7 @@ TIMM_FAMILIES = {  # family: (timm name, overrides)
     "dinov3_token": ("vit_small_patch16_dinov3_qkvb", dict(global_pool="token")),
     "rope_axial": ("vit_small_patch16_rope_224", {}),
     "rope_mixed": ("vit_small_patch16_rope_mixed_224", dict(global_pool="avg")),
+    "eva_no_rope": ("eva02_tiny_patch14_224", dict(use_rot_pos_emb=False)),  # EVA (-01): absolute positions only
 }
 HF_FAMILIES = {  # family: config overrides
     "hf_dinov3": dict(num_register_tokens=2),
