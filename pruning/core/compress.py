@@ -9,10 +9,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .merging import bipartite_soft_matching, merge_source, merge_wavg
-from .reduction import prune_tokens, select_tokens, tokens_kept
+from .merging import bipartite_soft_matching, merge_positions, merge_source, merge_wavg
+from .reduction import gather_tokens, prune_tokens, select_tokens, tokens_kept
 from .scoring import fusion_weights, keep_scores, token_norm
-from .state import CompressionConfig
+from .state import NO_POSITION, CompressionConfig
 
 __all__ = ["reduce_tokens"]
 
@@ -27,6 +27,8 @@ def reduce_tokens(cfg: CompressionConfig, x: Tensor, k: int, cls_attn: Optional[
             return x
         if state.source is not None:
             state.source = merge_source(matching, state.source)
+        if cfg.carry_positions:
+            state.positions = merge_positions(matching, cfg.token_positions(x))
         x, state.size = merge_wavg(matching, x, state.size)
         return x
 
@@ -43,4 +45,12 @@ def reduce_tokens(cfg: CompressionConfig, x: Tensor, k: int, cls_attn: Optional[
     if state.source is not None:
         state.source = prune_tokens(state.source, keep_idx, drop_idx,
                                     None if weights is None else torch.ones_like(weights))
+    if cfg.carry_positions:
+        state.positions = _pruned_positions(cfg.token_positions(x), keep_idx, fused=weights is not None)
     return prune_tokens(x, keep_idx, drop_idx, weights)
+
+
+def _pruned_positions(positions: Tensor, keep_idx: Tensor, fused: bool) -> Tensor:
+    """The kept tokens' positions, then ``NO_POSITION`` for the fused token (a mix of patches: not rotated)."""
+    kept = gather_tokens(positions.unsqueeze(-1), keep_idx)[..., 0]
+    return torch.cat([kept, kept.new_full((kept.shape[0], 1), NO_POSITION)], dim=1) if fused else kept

@@ -81,6 +81,15 @@ def merge_wavg(matching: Matching, x: Tensor, size: Optional[Tensor] = None) -> 
     return x / size, size
 
 
+def merge_positions(matching: Matching, positions: Tensor) -> Tensor:
+    """The position (B, N) carried by each merged token: its slot's B token's own (the destination's), or, in a
+    slot no B token holds (a prefix token, an unmerged A token), that token's own."""
+    out = positions.new_empty(positions.shape[0], matching.num_out)
+    out.scatter_(1, matching.dest[:, ::2], positions[:, ::2])  # several A tokens may share a B slot: B rewrites it
+    out.scatter_(1, matching.dest[:, 1::2], positions[:, 1::2])
+    return out
+
+
 def merge_source(matching: Matching, source: Tensor) -> Tensor:
     """Carry the source map (B, N, N0) (which original tokens each token holds) through a merge."""
     return matching.merge(source, reduce="amax")
