@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import timm
 import torch
 import torch.nn as nn
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 
 import data
@@ -60,9 +61,9 @@ def create_model(arch: str, num_classes: Optional[int], in_chans: Optional[int],
         raise CLIError(f"--pretrained: could not fetch the timm weights of {arch} ({one_line(err, named=True)}); "
                        f"fetch them once online (they are kept in the Hugging Face cache), or pass a local "
                        f"weights file with --checkpoint FILE and drop --pretrained") from None
-    if not isinstance(model, VisionTransformer):
+    if not isinstance(model, (VisionTransformer, Eva)):
         raise CLIError(f"--arch: {arch} is a {type(model).__name__}; token compression needs a timm "
-                       f"VisionTransformer (vit_*, deit_*)")
+                       f"VisionTransformer (vit_*, deit_*) or Eva (eva02_*, *_dinov3, *_rope_*)")
     img, patch = model.patch_embed.img_size, model.patch_embed.patch_size
     if img[0] % patch[0] or img[1] % patch[1]:
         raise CLIError(f"--img_size {img[0]} is not a multiple of --patch_size {patch[0]}")

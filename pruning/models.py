@@ -12,18 +12,25 @@ pretrained weights for them.
 | ``vit_pico_patch4_32`` | 32    | 4     | 64 + 1 | 64    | 6     | 4     | CIFAR-10/100   |
 | ``vit_nano_patch4_28`` | 28    | 4     | 49 + 1 | 128   | 6     | 4     | Fashion-MNIST  |
 | ``vit_nano_map_patch4_28`` | 28 | 4     | 49     | 128   | 6     | 4     | Fashion-MNIST, no class token |
+| ``vit_nano_rope_patch4_28`` | 28 | 4    | 49 + 5 | 128   | 6     | 4     | Fashion-MNIST, RoPE, registers |
 
 ``vit_nano_map_patch4_28`` is ``vit_nano_patch4_28`` without a class token, pooled by an attention-pool
 head (timm's ``global_pool="map"``: one learned query attends over all tokens), as SigLIP's vision tower
 is: the model where Top-K by class-token attention cannot run and the norm score can.
+
+``vit_nano_rope_patch4_28`` is ViT-Nano/4 as DINOv3 builds it (a timm ``Eva``): rotary position embeddings (DINOv3's
+RoPE, no absolute position embedding), a class token and 4 register tokens, pooled by the average of the patch
+tokens (timm's default for DINOv3); a class token exists, so attention Top-K can run, but the head does not read it.
 """
 from typing import Any, Dict, Tuple
 
 from timm.models import register_model
+from timm.models.eva import Eva, _create_eva
 from timm.models._registry import generate_default_cfgs
 from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer
 
-__all__ = ["vit_pico_patch2_8", "vit_pico_patch4_28", "vit_pico_patch4_32", "vit_nano_patch4_28", "vit_nano_map_patch4_28"]
+__all__ = ["vit_pico_patch2_8", "vit_pico_patch4_28", "vit_pico_patch4_32", "vit_nano_patch4_28", "vit_nano_map_patch4_28",
+           "vit_nano_rope_patch4_28"]
 
 # The input normalisation of each small model's pretrained cfg: (mean, std) per channel of the images (0..1
 # pixels) it is meant for. The datasets' own statistics are facts of ``data/`` (the library does not import
@@ -51,12 +58,17 @@ default_cfgs = generate_default_cfgs({
     "vit_pico_patch4_32": _cfg(3, 32, RGB_32X32_NORM),
     "vit_nano_patch4_28": _cfg(1, 28, GRAY_28X28_NORM),
     "vit_nano_map_patch4_28": _cfg(1, 28, GRAY_28X28_NORM),
+    "vit_nano_rope_patch4_28": _cfg(1, 28, GRAY_28X28_NORM),
 })
 
 
-def _create(variant: str, pretrained: bool, model_args: Dict[str, Any], **kwargs) -> VisionTransformer:
+def _refuse_pretrained(variant: str, pretrained: bool) -> None:
     if pretrained:
         raise ValueError(f"{variant} has no pretrained weights: train it, or load weights with --checkpoint")
+
+
+def _create(variant: str, pretrained: bool, model_args: Dict[str, Any], **kwargs) -> VisionTransformer:
+    _refuse_pretrained(variant, pretrained)
     return _create_vision_transformer(variant, pretrained=False, **dict(model_args, **kwargs))
 
 
@@ -96,3 +108,13 @@ def vit_nano_map_patch4_28(pretrained: bool = False, **kwargs) -> VisionTransfor
     return _create("vit_nano_map_patch4_28", pretrained, dict(PICO_ARGS, embed_dim=128, img_size=28, patch_size=4,
                                                               in_chans=1, num_classes=10, class_token=False,
                                                               global_pool="map"), **kwargs)
+
+
+@register_model
+def vit_nano_rope_patch4_28(pretrained: bool = False, **kwargs) -> Eva:
+    """ViT-Nano/4 built like DINOv3 (timm Eva): RoPE, class token + 4 registers, average pooling of the patches."""
+    _refuse_pretrained("vit_nano_rope_patch4_28", pretrained)
+    model_args = dict(PICO_ARGS, embed_dim=128, img_size=28, patch_size=4, in_chans=1, num_classes=10,
+                      use_abs_pos_emb=False, use_rot_pos_emb=True, rope_type="dinov3", rope_temperature=100,
+                      rope_rotate_half=True, num_reg_tokens=4, global_pool="avg", use_fc_norm=False)
+    return _create_eva("vit_nano_rope_patch4_28", pretrained=False, **dict(model_args, **kwargs))

@@ -301,6 +301,16 @@ def test_levels_keep_rate_and_matched_flops():
     assert sweep.schedule_text([0, 12, 3]) == "0,12,3"
 
 
+def test_a_level_can_be_limited_to_some_protocols(tmp_path):
+    levels = [{"name": "light", "schedule": 2, "protocols": ["offtheshelf"]}, {"name": "heavy", "schedule": 4}]
+    config = sweep.load_config(write_config(tmp_path, seeds=[0], methods=["none", "tk_n"], levels=levels), {})
+    plan = sweep.plan_runs(config, lambda method, level: level.schedule)
+    runs = {(spec.protocol, spec.level) for spec in plan if spec.method == "tk_n"}
+    assert runs == {("offtheshelf", "light"), ("offtheshelf", "heavy"), ("finetune", "heavy")}
+    with pytest.raises(ValueError, match="protocols must be a list"):
+        sweep.Level.from_dict({"name": "x", "schedule": 2, "protocols": ["fine-tune"]})
+
+
 def test_a_level_needs_exactly_one_mode():
     with pytest.raises(ValueError, match="levels"):
         sweep.Level.from_dict({"name": "x", "schedule": 2, "keep_rate": 0.5})

@@ -71,9 +71,10 @@ class Level:
     at_blocks: Tuple[int, ...] = ()
     flops_ratio: Optional[float] = None
     methods: Tuple[str, ...] = ()  # only these methods run at this level (empty: every method)
+    protocols: Tuple[str, ...] = ()  # only under these protocols (empty: every protocol)
 
-    def runs(self, method: str) -> bool:
-        return not self.methods or method in self.methods
+    def runs(self, method: str, protocol: str) -> bool:
+        return (not self.methods or method in self.methods) and (not self.protocols or protocol in self.protocols)
 
     @classmethod
     def from_dict(cls, entry: Dict[str, Any]) -> "Level":
@@ -94,12 +95,16 @@ class Level:
         if isinstance(methods, str) or any(m not in METHOD_NAMES for m in methods):
             raise ValueError(f"levels: {entry['name']}: methods must be a list of {', '.join(METHOD_NAMES)}, "
                              f"got {methods!r}")
+        protocols = entry.get("protocols") or ()
+        if isinstance(protocols, str) or any(p not in PROTOCOLS for p in protocols):
+            raise ValueError(f"levels: {entry['name']}: protocols must be a list of {', '.join(PROTOCOLS)}, "
+                             f"got {protocols!r}")
         return cls(name=str(entry["name"]), schedule=entry.get("schedule"), keep_rate=entry.get("keep_rate"),
                    at_blocks=tuple(entry.get("at_blocks") or ()), flops_ratio=entry.get("flops_ratio"),
-                   methods=tuple(methods))
+                   methods=tuple(methods), protocols=tuple(protocols))
 
 
-LEVEL_KEYS = ("name", "schedule", "keep_rate", "at_blocks", "flops_ratio", "methods")
+LEVEL_KEYS = ("name", "schedule", "keep_rate", "at_blocks", "flops_ratio", "methods", "protocols")
 OLD_LEVEL_KEYS = {"reduce_token": "schedule"}  # sweep YAMLs written before the rename
 # the keys of a sweep YAML; anything else (a typo such as ``method:``) is refused
 CONFIG_KEYS = ("out_dir", "work_dir", "seeds", "methods", "levels", "protocols", "main_args", "baseline_args",
@@ -377,7 +382,7 @@ def plan_runs(config: SweepConfig, schedule: Callable[[str, Level], Schedule]) -
                     plan.append(_spec(config, protocol, method, NO_LEVEL, "0", seed))
                     continue
                 for level in config.levels:
-                    if not level.runs(method):
+                    if not level.runs(method, protocol):
                         continue
                     plan.append(_spec(config, protocol, method, level.name, schedule_text(schedule(method, level)),
                                       seed))

@@ -6,12 +6,13 @@ per-forward state (token sizes, source maps) is updated on the way.
 """
 from typing import Optional
 
+import torch
 from torch import Tensor
 
-from .merging import bipartite_soft_matching, merge_source, merge_wavg
-from .reduction import kept_mask, prune_tokens, select_tokens, tokens_kept
+from .merging import bipartite_soft_matching, merge_positions, merge_source, merge_wavg
+from .reduction import gather_tokens, kept_mask, prune_tokens, select_tokens, tokens_kept
 from .scoring import fusion_weights, keep_scores, token_norm
-from .state import CompressionConfig
+from .state import NO_POSITION, CompressionConfig
 
 __all__ = ["reduce_tokens"]
 
@@ -26,6 +27,8 @@ def reduce_tokens(cfg: CompressionConfig, x: Tensor, k: int, cls_attn: Optional[
             return x
         if state.source is not None:
             state.source = merge_source(matching, state.source)
+        if cfg.carry_positions:
+            state.positions = merge_positions(matching, cfg.token_positions(x))
         x, state.size = merge_wavg(matching, x, state.size)
         return x
 
@@ -41,4 +44,12 @@ def reduce_tokens(cfg: CompressionConfig, x: Tensor, k: int, cls_attn: Optional[
         weights = fusion_weights(method.fuse_by, kept, cls_attn, norms)
     if state.source is not None:
         state.source = prune_tokens(state.source, keep_idx, None if kept is None else (~kept).to(x.dtype))
+    if cfg.carry_positions:
+        state.positions = _pruned_positions(cfg.token_positions(x), keep_idx, fused=weights is not None)
     return prune_tokens(x, keep_idx, weights)
+
+
+def _pruned_positions(positions: Tensor, keep_idx: Tensor, fused: bool) -> Tensor:
+    """The kept tokens' positions, then ``NO_POSITION`` for the fused token (a mix of patches: not rotated)."""
+    kept = gather_tokens(positions.unsqueeze(-1), keep_idx)[..., 0]
+    return torch.cat([kept, kept.new_full((kept.shape[0], 1), NO_POSITION)], dim=1) if fused else kept

@@ -14,6 +14,12 @@ def merges_allowed(num_tokens: int, k: int, num_prefix: int) -> int:
     return max(0, min(k, (num_tokens - num_prefix) // 2))
 
 
+def first_non_prefix(num_prefix: int) -> Tuple[int, int]:
+    """Positions of the first non-prefix A (even-position) token and the first non-prefix B (odd-position) token;
+    the prefix tokens fill positions 0..num_prefix-1, in both sets."""
+    return 2 * ((num_prefix + 1) // 2), 2 * (num_prefix // 2) + 1
+
+
 _EMPTY_SLOT = {"sum": 0.0, "amax": -torch.inf}  # what an unmerged A token's slot holds before it arrives
 
 
@@ -33,16 +39,23 @@ class Matching:
     num_out: int
     k: int  # tokens merged away (ToMe's r)
 
+    @property
+    def a_first(self) -> int:
+        return first_non_prefix(self.num_prefix)[0]
+
+    @property
+    def b_first(self) -> int:
+        return first_non_prefix(self.num_prefix)[1]
+
     def merge(self, x: Tensor, reduce: str = "sum") -> Tensor:
         """(B, N, C) -> (B, N - k, C), reducing the tokens that share a slot (``sum`` or ``amax``)."""
         batch, _, channels = x.shape
-        num_prefix, a_first = self.num_prefix, 2 * ((self.num_prefix + 1) // 2)
-        b_tokens = x[:, 2 * (self.num_prefix // 2) + 1::2]
+        num_prefix, b_tokens = self.num_prefix, x[:, self.b_first::2]
         # the prefix and B tokens go to their slots whole, the A tokens are added in: a few large operations
         # instead of a destination map for every token (fewer kernels at batch 1, where each costs more than its work)
         empty = x.new_full((batch, self.num_out - num_prefix - b_tokens.shape[1], channels), _EMPTY_SLOT[reduce])
         out = torch.cat([x[:, :num_prefix], empty, b_tokens], dim=1)
-        a_tokens = x[:, a_first::2]
+        a_tokens = x[:, self.a_first::2]
         if reduce == "sum":  # whole rows of the flattened batch: several times faster than scatter_add_
             # a strided source (every other token) makes index_add_ several times slower than copying it first
             sources = a_tokens.reshape(-1, channels).contiguous()
@@ -59,10 +72,10 @@ def bipartite_soft_matching(metric: Tensor, k: int, num_prefix: int) -> Matching
     """
     num_tokens = metric.shape[1]
     k = merges_allowed(num_tokens, k, num_prefix)
-    a_first, b_first = 2 * ((num_prefix + 1) // 2), 2 * (num_prefix // 2) + 1
+    a_first, b_first = first_non_prefix(num_prefix)
     with torch.no_grad():
         metric = metric / metric.norm(dim=-1, keepdim=True)
-        scores = metric[:, a_first::2] @ metric[:, b_first::2].transpose(-1, -2)  # non-prefix A × non-prefix B
+        scores = torch.bmm(metric[:, a_first::2], metric[:, b_first::2].transpose(1, 2))  # non-prefix A × B
         best_score, best_match = scores.max(dim=-1)
         unmerged = torch.ones_like(best_score, dtype=torch.bool)
         if k > 0:
@@ -80,6 +93,17 @@ def merge_wavg(matching: Matching, x: Tensor, size: Optional[Tensor] = None) -> 
     merged = matching.merge(weighted, reduce="sum")
     size = merged[..., -1:]
     return merged[..., :-1] / size, size
+
+
+def merge_positions(matching: Matching, positions: Tensor) -> Tensor:
+    """The position (B, N) carried by each merged token: its slot's B token's own (the destination's), or, in a
+    slot no B token holds (a prefix token, an unmerged A token), that token's own."""
+    num_prefix, b_positions = matching.num_prefix, positions[:, matching.b_first::2]
+    out = positions.new_empty(positions.shape[0], matching.num_out)
+    out.scatter_(1, matching.a_dest, positions[:, matching.a_first::2])  # merged A tokens: B rewrites them below
+    out[:, :num_prefix] = positions[:, :num_prefix]
+    out[:, matching.num_out - b_positions.shape[1]:] = b_positions
+    return out
 
 
 def merge_source(matching: Matching, source: Tensor) -> Tensor:

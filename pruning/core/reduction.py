@@ -49,6 +49,6 @@ def prune_tokens(x: Tensor, keep_idx: Tensor, fuse_weights: Optional[Tensor] = N
     kept = gather_tokens(x, keep_idx)
     if fuse_weights is None:
         return kept
-    # one product over all tokens (the kept ones weigh 0) instead of gathering the dropped ones first
-    fused = fuse_weights.unsqueeze(1).to(x.dtype) @ x
+    # a weighted sum over all tokens (the kept ones weigh 0) instead of gathering the dropped ones first
+    fused = (fuse_weights.unsqueeze(-1).to(x.dtype) * x).sum(dim=1, keepdim=True)
     return torch.cat([kept, fused], dim=1)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .methods import CompressionMethod
 
+NO_POSITION = -1  # a token's position when it is rotated by no angle (prefix tokens, fused tokens)
 CONFIG_ATTR = "_compression"  # the attribute holding the CompressionConfig of a patched model
 DEFAULT_SEED = 0  # the seed of a newly patched model's random draws
 
@@ -26,17 +27,23 @@ class CompressionState:
 
     size: (B, N, 1) original patches held by each token (ToMe's merge weights and proportional attention).
     source: (B, N, N0) 0/1 map of which original tokens each token carries (only with trace_source).
+    positions: (B, N) long, for a model with rotary position embeddings (``carry_positions``): the original
+        patch (0-based among the patches) whose rotary angles each token uses, ``NO_POSITION`` for a token
+        rotated by no angle (prefix tokens, a fused token); None while no block has reduced (the original
+        order).
     block_sources: ``source`` after every block, for visualisation.
     tokens_per_block: tokens leaving every block in the last forward.
     """
 
     size: Optional[Tensor] = None
     source: Optional[Tensor] = None
+    positions: Optional[Tensor] = None
     block_sources: List[Tensor] = field(default_factory=list)
     tokens_per_block: List[int] = field(default_factory=list)
 
     def reset(self, x: Tensor, trace_source: bool) -> None:
         self.size = None
+        self.positions = None
         self.block_sources = []
         self.tokens_per_block = []
         self.source = None
@@ -51,6 +58,8 @@ class CompressionConfig:
 
     method: the compression method; schedule: tokens removed by each block; fused_attn: whether
     every block's attention runs through scaled_dot_product_attention (the one switch for it).
+    carry_positions: the model rotates queries and keys by each patch's angles (rotary position
+    embeddings), so every reduction carries each token's original patch (``CompressionState.positions``).
     seed, generator: the random draws of a stochastic method (``random``): one stream, advanced by every
     forward that reduces, so each forward (each training step, each evaluation batch) draws afresh.
     """
@@ -62,6 +71,7 @@ class CompressionConfig:
     prop_attn: bool = True
     trace_source: bool = False
     fused_attn: bool = True
+    carry_positions: bool = False
     state: CompressionState = field(default_factory=CompressionState)
     seed: int = DEFAULT_SEED
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(DEFAULT_SEED),
@@ -75,8 +85,18 @@ class CompressionConfig:
         return self.schedule[index], self.state.size if self.prop_attn else None
 
     def reduces(self, k: int, size: Optional[Tensor]) -> bool:
-        """Whether a block removing ``k`` tokens, with these sizes, differs from the plain block."""
-        return not ((k == 0 or self.method.reduction == "none") and size is None)
+        """Whether a block removing ``k`` tokens, with these sizes, differs from the plain block (which
+        also rotates by the original positions, so it cannot run once tokens have moved)."""
+        return not ((k == 0 or self.method.reduction == "none") and size is None and self.state.positions is None)
+
+    def token_positions(self, x: Tensor) -> Tensor:
+        """The original patch of each token of ``x`` (B, N): the state's, or, before any reduction, the prefix
+        tokens (``NO_POSITION``) followed by the patches in order."""
+        if self.state.positions is not None:
+            return self.state.positions
+        batch, num_tokens = x.shape[:2]
+        positions = torch.arange(-self.num_prefix_tokens, num_tokens - self.num_prefix_tokens, device=x.device)
+        return positions.clamp(min=NO_POSITION).expand(batch, -1)
 
     def end_block(self, x: Tensor) -> Tensor:
         """Record the tokens (and, when traced, the source map) leaving a block; returns ``x``."""

@@ -2,7 +2,7 @@
 
 The compressed layer exists once, in ``layers.py``; each family adapter says where its layers and their
 parts are (a ``layers.LayerLayout``) and holds what is its library's own: ``timm.py`` (timm
-VisionTransformer), ``hf.py`` (transformers ViT, DeiT, DINOv2, CLIP vision) and ``open_clip.py`` (OpenCLIP
+VisionTransformer), ``eva.py`` (timm Eva: EVA-02, DINOv3, RoPE-ViT), ``hf.py`` (transformers ViT, DeiT, DINOv2, DINOv3, CLIP vision) and ``open_clip.py`` (OpenCLIP
 VisionTransformer), the last two imported only when a model of theirs is patched. Every adapter has the same
 entry points: ``supports``, ``apply_patch``, ``remove_patch`` and ``model_shape``.
 """
@@ -11,12 +11,13 @@ from typing import Optional, Sequence
 from ..core.cost import ModelShape
 from ..core.counting import Schedule
 from ..core.state import get_config, get_state
+from . import eva as _eva
 from . import timm as _timm
 
 __all__ = ["apply_patch", "remove_patch", "get_config", "get_state", "model_shape"]
 
-SUPPORTED_MODELS = ("a timm VisionTransformer, a transformers ViT / DeiT / DINOv2 / CLIP vision model, "
-                    "or an OpenCLIP VisionTransformer")
+SUPPORTED_MODELS = ("a timm VisionTransformer, a transformers ViT / DeiT / DINOv2 / DINOv3 / CLIP vision model, "
+                    "a timm Eva (EVA-02, DINOv3, RoPE-ViT) or an OpenCLIP VisionTransformer")
 
 
 def _adapter(model):
@@ -24,6 +25,8 @@ def _adapter(model):
     ValueError (naming ``model``) for anything else."""
     if _timm.supports(model):
         return _timm
+    if _eva.supports(model):
+        return _eva
     packages = {cls.__module__.split(".")[0] for cls in type(model).__mro__}
     if "transformers" in packages:
         from . import hf

@@ -1,4 +1,5 @@
-"""The Hugging Face transformers part: every method on ViT, DeiT, DINOv2 (with or without registers) and CLIP's
+"""The Hugging Face transformers part: every method on ViT, DeiT, DINOv2 (with or without registers), DINOv3
+(rotary position embeddings: each token keeps its original patch's angles, see ``layers.RotaryTable``) and CLIP's
 vision tower.
 
 This is the only module that knows transformers' classes. Each family is a layout of the shared compressed
@@ -32,15 +33,16 @@ from torch import Tensor, nn
 from ..core.cost import ModelShape
 from ..core.counting import Schedule
 from ..core.state import get_config
-from .layers import (LayerLayout, build_config, get_path, grid_of, linear_flops, mlp_hidden, patch_layers,
+from .layers import (LayerLayout, RotaryTable, build_config, get_path, grid_of, linear_flops, mlp_hidden, patch_layers,
                      unpatch_layers)
+from .layers import patch_token_mean as size_weighted_mean
 
 __all__ = ["apply_patch", "remove_patch", "supports", "model_shape", "patch_token_mean", "SUPPORTED"]
 
 SUPPORTED = ("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification",
              "DeiTForImageClassificationWithTeacher", "Dinov2Model", "Dinov2ForImageClassification",
              "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification", "CLIPVisionModel",
-             "CLIPVisionModelWithProjection")
+             "CLIPVisionModelWithProjection", "DINOv3ViTModel")
 
 
 # --- transformers' families -------------------------------------------------------------------------------
@@ -51,6 +53,20 @@ _DINOV2 = LayerLayout("hf_dinov2", "norm1", "attention", "norm2", "mlp",
                       attn_post=("layer_scale1", "drop_path"), mlp_post=("layer_scale2", "drop_path"))
 _CLIP = LayerLayout("hf_clip", "layer_norm1", "self_attn", "layer_norm2", "mlp", out_proj="out_proj",
                     scale="scale", dropout="dropout")
+
+
+class _RotateHalfLayout(LayerLayout):
+    """DINOv3: every layer is given ``position_embeddings=(cos, sin)``, rows (P, D) of every patch, rotate-half
+    pairs; prefix tokens (class, registers) are not rotated."""
+
+    def rotary_table(self, attn: nn.Module, value: Tuple[Tensor, Tensor]) -> RotaryTable:
+        cos, sin = value
+        return RotaryTable(sin, cos, half=True)
+
+
+_DINOV3 = _RotateHalfLayout("hf_dinov3", "norm1", "attention", "norm2", "mlp", dropout="dropout",
+                            attn_post=("layer_scale1", "drop_path"), mlp_post=("layer_scale2", "drop_path"),
+                            rotary_arg="position_embeddings")
 
 
 @dataclass(frozen=True)
@@ -75,7 +91,7 @@ class _Family:
         name = self.class_name
         if name.startswith("DeiT"):
             return 2  # class and distillation tokens
-        if name.startswith("Dinov2WithRegisters"):
+        if name.startswith("Dinov2WithRegisters") or name.startswith("DINOv3"):
             return 1 + model.config.num_register_tokens
         return 1
 
@@ -98,6 +114,7 @@ _FAMILIES = {f.class_name: f for f in (
     _Family("CLIPVisionModel", "", "encoder.layers", _CLIP, "embeddings.patch_embedding"),
     _Family("CLIPVisionModelWithProjection", "vision_model", "encoder.layers", _CLIP, "embeddings.patch_embedding",
             heads=("visual_projection",)),
+    _Family("DINOv3ViTModel", "", "model.layer", _DINOV3, "embeddings.patch_embeddings"),
 )}
 assert tuple(_FAMILIES) == SUPPORTED
 
@@ -145,7 +162,8 @@ def apply_patch(model: nn.Module, method: str, schedule: Schedule, *, fused_attn
     layers = family.layers_of(model)
     own_fused = getattr(model.config, "_attn_implementation", "eager") != "eager"
     cfg = build_config(method, schedule, len(layers), family.num_prefix(model),
-                       fused_attn=bool(fused_attn) and own_fused, **options)
+                       fused_attn=bool(fused_attn) and own_fused,
+                       carry_positions=family.layout.rotary_arg is not None, **options)
     remove_patch(model)
     patch_layers(model, layers, family.layout, cfg, own_attn_fused=own_fused)
     if family.mean_pool:
@@ -184,12 +202,7 @@ def patch_token_mean(model: nn.Module, tokens: Tensor) -> Tensor:
     Without compression it is exactly ``tokens[:, num_prefix:].mean(dim=1)``."""
     cfg = get_config(model)
     num_prefix = cfg.num_prefix_tokens if cfg is not None else _require_family(model).num_prefix(model)
-    patches = tokens[:, num_prefix:]
-    size = cfg.state.size if cfg is not None else None
-    if size is None or size.shape[1] != tokens.shape[1]:
-        return patches.mean(dim=1)
-    weights = size[:, num_prefix:].to(patches.dtype)
-    return (patches * weights).sum(dim=1) / weights.sum(dim=1)
+    return size_weighted_mean(cfg, tokens, num_prefix)
 
 
 class _MeanPooledClassifier:

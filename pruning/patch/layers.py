@@ -11,6 +11,7 @@ The layer computes, with ``attn`` the layout's attention module::
     h = norm1(x)
     q, k, v = heads of qkv(h) (packed) or of q_proj(h), k_proj(h), v_proj(h)
     q, k = q_norm(q), k_norm(k)                      # adjust_qk: the one place for per-family extras
+    q, k = rotate(q), rotate(k)                      # rotary families: by each token's carried angles
     o = attention(q, k, v)                           # fused (SDPA) or explicit (N×N)
     o = out_proj(attn_norm(o) * sigmoid(gate(h)))    # attn_norm and gate: when the layout names them
     x = x + attn_post(o)                             # dropout, layer scale, drop path, in order
@@ -18,8 +19,10 @@ The layer computes, with ``attn`` the layout's attention module::
     x = x + mlp_post(mlp(norm2(x)))
     (reduce here when reduce_at == "block")
 """
+from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -27,10 +30,11 @@ from ..core.compress import reduce_tokens
 from ..core.counting import Schedule, resolve_schedule
 from ..core.methods import PLACEMENTS, get_method
 from ..core.scoring import class_attention
-from ..core.state import CONFIG_ATTR, CompressionConfig, CompressionState, get_config
+from ..core.state import CONFIG_ATTR, NO_POSITION, CompressionConfig, get_config
 
-__all__ = ["LayerLayout", "CompressedLayer", "attend_heads", "compressed_class", "build_config", "patch_layers",
-           "unpatch_layers", "get_path", "linear_flops", "mlp_hidden", "grid_of"]
+__all__ = ["LayerLayout", "CompressedLayer", "RotaryTable", "TokenAngles", "attend_heads", "compressed_class",
+           "build_config", "patch_layers", "unpatch_layers", "get_path", "linear_flops", "mlp_hidden", "grid_of",
+           "patch_token_mean"]
 
 _NOT_SET = object()  # an attribute that was not in the module's __dict__ before patching
 
@@ -40,6 +44,50 @@ def get_path(module, path: str):
     for name in path.split("."):
         module = getattr(module, name, None) if module is not None else None
     return module
+
+
+@dataclass(frozen=True)
+class TokenAngles:
+    """The rotary angles of each token, as sin and cos (B, 1 or H, N, D), and how channels pair: ``half``
+    (channel i with i + D/2, "rotate half") or interleaved (2i with 2i + 1)."""
+
+    sin: Tensor
+    cos: Tensor
+    half: bool
+
+    def rotate(self, x: Tensor) -> Tensor:
+        """x (B, H, N, D) rotated: x·cos + x'·sin, x' the paired channels with the first of each pair negated."""
+        if self.half:
+            first, second = x.chunk(2, dim=-1)
+            paired = torch.cat([-second, first], dim=-1)
+        else:
+            paired = torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).reshape(x.shape)
+        return (x * self.cos + paired * self.sin).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class RotaryTable:
+    """One block's rotary angles of every original patch: sin and cos rows (..., P, D), the leading dimensions
+    (), (H,), (B, 1) or (B, H) (per head, per image); ``half`` as ``TokenAngles``."""
+
+    sin: Tensor
+    cos: Tensor
+    half: bool
+
+    def for_tokens(self, positions: Tensor) -> TokenAngles:
+        """The angles of tokens at original patches ``positions`` (B, N); ``NO_POSITION`` rotates by nothing
+        (sin 0, cos 1): prefix tokens and fused tokens."""
+        return TokenAngles(_rows(self.sin, positions, 0.0), _rows(self.cos, positions, 1.0), self.half)
+
+
+def _rows(table: Tensor, positions: Tensor, identity: float) -> Tensor:
+    """table's rows (B, 1 or H, N, D) at ``positions`` (B, N), ``identity`` everywhere for NO_POSITION."""
+    table = table.reshape((1,) * (4 - table.ndim) + tuple(table.shape))
+    images, heads, num_patches, dim = table.shape
+    table = torch.cat([table, table.new_full((images, heads, 1, dim), identity)], dim=2)
+    batch, num_tokens = positions.shape
+    index = positions.masked_fill(positions == NO_POSITION, num_patches)[:, None, :, None]
+    return table.expand(batch, -1, -1, -1).gather(2, index.expand(batch, heads, num_tokens, dim))
 
 
 class LayerLayout:
@@ -59,21 +107,26 @@ class LayerLayout:
       patched it reads the config's ``fused_attn``, so the family's own forward follows the one switch.
     - ``attn_post``/``mlp_post``: the modules applied to each branch in order (dropout, layer scale, drop path).
     - ``mask_arg``: the name of the layer's mask argument, for the message refusing it while compressing.
+    - ``rotary_arg``: the layer's argument carrying its rotary position embeddings (timm Eva's ``rope``); a
+      layout with one overrides ``rotary_table`` to read it, and the layer rotates each token's queries and
+      keys by the angles of the original patch it carries (``CompressionState.positions``).
 
     A family whose attention differs further subclasses this and overrides ``packed_qkv`` (how the packed
-    projection is computed), ``adjust_qk`` (queries and keys before attention: the one point where extras
-    such as rotary position embeddings plug in), ``scale_of`` or ``dropout_of``.
+    projection is computed), ``project``, ``adjust_qk`` (queries and keys before attention and rotation),
+    ``rotary_table``, ``scale_of`` or ``dropout_of``.
     """
 
     def __init__(self, name: str, norm1: str, attn: str, norm2: str, mlp: str, *, qkv: Optional[str] = None,
                  qk_norm: Optional[Tuple[str, str]] = None, attn_norm: Optional[str] = None,
                  gate: Optional[str] = None, out_proj: str = "o_proj", scale: str = "scaling",
                  dropout: str = "attention_dropout", scale_queries: bool = False, fused_switch: Optional[str] = None,
-                 attn_post: Tuple[str, ...] = (), mlp_post: Tuple[str, ...] = (), mask_arg: str = "attention_mask"):
+                 attn_post: Tuple[str, ...] = (), mlp_post: Tuple[str, ...] = (), mask_arg: str = "attention_mask",
+                 rotary_arg: Optional[str] = None):
         self.name, self.norm1, self.attn, self.norm2, self.mlp = name, norm1, attn, norm2, mlp
         self.qkv, self.qk_norm, self.attn_norm, self.gate = qkv, qk_norm, attn_norm, gate
         self.out_proj, self.scale, self.dropout, self.scale_queries = out_proj, scale, dropout, scale_queries
         self.fused_switch, self.attn_post, self.mlp_post, self.mask_arg = fused_switch, attn_post, mlp_post, mask_arg
+        self.rotary_arg = rotary_arg
 
     # --- the attention's parts ---------------------------------------------------------------------------
 
@@ -90,14 +143,22 @@ class LayerLayout:
         qkv = self.packed_qkv(attn, x).reshape(batch, num_tokens, 3, -1, attn.head_dim).permute(2, 0, 3, 1, 4)
         return tuple(qkv.unbind(0))
 
-    def adjust_qk(self, attn: nn.Module, queries: Tensor, keys: Tensor,
-                  state: CompressionState) -> Tuple[Tensor, Tensor]:
-        """Queries and keys as the attention uses them: the q/k norms where the layout has them. A family
-        with rotary embeddings overrides this to rotate them by each token's angles (carried in ``state``)."""
+    def adjust_qk(self, attn: nn.Module, queries: Tensor, keys: Tensor) -> Tuple[Tensor, Tensor]:
+        """Queries and keys as the attention uses them, before any rotation: the q/k norms where the layout has
+        them."""
         if self.qk_norm is None:
             return queries, keys
         q_norm, k_norm = self.qk_norm
         return get_path(attn, q_norm)(queries), get_path(attn, k_norm)(keys)
+
+    def rotary_table(self, attn: nn.Module, value) -> RotaryTable:
+        """The block's rotary angles from the value of its ``rotary_arg`` (the family's own format)."""
+        raise NotImplementedError(f"{self.name}: a layout with a rotary_arg reads it in rotary_table")
+
+    def take_rotary(self, attn: nn.Module, kwargs: dict) -> Optional[RotaryTable]:
+        """Remove the rotary argument from the layer's keyword arguments; its angles, or None."""
+        value = kwargs.pop(self.rotary_arg, None) if self.rotary_arg else None
+        return None if value is None else self.rotary_table(attn, value)
 
     def scale_of(self, attn: nn.Module) -> float:
         return get_path(attn, self.scale)
@@ -106,18 +167,22 @@ class LayerLayout:
         return get_path(attn, self.dropout)
 
     def attention(self, attn: nn.Module, x: Tensor, *, size: Optional[Tensor], fused: bool, want_cls_attn: bool,
-                  want_keys: bool, state: Optional[CompressionState] = None
+                  want_keys: bool, angles: Optional[TokenAngles] = None
                   ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         """The attention sublayer on the normed tokens ``x``: (its output after ``out_proj``, the class-token
-        attention row (B, N) averaged over heads, the keys averaged over heads (B, N, D)); see ``attend_heads``."""
+        attention row (B, N) averaged over heads, the keys averaged over heads (B, N, D), before rotation);
+        see ``attend_heads``. ``angles``: the tokens' rotary angles, for a family with rotary embeddings."""
         gate = get_path(attn, self.gate) if self.gate else None
         gate = gate(x).sigmoid() if gate is not None else None
         queries, keys, values = self.project(attn, x)
-        queries, keys = self.adjust_qk(attn, queries, keys, state if state is not None else CompressionState())
-        out, cls_attn, mean_keys = attend_heads(
+        queries, keys = self.adjust_qk(attn, queries, keys)
+        mean_keys = keys.mean(dim=1) if want_keys else None  # ToMe's similarity: the keys before rotation
+        if angles is not None:
+            queries, keys = angles.rotate(queries), angles.rotate(keys)
+        out, cls_attn, _ = attend_heads(
             queries, keys, values, scale=self.scale_of(attn), size=size,
             dropout_p=self.dropout_of(attn) if attn.training else 0.0, fused=fused, want_cls_attn=want_cls_attn,
-            want_keys=want_keys, scale_queries=self.scale_queries)
+            want_keys=False, scale_queries=self.scale_queries)
         if self.attn_norm:
             out = get_path(attn, self.attn_norm)(out)
         if gate is not None:
@@ -127,8 +192,14 @@ class LayerLayout:
     # --- the layer's parts -------------------------------------------------------------------------------
 
     def branch(self, layer: nn.Module, names: Tuple[str, ...], x: Tensor) -> Tensor:
+        """The parts ``names`` applied in order: a module is called, a tensor (a layer-scale Parameter)
+        multiplies, None (a part the layer was built without) is skipped."""
         for name in names:
-            x = get_path(layer, name)(x)
+            part = get_path(layer, name)
+            if isinstance(part, Tensor):
+                x = part * x
+            elif part is not None:
+                x = part(x)
         return x
 
     def check_inputs(self, args: tuple, kwargs: dict) -> None:
@@ -189,15 +260,19 @@ class CompressedLayer:
         own = self._own_attn_fused
         if not cfg.reduces(k, size) and (own is None or own == cfg.fused_attn):
             return cfg.end_block(super().forward(hidden_states, *args, **kwargs))  # the layer's own: bit-identical
-        self._layout.check_inputs(args, kwargs)
-        return cfg.end_block(self._compressed_forward(cfg, hidden_states, k, size))
+        layout = self._layout
+        rotary = layout.take_rotary(get_path(self, layout.attn), kwargs)
+        layout.check_inputs(args, kwargs)
+        angles = None if rotary is None else rotary.for_tokens(cfg.token_positions(hidden_states))
+        return cfg.end_block(self._compressed_forward(cfg, hidden_states, k, size, angles))
 
-    def _compressed_forward(self, cfg: CompressionConfig, x: Tensor, k: int, size: Optional[Tensor]) -> Tensor:
+    def _compressed_forward(self, cfg: CompressionConfig, x: Tensor, k: int, size: Optional[Tensor],
+                            angles: Optional[TokenAngles]) -> Tensor:
         layout, method = self._layout, cfg.method
         out, cls_attn, keys = layout.attention(
             get_path(self, layout.attn), get_path(self, layout.norm1)(x), size=size, fused=cfg.fused_attn,
             want_cls_attn=k > 0 and method.needs_cls_attention, want_keys=k > 0 and method.reduction == "merge",
-            state=cfg.state)
+            angles=angles)
         x = x + layout.branch(self, layout.attn_post, out)
         if cfg.reduce_at == "attn" and k > 0:
             x = reduce_tokens(cfg, x, k, cls_attn, keys)
@@ -239,9 +314,10 @@ def _switched_class(cls: type, switch: str) -> type:
 
 def build_config(method: str, schedule: Schedule, depth: int, num_prefix: int, *, reduce_at: Optional[str] = None,
                  prop_attn: bool = True, trace_source: bool = False, fused_attn: bool = True, class_token: bool = True,
-                 names: Tuple[str, str] = ("select_method", "pool_k")) -> CompressionConfig:
+                 names: Tuple[str, str] = ("select_method", "pool_k"), carry_positions: bool = False
+                 ) -> CompressionConfig:
     """The CompressionConfig for these arguments; ValueError naming the bad argument (``names``: what the
-    caller called the method and the schedule)."""
+    caller called the method and the schedule). ``carry_positions``: the model has rotary embeddings."""
     method_arg, schedule_arg = names
     chosen = get_method(method, argument=method_arg)
     reduce_at = chosen.default_reduce_at if reduce_at is None else reduce_at
@@ -254,7 +330,8 @@ def build_config(method: str, schedule: Schedule, depth: int, num_prefix: int, *
         raise ValueError(f"{method_arg}: {chosen.name!r} scores tokens by class-token attention, but this model has "
                          f"no class token; use a model with one, or tk_n, evit_n or tome")
     return CompressionConfig(method=chosen, schedule=per_block, reduce_at=reduce_at, num_prefix_tokens=num_prefix,
-                             prop_attn=prop_attn, trace_source=trace_source, fused_attn=bool(fused_attn))
+                             prop_attn=prop_attn, trace_source=trace_source, fused_attn=bool(fused_attn),
+                             carry_positions=carry_positions)
 
 
 def patch_layers(model: nn.Module, layers: Sequence[nn.Module], layout: LayerLayout, cfg: CompressionConfig,
@@ -309,11 +386,24 @@ def linear_flops(*modules: Optional[nn.Module]) -> float:
 
 
 def mlp_hidden(mlp: nn.Module) -> float:
-    """The MLP width in fc1/fc2 units (``block_flops`` counts 4·N·d·hidden): SwiGLU's three products count 1.5×."""
-    if hasattr(mlp, "gate_proj"):
-        return 1.5 * mlp.gate_proj.out_features
-    first = getattr(mlp, "fc1", None) or getattr(mlp, "c_fc")
-    return first.out_features
+    """The MLP width in fc1/fc2 units (``block_flops`` counts 4·N·d·hidden): the products of all its Linears
+    over 2·d, d the first one's input width; so a plain MLP's is fc1's width and SwiGLU's three products (packed
+    or not) count 1.5× the width of its gated product."""
+    linears = [m for m in mlp.modules() if isinstance(m, nn.Linear)]
+    return sum(m.in_features * m.out_features for m in linears) / (2 * linears[0].in_features)
+
+
+def patch_token_mean(cfg: Optional[CompressionConfig], tokens: Tensor, num_prefix: int) -> Tensor:
+    """Mean of the non-prefix tokens of ``tokens`` (B, N, C) as a patched model left them: weighted by the
+    patches each holds when ToMe merged (so it is the mean over the original patches), else each token once
+    (a fused token too). Without compression (``cfg`` None, or no sizes) it is exactly
+    ``tokens[:, num_prefix:].mean(dim=1)``."""
+    patches = tokens[:, num_prefix:]
+    size = cfg.state.size if cfg is not None else None
+    if size is None or size.shape[1] != tokens.shape[1]:
+        return patches.mean(dim=1)
+    weights = size[:, num_prefix:].to(patches.dtype)
+    return (patches * weights).sum(dim=1) / weights.sum(dim=1)
 
 
 def grid_of(image_size, patch_size, img_size: Optional[Sequence[int]]) -> Tuple[int, int, int, int]:
