@@ -319,9 +319,9 @@ def markdown(report: Dict[str, Any]) -> str:
              "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["inference"] + report["training"]:
         if r["batch"] == 1 and r["runtime"] in RUNTIMES:
-            figure = f"{r['median_ms']:.1f} ({r['p90_ms']:.1f}) ms"
+            figure = f"{r['median_ms']:.3g} ({r['p90_ms']:.3g}) ms"
         else:
-            figure = f"{r['images_per_s']:.1f} img/s"
+            figure = f"{r['images_per_s']:.4g} img/s"
         bound = (f"{r['bound_speedup']:.2f}x | {r['bound_of_ideal']:.2f} | " if "bound_speedup" in r else "| | ")
         of_bound = f"{r['of_bound']:.2f}" if "of_bound" in r else ""
         lines.append(f"| {r['runtime']} | {r['threads']} | {r['batch']} | {r['method']} | "
