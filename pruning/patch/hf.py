@@ -33,10 +33,11 @@ from torch import Tensor, nn
 from ..core.cost import ModelShape
 from ..core.counting import Schedule
 from ..core.state import get_config
-from .layers import (LayerLayout, build_config, compressed_class, get_path, grid_of, linear_flops, mlp_hidden,
+from .layers import (LayerLayout, MaskRefused, build_config, compressed_class, get_path, grid_of, linear_flops, mlp_hidden,
                      patch_layers, patch_pool, unpatch_layers, unpatch_pool)
 
-__all__ = ["apply_patch", "remove_patch", "supports", "model_shape", "patch_token_mean", "SUPPORTED"]
+__all__ = ["apply_patch", "remove_patch", "supports", "model_shape", "patch_token_mean", "naflex_inputs",
+           "takes_naflex", "image_size", "has_class_token", "SUPPORTED", "SIGLIP"]
 
 SIGLIP = ("SiglipVisionModel", "Siglip2VisionModel")  # the families without a class token
 SUPPORTED = ("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification",
@@ -106,7 +107,7 @@ class _UnpaddedNaFlex:
         cfg = get_config(self)
         if cfg is not None and cfg.compresses():
             if pixel_attention_mask is not None and not bool(pixel_attention_mask.all()):
-                raise ValueError("pixel_attention_mask: the batch is padded; token compression changes the token set, "
+                raise MaskRefused("pixel_attention_mask: the batch is padded; token compression changes the token set, "
                                  "so padding masks are not supported: give images of one patch count (mask all ones)")
             pixel_attention_mask = None
         return super().forward(pixel_values, pixel_attention_mask, spatial_shapes, **kwargs)
@@ -129,7 +130,25 @@ def _patch_flops(embedding: nn.Module) -> float:
     return 2.0 * embedding.in_channels * embedding.kernel_size[0] * embedding.kernel_size[1] * embedding.out_channels
 
 
-def _image_size(config) -> int:
+def naflex_inputs(images: Tensor, patch_size: int) -> Dict[str, Tensor]:
+    """SigLIP 2's keyword inputs for a batch of (B, C, H, W) images that fill their patches: ``pixel_values``
+    (B, N, p·p·C), each patch flattened by rows, columns, then channels (as its image processor does),
+    ``spatial_shapes`` (B, 2) and no ``pixel_attention_mask`` (no padding)."""
+    batch, channels, height, width = images.shape
+    grid_h, grid_w = height // patch_size, width // patch_size
+    pieces = images[:, :, :grid_h * patch_size, :grid_w * patch_size].reshape(
+        batch, channels, grid_h, patch_size, grid_w, patch_size).permute(0, 2, 4, 3, 5, 1)
+    spatial_shapes = torch.tensor([grid_h, grid_w], device=images.device).expand(batch, 2)
+    return dict(pixel_values=pieces.reshape(batch, grid_h * grid_w, -1), pixel_attention_mask=None,
+                spatial_shapes=spatial_shapes)
+
+
+def takes_naflex(model: nn.Module) -> bool:
+    """Whether ``model`` takes SigLIP 2's patchified inputs (``naflex_inputs``) rather than images."""
+    return _require_family(model).naflex
+
+
+def image_size(config) -> int:
     """The model's image size: its config's, or (SigLIP 2) the side of its square position grid in pixels."""
     size = getattr(config, "image_size", None)
     return size if size is not None else math.isqrt(config.num_patches) * config.patch_size
@@ -181,6 +200,10 @@ def _require_family(model: nn.Module) -> _Family:
     return family
 
 
+def has_class_token(model: nn.Module) -> bool:
+    return _require_family(model).class_token
+
+
 def apply_patch(model: nn.Module, method: str, schedule: Schedule, *, fused_attn: bool = True,
                 **options) -> nn.Module:
     """Make every encoder layer of a transformers ViT / DeiT / DINOv2 / CLIP vision model remove tokens (arguments
@@ -230,7 +253,7 @@ def model_shape(model: nn.Module, img_size: Optional[Sequence[int]] = None) -> M
     family = _require_family(model)
     backbone, layers = family.backbone_of(model), family.layers_of(model)
     config = backbone.config
-    grid_h, grid_w, _, _ = grid_of(_image_size(config), config.patch_size, img_size)
+    grid_h, grid_w, _, _ = grid_of(image_size(config), config.patch_size, img_size)
     attn = getattr(layers[0], family.layout.attn)
     prefix = family.num_prefix(model)
     probe = get_path(backbone, family.probe_head) if family.probe_head else None

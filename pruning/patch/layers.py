@@ -31,7 +31,11 @@ from ..core.state import CONFIG_ATTR, CompressionConfig, CompressionState, get_c
 
 __all__ = ["LayerLayout", "CompressedLayer", "attend_heads", "compressed_class", "build_config", "patch_layers",
            "unpatch_layers", "without_class_token", "SizeWeightedPool", "patch_pool", "unpatch_pool", "get_path",
-           "linear_flops", "mlp_hidden", "grid_of"]
+           "linear_flops", "mlp_hidden", "grid_of", "MaskRefused"]
+
+class MaskRefused(ValueError):
+    """A compressing layer was given an attention mask (or causal attention, or separate keys and values)."""
+
 
 _NOT_SET = object()  # an attribute that was not in the module's __dict__ before patching
 
@@ -135,8 +139,8 @@ class LayerLayout:
     def check_inputs(self, args: tuple, kwargs: dict) -> None:
         """Refuse masks (any tensor argument beyond the tokens) and causal attention while compressing."""
         if any(isinstance(a, Tensor) or a is True for a in (*args, *kwargs.values())):
-            raise ValueError(f"{self.mask_arg}: token compression changes the token set, so attention masks, "
-                             f"causal attention and separate key/value inputs are not supported")
+            raise MaskRefused(f"{self.mask_arg}: token compression changes the token set, so attention masks, "
+                              f"causal attention and separate key/value inputs are not supported")
 
 
 def attend_heads(queries: Tensor, keys: Tensor, values: Tensor, *, scale: float, size: Optional[Tensor],

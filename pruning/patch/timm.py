@@ -24,7 +24,7 @@ from ..core.counting import Schedule
 from .layers import LayerLayout, build_config, linear_flops, mlp_hidden, patch_layers, patch_pool, unpatch_layers, \
     unpatch_pool
 
-__all__ = ["BLOCK_LAYOUT", "apply_patch", "remove_patch", "supports", "model_shape"]
+__all__ = ["BLOCK_LAYOUT", "apply_patch", "remove_patch", "supports", "model_shape", "has_class_token"]
 
 BLOCK_LAYOUT = LayerLayout(
     "timm_block", "norm1", "attn", "norm2", "mlp", qkv="qkv", qk_norm=("q_norm", "k_norm"), attn_norm="norm",
@@ -52,11 +52,15 @@ def _check(model: nn.Module) -> None:
                              f"token compression needs timm's standard Attention")
 
 
+def has_class_token(model: VisionTransformer) -> bool:
+    return getattr(model, "cls_token", None) is not None
+
+
 def apply_patch(model: VisionTransformer, method: str, schedule: Schedule, **options) -> VisionTransformer:
     """Make every block of a timm ``VisionTransformer`` remove tokens (arguments as ``pruning.patch.apply_patch``)."""
     _check(model)
     cfg = build_config(method, schedule, len(model.blocks), model.num_prefix_tokens,
-                       class_token=getattr(model, "cls_token", None) is not None, **options)
+                       class_token=has_class_token(model), **options)
     remove_patch(model)
     patch_layers(model, model.blocks, BLOCK_LAYOUT, cfg)
     patch_pool(_latent_pool(model), cfg, keys_at=0, per_head=False)
