@@ -16,7 +16,7 @@ from . import timm as _timm
 
 __all__ = ["apply_patch", "remove_patch", "get_config", "get_state", "model_shape", "methods_for"]
 
-SUPPORTED_MODELS = ("a timm VisionTransformer, a transformers ViT / DeiT / DINOv2 / CLIP vision model, "
+SUPPORTED_MODELS = ("a timm VisionTransformer, a transformers ViT / DeiT / DINOv2 / CLIP / SigLIP vision model, "
                     "or an OpenCLIP VisionTransformer")
 
 

@@ -1,5 +1,6 @@
 """The Hugging Face transformers part: every method on ViT, DeiT, DINOv2 (with or without registers) and CLIP's
-vision tower.
+vision tower; on SigLIP and SigLIP 2's vision towers, which have no class token, every method that does not read
+class-token attention.
 
 This is the only module that knows transformers' classes. Each family is a layout of the shared compressed
 layer (``layers.py``, as for timm and OpenCLIP): each encoder layer (and, for the DINOv2 classifiers, the model
@@ -19,7 +20,11 @@ mean of the patch tokens; under compression that mean is ``patch_token_mean``: e
 by the original patches it holds (ToMe's sizes, so a merged token counts as many times as the patches in it
 and the mean equals the mean over the original patches' slots), and every other token, a fused EViT-style
 token included, counted once (a fused token is a weighted sum, not an average, of the tokens it replaced;
-no patch count is kept for it).
+no patch count is kept for it). SigLIP's attention-pool head (a probe query over all tokens) reads the tokens
+left, merged ones weighted by their size while ``prop_attn`` is on (``layers.SizeWeightedPool``), as the blocks
+weigh them. SigLIP 2 takes patchified pixels with ``pixel_attention_mask`` and ``spatial_shapes``: while it
+compresses, a batch whose mask is all ones runs without it and a padded one is refused (``naflex_inputs``
+builds the inputs of images that fill their patches).
 
 transformers itself is imported only inside the functions that need its classes.
 """
@@ -206,8 +211,8 @@ def has_class_token(model: nn.Module) -> bool:
 
 def apply_patch(model: nn.Module, method: str, schedule: Schedule, *, fused_attn: bool = True,
                 **options) -> nn.Module:
-    """Make every encoder layer of a transformers ViT / DeiT / DINOv2 / CLIP vision model remove tokens (arguments
-    as ``pruning.patch.apply_patch``).
+    """Make every encoder layer of a transformers ViT / DeiT / DINOv2 / CLIP / SigLIP vision model remove tokens
+    (arguments as ``pruning.patch.apply_patch``).
 
     ``fused_attn``: reducing layers use scaled_dot_product_attention unless the model was loaded with
     ``attn_implementation="eager"`` or this is False. It is one switch for every layer: with ``fused_attn=False``
