@@ -38,8 +38,8 @@ from torch import Tensor, nn
 from ..core.cost import ModelShape
 from ..core.counting import Schedule
 from ..core.state import get_config
-from .layers import (LayerLayout, MaskRefused, build_config, compressed_class, get_path, grid_of, linear_flops, mlp_hidden,
-                     patch_layers, patch_pool, unpatch_layers, unpatch_pool)
+from .layers import (LayerLayout, MaskRefused, build_config, compressed_class, get_path, grid_of, linear_flops,
+                     mlp_hidden, patch_layers, patch_pool, unpatch_layers, unpatch_pool)
 
 __all__ = ["apply_patch", "remove_patch", "supports", "model_shape", "patch_token_mean", "naflex_inputs",
            "takes_naflex", "image_size", "has_class_token", "SUPPORTED", "SIGLIP"]
