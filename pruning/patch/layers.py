@@ -297,7 +297,8 @@ def patch_pool(pool: Optional[nn.Module], cfg: CompressionConfig, *, keys_at: in
     if pool is None:
         return
     pool._original_class = pool.__class__
-    pool.__class__ = compressed_class(pool.__class__, SizeWeightedPool, "pool", _keys_at=keys_at, _per_head=per_head)
+    pool.__class__ = compressed_class(pool.__class__, SizeWeightedPool, f"pool:{keys_at}:{per_head}",
+                                      _keys_at=keys_at, _per_head=per_head)
     setattr(pool, CONFIG_ATTR, cfg)
 
 
