@@ -133,6 +133,22 @@ def test_class_token_attention_is_refused_in_one_line(family, method):
     assert message.endswith(", ".join(WORKING))  # the working methods, controls included, from the table
 
 
+def test_methods_for_lists_what_apply_patch_takes():
+    from pruning import METHOD_NAMES
+    from pruning.patch import methods_for
+
+    for model in (make_model("siglip"), make_model("siglip2"), timm.create_model("vit_nano_map_patch4_28")):
+        assert methods_for(model) == ("none", *WORKING)
+        for method in METHOD_NAMES:
+            if method in methods_for(model):
+                apply_patch(model, method, 1)
+            else:
+                with pytest.raises(ValueError, match="no class token"):
+                    apply_patch(model, method, 1)
+    assert methods_for(make_model("vit")) == methods_for(timm.create_model("vit_nano_patch4_28")) == METHOD_NAMES
+    assert methods_for(make_model("open_clip")) == METHOD_NAMES
+
+
 def test_a_padded_siglip2_batch_is_refused_in_one_line_while_compressing(images):
     model = make_model("siglip2")
     pixel_values, mask, shapes = naflex_inputs(images, 8)
