@@ -112,8 +112,9 @@ class _UnpaddedNaFlex:
         cfg = get_config(self)
         if cfg is not None and cfg.compresses():
             if pixel_attention_mask is not None and not bool(pixel_attention_mask.all()):
-                raise MaskRefused("pixel_attention_mask: the batch is padded; token compression changes the token set, "
-                                 "so padding masks are not supported: give images of one patch count (mask all ones)")
+                raise MaskRefused("pixel_attention_mask: the batch is padded; token compression changes the token "
+                                  "set, so padding masks are not supported: give images of one patch count (mask "
+                                  "all ones)")
             pixel_attention_mask = None
         return super().forward(pixel_values, pixel_attention_mask, spatial_shapes, **kwargs)
 
