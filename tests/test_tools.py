@@ -329,3 +329,14 @@ def test_grid_draws_checkpoints_of_every_family(hf_archs, tmp_path, capsys):
     width, height = Image.open(out).size
     assert width == grid_width(3 * 2)
     assert height == round((2 * PANEL_INCHES + TITLE_INCHES + CAPTION_INCHES) * DPI)
+
+
+def test_families_table_shows_refused_methods_as_refused(capsys):
+    from tools import families_table
+
+    families_table.main(["--families", "siglip2,vit", "--methods", "tk,tk_n", "--no-speed"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| siglip2 |")
+            or line.startswith("| vit |")]
+    assert rows[0] == "| siglip2 | tk | refused (no class token) | - | - | - | - |"
+    assert [row.split(" | ")[:2] for row in rows[1:]] == [["| siglip2", "tk_n"], ["| vit", "tk"], ["| vit", "tk_n"]]
+    assert all(row.split(" | ")[3] == "yes" for row in rows[1:])  # conforms within 1e-4
