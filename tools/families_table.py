@@ -28,7 +28,9 @@ from open_clip.transformer import QuickGELU, VisionTransformer  # noqa: E402
 
 from pruning import METHOD_NAMES, get_method  # noqa: E402
 from pruning.benchmark import compare_speed  # noqa: E402
-from pruning.patch import apply_patch, get_state, remove_patch  # noqa: E402
+from pruning.flops import analytic_flops  # noqa: E402
+from pruning.patch import apply_patch, get_state, methods_for, remove_patch  # noqa: E402
+from pruning.patch.hf import naflex_inputs, takes_naflex  # noqa: E402
 from reference_families import make_model, output, reference_outputs  # noqa: E402
 from reference_vit import kept_ids  # noqa: E402
 
@@ -39,7 +41,10 @@ FAMILIES = {  # table row: (test family, description)
     "dinov2_reg": ("dinov2_reg", "transformers Dinov2WithRegistersForImageClassification (3 registers, SwiGLU)"),
     "clip": ("clip", "transformers CLIPVisionModel (pooled output)"),
     "open_clip": ("open_clip", "OpenCLIP VisionTransformer (image features)"),
+    "siglip": ("siglip", "transformers SiglipVisionModel (no class token; attention-pool output)"),
+    "siglip2": ("siglip2", "transformers Siglip2VisionModel (no class token; patchified NaFlex input)"),
 }
+REFUSED = "refused (no class token)"  # the cell of a method that reads class-token attention, on a model without
 SCHEDULE = [3, 5, 2, 4]
 TOLERANCE = 1e-4
 
@@ -77,9 +82,39 @@ def speed_model(family: str, size: str) -> torch.nn.Module:
             "dinov2_reg": (T.Dinov2WithRegistersForImageClassification,
                            lambda: T.Dinov2WithRegistersConfig(num_register_tokens=3, use_swiglu_ffn=True, **common)),
             "clip": (T.CLIPVisionModel, lambda: T.CLIPVisionConfig(intermediate_size=4 * width, **common)),
+            "siglip": (T.SiglipVisionModel, lambda: T.SiglipVisionConfig(intermediate_size=4 * width, **common)),
+            "siglip2": (T.Siglip2VisionModel, lambda: T.Siglip2VisionConfig(
+                intermediate_size=4 * width, num_patches=(224 // 16) ** 2,
+                **{k: v for k, v in common.items() if k != "image_size"})),
         }[family]
         model = cls._from_config(config(), attn_implementation="sdpa")
     return model.eval()
+
+
+class FromImages(torch.nn.Module):
+    """Images in, SigLIP 2's patchified inputs to ``model``: its speed measured from the same images as the
+    other families' (the patchifying, a reshape, is in every variant's time alike)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor):
+        return self.model(**naflex_inputs(images, self.model.config.patch_size))
+
+
+def speed_results(family: str, size: str, methods, pool_k: int, batch: int, rounds: int) -> dict:
+    """{method: SpeedResult} of the family's speed model, every method it takes at ``pool_k`` per block."""
+    model = speed_model(family, size)
+    variants = {"none": model}
+    for method in methods:
+        variants[method] = apply_patch(copy.deepcopy(model), method, pool_k)
+    unwrap = lambda m: m.model if isinstance(m, FromImages) else m  # noqa: E731
+    if hasattr(model, "config") and takes_naflex(model):
+        variants = {name: FromImages(variant) for name, variant in variants.items()}
+    inputs = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    return {r.name: r for r in compare_speed(variants, inputs, "none", warmup=1, rounds=rounds,
+                                             flops_of=lambda m: analytic_flops(unwrap(m)))}
 
 
 def main(argv=None) -> None:
@@ -113,15 +148,14 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|")
     start = time.time()
     for family in families:
+        runs = methods_for(make_model(FAMILIES[family][0]))
+        for method in [m for m in methods if m not in runs]:
+            print(f"| {family} | {method} | {REFUSED} | - | - | - | - |", flush=True)
+        methods_run = [m for m in methods if m in runs]
         results = {}
         if args.speed:
-            model = speed_model(FAMILIES[family][0], args.size)
-            variants = {"none": model}
-            for method in methods:
-                variants[method] = apply_patch(copy.deepcopy(model), method, args.pool_k)
-            inputs = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-            results = {r.name: r for r in compare_speed(variants, inputs, "none", warmup=1, rounds=args.rounds)}
-        for method in methods:
+            results = speed_results(FAMILIES[family][0], args.size, methods_run, args.pool_k, args.batch, args.rounds)
+        for method in methods_run:
             diff = conformance(FAMILIES[family][0], method) if args.conformance else float("nan")
             verdict = "-" if not args.conformance else ("yes" if diff <= TOLERANCE else "NO")
             speed = results.get(method)
