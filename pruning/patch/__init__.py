@@ -17,13 +17,8 @@ from . import timm as _timm
 
 __all__ = ["apply_patch", "remove_patch", "get_config", "get_state", "model_shape", "methods_for"]
 
-<<<<<<< HEAD
-SUPPORTED_MODELS = ("a timm VisionTransformer, a transformers ViT / DeiT / DINOv2 / DINOv3 / CLIP vision model, "
-                    "a timm Eva (EVA-02, DINOv3, RoPE-ViT) or an OpenCLIP VisionTransformer")
-=======
-SUPPORTED_MODELS = ("a timm VisionTransformer, a transformers ViT / DeiT / DINOv2 / CLIP / SigLIP vision model, "
-                    "or an OpenCLIP VisionTransformer")
->>>>>>> siglip
+SUPPORTED_MODELS = ("a timm VisionTransformer, a transformers ViT / DeiT / DINOv2 / DINOv3 / CLIP / SigLIP vision "
+                    "model, a timm Eva (EVA-02, DINOv3, RoPE-ViT) or an OpenCLIP VisionTransformer")
 
 
 def _adapter(model):

@@ -1,12 +1,7 @@
-<<<<<<< HEAD
 """The Hugging Face transformers part: every method on ViT, DeiT, DINOv2 (with or without registers), DINOv3
 (rotary position embeddings: each token keeps its original patch's angles, see ``layers.RotaryTable``) and CLIP's
-vision tower.
-=======
-"""The Hugging Face transformers part: every method on ViT, DeiT, DINOv2 (with or without registers) and CLIP's
 vision tower; on SigLIP and SigLIP 2's vision towers, which have no class token, every method that does not read
 class-token attention.
->>>>>>> siglip
 
 This is the only module that knows transformers' classes. Each family is a layout of the shared compressed
 layer (``layers.py``, as for timm and OpenCLIP): each encoder layer (and, for the DINOv2 classifiers, the model
@@ -44,14 +39,9 @@ from torch import Tensor, nn
 from ..core.cost import ModelShape
 from ..core.counting import Schedule
 from ..core.state import get_config
-<<<<<<< HEAD
-from .layers import (LayerLayout, RotaryTable, build_config, get_path, grid_of, linear_flops, mlp_hidden, patch_layers,
-                     unpatch_layers)
+from .layers import (LayerLayout, MaskRefused, RotaryTable, build_config, compressed_class, get_path, grid_of,
+                     linear_flops, mlp_hidden, patch_layers, patch_pool, unpatch_layers, unpatch_pool)
 from .layers import patch_token_mean as size_weighted_mean
-=======
-from .layers import (LayerLayout, MaskRefused, build_config, compressed_class, get_path, grid_of, linear_flops,
-                     mlp_hidden, patch_layers, patch_pool, unpatch_layers, unpatch_pool)
->>>>>>> siglip
 
 __all__ = ["apply_patch", "remove_patch", "supports", "model_shape", "patch_token_mean", "naflex_inputs",
            "takes_naflex", "image_size", "has_class_token", "SUPPORTED", "SIGLIP"]
@@ -60,11 +50,7 @@ SIGLIP = ("SiglipVisionModel", "Siglip2VisionModel")  # the families without a c
 SUPPORTED = ("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification",
              "DeiTForImageClassificationWithTeacher", "Dinov2Model", "Dinov2ForImageClassification",
              "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification", "CLIPVisionModel",
-<<<<<<< HEAD
-             "CLIPVisionModelWithProjection", "DINOv3ViTModel")
-=======
-             "CLIPVisionModelWithProjection") + SIGLIP
->>>>>>> siglip
+             "CLIPVisionModelWithProjection", "DINOv3ViTModel") + SIGLIP
 
 
 # --- transformers' families -------------------------------------------------------------------------------
@@ -208,12 +194,8 @@ _FAMILIES = {f.class_name: f for f in (
     _Family("CLIPVisionModel", "", "encoder.layers", _CLIP, "embeddings.patch_embedding"),
     _Family("CLIPVisionModelWithProjection", "vision_model", "encoder.layers", _CLIP, "embeddings.patch_embedding",
             heads=("visual_projection",)),
-<<<<<<< HEAD
     _Family("DINOv3ViTModel", "", "model.layer", _DINOV3, "embeddings.patch_embeddings"),
-)}
-=======
 ) + _SIGLIP_FAMILIES}
->>>>>>> siglip
 assert tuple(_FAMILIES) == SUPPORTED
 
 
@@ -263,14 +245,9 @@ def apply_patch(model: nn.Module, method: str, schedule: Schedule, *, fused_attn
                          "call model.gradient_checkpointing_disable() before apply_patch")
     layers = family.layers_of(model)
     own_fused = getattr(model.config, "_attn_implementation", "eager") != "eager"
-<<<<<<< HEAD
-    cfg = build_config(method, schedule, len(layers), family.num_prefix(model),
+    cfg = build_config(method, schedule, len(layers), family.num_prefix(model), class_token=family.class_token,
                        fused_attn=bool(fused_attn) and own_fused,
                        carry_positions=family.layout.rotary_arg is not None, **options)
-=======
-    cfg = build_config(method, schedule, len(layers), family.num_prefix(model), class_token=family.class_token,
-                       fused_attn=bool(fused_attn) and own_fused, **options)
->>>>>>> siglip
     remove_patch(model)
     patch_layers(model, layers, family.layout, cfg, own_attn_fused=own_fused)
     patch_pool(_probe_attention(family, model), cfg, keys_at=1, per_head=True)

@@ -32,19 +32,14 @@ from ..core.methods import METHODS, PLACEMENTS, get_method
 from ..core.scoring import class_attention
 from ..core.state import CONFIG_ATTR, NO_POSITION, CompressionConfig, get_config
 
-<<<<<<< HEAD
 __all__ = ["LayerLayout", "CompressedLayer", "RotaryTable", "TokenAngles", "attend_heads", "compressed_class",
-           "build_config", "patch_layers", "unpatch_layers", "get_path", "linear_flops", "mlp_hidden", "grid_of",
-           "patch_token_mean"]
-=======
-__all__ = ["LayerLayout", "CompressedLayer", "attend_heads", "compressed_class", "build_config", "patch_layers",
-           "unpatch_layers", "without_class_token", "SizeWeightedPool", "patch_pool", "unpatch_pool", "get_path",
-           "linear_flops", "mlp_hidden", "grid_of", "MaskRefused"]
+           "build_config", "patch_layers", "unpatch_layers", "without_class_token", "SizeWeightedPool", "patch_pool",
+           "unpatch_pool", "get_path", "linear_flops", "mlp_hidden", "grid_of", "patch_token_mean", "MaskRefused"]
+
 
 class MaskRefused(ValueError):
     """A compressing layer was given an attention mask (or causal attention, or separate keys and values)."""
 
->>>>>>> siglip
 
 _NOT_SET = object()  # an attribute that was not in the module's __dict__ before patching
 
