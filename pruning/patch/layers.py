@@ -91,8 +91,10 @@ def _rows(table: Tensor, positions: Tensor, identity: float) -> Tensor:
     images, heads, num_patches, dim = table.shape
     table = torch.cat([table, table.new_full((images, heads, 1, dim), identity)], dim=2)
     batch, num_tokens = positions.shape
-    index = positions.masked_fill(positions == NO_POSITION, num_patches)[:, None, :, None]
-    return table.expand(batch, -1, -1, -1).gather(2, index.expand(batch, heads, num_tokens, dim))
+    index = positions.masked_fill(positions == NO_POSITION, num_patches)
+    if images == 1 and heads == 1:  # one table for every image and head: whole rows, one index_select
+        return table[0, 0].index_select(0, index.reshape(-1)).view(batch, 1, num_tokens, dim)
+    return table.expand(batch, -1, -1, -1).gather(2, index[:, None, :, None].expand(batch, heads, num_tokens, dim))
 
 
 class LayerLayout:
