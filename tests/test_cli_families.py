@@ -28,7 +28,7 @@ OPEN_CLIP_CFG = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, 
                  "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}}
 OPEN_CLIP_NORM = ([0.4, 0.45, 0.5], [0.3, 0.25, 0.2])
 DIGITS = data.DATASETS["digits"]
-FAMILIES = ("vit", "deit", "dinov2", "clip", "open_clip", "siglip", "siglip2")
+FAMILIES = ("vit", "deit", "dinov2", "dinov3", "clip", "open_clip", "siglip", "siglip2")
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,7 @@ def folders(tmp_path_factory):
     T.ViTImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(root / "vit")
     T.DeiTForImageClassificationWithTeacher(T.DeiTConfig(num_labels=10, **SMALL)).save_pretrained(root / "deit")
     T.Dinov2Model(T.Dinov2Config(mlp_ratio=2, **SMALL)).save_pretrained(root / "dinov2")
+    T.DINOv3ViTModel(T.DINOv3ViTConfig(num_register_tokens=2, **SMALL)).save_pretrained(root / "dinov3")  # RoPE
     T.CLIPVisionModel(T.CLIPVisionConfig(**SMALL)).save_pretrained(root / "clip")
     T.SiglipVisionModel(T.SiglipVisionConfig(**SMALL)).save_pretrained(root / "siglip")  # no class token
     T.Siglip2VisionModel(T.Siglip2VisionConfig(num_patches=16, **{k: v for k, v in SMALL.items() if k != "image_size"})
@@ -53,6 +54,7 @@ def folders(tmp_path_factory):
     other = open_clip.model.CLIP(**OPEN_CLIP_CFG)  # other weights, given with --checkpoint
     torch.save({"state_dict": other.state_dict()}, root / "open_clip_weights.pt")
     return {"vit": f"hf:{root / 'vit'}", "deit": str(root / "deit"), "dinov2": f"hf:{root / 'dinov2'}",
+            "dinov3": f"hf:{root / 'dinov3'}",
             "clip": f"hf:{root / 'clip'}", "siglip": f"hf:{root / 'siglip'}", "siglip2": str(root / "siglip2"),
             "open_clip": f"open_clip:local-dir:{root / 'open_clip'}",
             "open_clip_folder": str(root / "open_clip"), "open_clip_weights": str(root / "open_clip_weights.pt"),
@@ -89,7 +91,7 @@ def test_train_evaluate_and_benchmark(family, folders, tmp_path, capsys):
     trained = _run(["--arch", arch, "--pretrained", "--epochs", "1", "--train_subset", "64", "--reduce_token", "2"],
                    tmp_path / "train")
     assert trained["epochs"] == 1 and trained["accuracy"] is not None and trained["arch"] == arch
-    assert trained["tokens_per_block"] == {"deit": [18, 16, 14], "siglip": [16, 14, 12],
+    assert trained["tokens_per_block"] == {"deit": [18, 16, 14], "dinov3": [19, 17, 15], "siglip": [16, 14, 12],
                                            "siglip2": [16, 14, 12]}.get(family, [17, 15, 13])
     _check_gflops(trained, _analytic_gflops(arch, "tk_n", 2), family)
     assert os.path.isfile(tmp_path / "train" / "best.pt")
@@ -105,6 +107,19 @@ def test_train_evaluate_and_benchmark(family, folders, tmp_path, capsys):
     if family != "siglip2":
         assert bench["baseline_gflops"] == pytest.approx(_analytic_gflops(arch, "none", 0), rel=1e-6)
     assert bench["speedup"] > 0 and bench["gmacs_thop"] > 0
+
+
+def test_a_timm_rope_model_trains_evaluates_and_benchmarks(tmp_path):
+    """timm Eva (here the DINOv3-style ViT-Nano at 8 px, patch 2): 16 patches + class token + 4 registers."""
+    arch = ["--arch", "vit_nano_rope_patch4_28", "--img_size", "8", "--patch_size", "2"]
+    trained = _run([*arch, "--epochs", "1", "--train_subset", "64", "--reduce_token", "2"], tmp_path / "train")
+    assert trained["tokens_per_block"] == [21, 19, 17, 15, 13, 11, 9]  # entering, then after each of 6 blocks
+    assert trained["gflops"] == pytest.approx(trained["analytic_gflops"], rel=1e-6)
+    evaluated = _run([*arch, "--checkpoint", str(tmp_path / "train" / "last.pt"), "--eval_only", "--reduce_token",
+                      "2"], tmp_path / "eval")
+    assert evaluated["accuracy"] == pytest.approx(trained["accuracy"])
+    bench = _run([*arch, "--benchmark", "--model", "tome", "--reduce_token", "3"], tmp_path / "bench")
+    assert bench["speedup"] > 0 and bench["gflops"] < bench["baseline_gflops"]
 
 
 def test_eval_of_an_untrained_head_warns(folders, tmp_path, capsys):

@@ -194,6 +194,16 @@ def test_siglip_exports_compressed_and_runs_the_same(method, hf_archs, tmp_path,
         np.testing.assert_allclose(got, model(images).numpy(), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["dinov3", "vit_nano_rope_patch4_28"])
+@pytest.mark.parametrize("method", ["tk_n", "evit", "tome"])
+def test_rope_models_export_compressed_and_match(arch, method, hf_archs, tmp_path, capsys):
+    """RoPE (transformers DINOv3, timm Eva): the carried angles are traced into the graph, which matches PyTorch."""
+    code, out, err = run_cli(["--arch", hf_archs.get(arch, arch), "--model", method, "--reduce_token", "3", "--out",
+                              str(tmp_path / "rope.onnx"), "--batch_size", "3", "--rounds", "0"], capsys)
+    assert code == 0, err
+    assert "onnxruntime matches PyTorch" in out
+
+
 def test_a_family_torch_export_cannot_trace_compressed_is_refused_naming_why(hf_archs, tmp_path, capsys):
     """transformers' ViT (5.x) builds an explicit mask under torch.export, which a compressing layer refuses:
     exit 1, one line naming that limit (a transformers that skips the mask exports it, matching PyTorch);

@@ -249,7 +249,7 @@ def hf_archs(tmp_path_factory):
     return {family: save_tiny(root, family) for family in BUILDERS}
 
 
-@pytest.mark.parametrize("family", ["vit", "siglip", "siglip2"])
+@pytest.mark.parametrize("family", ["vit", "dinov3", "siglip", "siglip2"])
 def test_benchmark_times_every_family_from_images(family, hf_archs, capsys):
     from tiny_folders import TOKENS
 
