@@ -322,12 +322,13 @@ def write_hf_checkpoint(path: Path, arch: str, method: str) -> str:
 
 def test_grid_draws_checkpoints_of_every_family(hf_archs, tmp_path, capsys):
     checkpoints = [f"{family}={write_hf_checkpoint(tmp_path / family / 'last.pt', hf_archs[family], method)}"
-                   for family, method in (("siglip2", "tome"), ("siglip", "tk_n"), ("vit", "tk"))]
+                   for family, method in (("siglip2", "tome"), ("siglip", "tk_n"), ("vit", "tk"),
+                                          ("dinov3", "evit"))]
     out = tmp_path / "grid.png"
     assert vis_tool.main(["grid", *[arg for c in checkpoints for arg in ("--checkpoint", c)], "--images", "2",
                           "--blocks", "0,1", "--out", str(out)]) == 0
     width, height = Image.open(out).size
-    assert width == grid_width(3 * 2)
+    assert width == grid_width(4 * 2)
     assert height == round((2 * PANEL_INCHES + TITLE_INCHES + CAPTION_INCHES) * DPI)
 
 
