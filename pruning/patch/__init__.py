@@ -3,7 +3,8 @@
 The compressed layer exists once, in ``layers.py``; each family adapter says where its layers and their
 parts are (a ``layers.LayerLayout``) and holds what is its library's own: ``timm.py`` (timm
 VisionTransformer), ``eva.py`` (timm Eva: EVA-02, DINOv3, RoPE-ViT), ``hf.py`` (transformers ViT, DeiT, DINOv2,
-DINOv3, CLIP vision, SigLIP, SigLIP 2) and ``open_clip.py`` (OpenCLIP VisionTransformer), the last two imported only when a model of theirs is patched. Every adapter has the same
+DINOv3, CLIP vision, SigLIP, SigLIP 2) and ``open_clip.py`` (OpenCLIP VisionTransformer), the last two
+imported only when a model of theirs is patched. Every adapter has the same
 entry points: ``supports``, ``apply_patch``, ``remove_patch``, ``model_shape`` and ``has_class_token``.
 """
 from typing import Optional, Sequence, Tuple
