@@ -17,6 +17,7 @@ classifier gets a linear head on its pooled feature. This is the only module of 
 families; the library (``pruning/``) patches the wrapped backbone, ``backbone_of(model).module``.
 """
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -106,8 +107,9 @@ class Classifier(nn.Module):
     def __init__(self, backbone: nn.Module, *, family: str, arch: str, output: str, head: Optional[nn.Linear],
                  img_size: int, patch_size: int, channels: int,
                  scale: Optional[Tensor] = None, shift: Optional[Tensor] = None, head_keys: Sequence[str] = (),
-                 new_head: bool = True):
+                 new_head: bool = True, naflex: bool = False):
         super().__init__()
+        self.naflex = naflex  # SigLIP 2: the images go in as patchified pixel_values (pruning.patch.hf.naflex_inputs)
         self.new_head = new_head  # the classifier starts untrained (added here, built from the config, resized)
         self.backbone, self.head = backbone, head
         self.family, self.arch, self.output = family, arch, output
@@ -121,11 +123,22 @@ class Classifier(nn.Module):
         x = images.expand(-1, self.channels, -1, -1) if images.shape[1] == 1 != self.channels else images
         if self.renormalise:
             x = x * self.scale + self.shift
-        if self.family == "hf":
+        if self.naflex:
+            from pruning.patch.hf import naflex_inputs
+
+            feature = getattr(self.backbone(**naflex_inputs(x, self.patch_size)), self.output)
+        elif self.family == "hf":
             feature = getattr(self.backbone(pixel_values=x), self.output)
         else:
             feature = self.backbone(x)
         return feature if self.head is None else self.head(feature)
+
+    def with_backbone(self, backbone: nn.Module) -> "Classifier":
+        """A copy sharing everything but the backbone (a patched copy of it, say): the same head and inputs."""
+        twin = copy.copy(self)
+        twin._modules = dict(self._modules, backbone=backbone)
+        twin._parameters, twin._buffers = dict(self._parameters), dict(self._buffers)
+        return twin
 
     @property
     def _compression(self):
@@ -178,7 +191,7 @@ def _check_sizes(arch: str, img_size: int, patch_size: int, want_img: Optional[i
         raise CLIError(f"--patch_size {want_patch}: --arch {arch} has patch {patch_size}; drop --patch_size")
     if img_size % patch_size:
         raise CLIError(f"--arch {arch}: its image size {img_size} is not a multiple of its patch size {patch_size}")
-    if in_chans not in (1, channels):
+    if in_chans is not None and in_chans not in (1, channels):
         raise CLIError(f"--arch {arch} takes {channels}-channel images, the dataset has {in_chans} channels; "
                        f"choose a {channels}-channel dataset")
 
@@ -191,6 +204,8 @@ def _head(features: int, num_classes: Optional[int]) -> Optional[nn.Linear]:
 # --- transformers ---------------------------------------------------------------------------------------
 
 HF_POOLED = {"CLIPVisionModelWithProjection": "image_embeds"}  # else pooler_output
+HF_VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel",  # a two-tower model's image side
+                    "siglip2": "Siglip2VisionModel"}
 
 
 @contextlib.contextmanager
@@ -256,11 +271,12 @@ def _hf_class(arch: str, config) -> Tuple[str, Any]:
     for name in names:
         if name in SUPPORTED:
             return name, config
-    if getattr(config, "model_type", "") == "clip" or "CLIPModel" in names:
-        return "CLIPVisionModel", config.vision_config
+    tower = HF_VISION_TOWERS.get(getattr(config, "model_type", ""))
+    if tower is not None:
+        return tower, config.vision_config
     what = ", ".join(names) or f"model_type {getattr(config, 'model_type', '?')}"
     raise CLIError(f"--arch {arch}: a {what} model; token compression supports {', '.join(SUPPORTED)} "
-                   f"(and a CLIPModel's vision tower)")
+                   f"(and the vision tower of a CLIPModel, SiglipModel or Siglip2Model)")
 
 
 def _hf_mean_std(name: str) -> Optional[Tuple[List[float], List[float]]]:
@@ -306,7 +322,12 @@ def _build_hf(arch: str, name: str, num_classes: int, in_chans: int, pretrained:
         raise CLIError(f"--arch {arch}: cannot build {class_name} from {name} "
                        f"({one_line(err, named=True, limit=200)})") from None
     model_config = model.config
-    img = _square(model_config.image_size, "image size", arch)
+    from pruning.patch.hf import SIGLIP, image_size
+
+    if class_name in SIGLIP and not getattr(model_config, "vision_use_head", True):
+        raise CLIError(f"--arch {arch}: this {class_name} has no attention-pool head (vision_use_head=False), "
+                       f"so no pooled feature to classify; use one with its head")
+    img = _square(image_size(model_config), "image size", arch)
     patch = _square(model_config.patch_size, "patch size", arch)
     channels = int(getattr(model_config, "num_channels", 3))
     _check_sizes(arch, img, patch, img_size, patch_size, channels, in_chans)
@@ -316,10 +337,12 @@ def _build_hf(arch: str, name: str, num_classes: int, in_chans: int, pretrained:
                           channels=channels, head_keys=[f"backbone.{h}.{p}" for h in heads for p in ("weight", "bias")],
                           new_head=not trained_head,
                           **_renormalisation(channels, data_norm, _hf_mean_std(name)))
+    from pruning.patch.hf import takes_naflex
+
     output = HF_POOLED.get(class_name, "pooler_output")
     features = int(model_config.projection_dim) if output == "image_embeds" else int(model_config.hidden_size)
     return Classifier(model, family="hf", arch=arch, output=output, head=_head(features, num_classes),
-                      img_size=img, patch_size=patch, channels=channels,
+                      img_size=img, patch_size=patch, channels=channels, naflex=takes_naflex(model),
                       **_renormalisation(channels, data_norm, _hf_mean_std(name)))
 
 

@@ -81,10 +81,12 @@ def measure_throughput(models: Dict[str, nn.Module], inputs: torch.Tensor, warmu
 
 
 def compare_speed(models: Dict[str, nn.Module], inputs: torch.Tensor, baseline: str, warmup: int = 2,
-                  rounds: int = 7, autocast_dtype: Optional[torch.dtype] = None) -> List[SpeedResult]:
-    """Throughput of every model, with speedups (measured and ideal) relative to ``models[baseline]``."""
+                  rounds: int = 7, autocast_dtype: Optional[torch.dtype] = None,
+                  flops_of: Callable[[nn.Module], float] = analytic_flops) -> List[SpeedResult]:
+    """Throughput of every model, with speedups (measured and ideal) relative to ``models[baseline]``;
+    ``flops_of``: a model's FLOPs per image (a caller's wrapper of a patched model counts its own way)."""
     rate = measure_throughput(models, inputs, warmup, rounds, autocast_dtype)
-    flops = {name: analytic_flops(model) for name, model in models.items()}
+    flops = {name: flops_of(model) for name, model in models.items()}
     return [SpeedResult(name, rate[name], flops[name] / 1e9, rate[name] / rate[baseline],
                         flops[baseline] / flops[name]) for name in models]
 
@@ -94,16 +96,13 @@ def build_variants(model: nn.Module, method_names: Sequence[str], schedule: Sche
     """The uncompressed model and one patched copy per method name; with ``explicit`` also the same
     pairs running attention that materialises the N×N matrix (``none/explicit``, ``tk_n/explicit``, ...).
 
-    The uncompressed variants are unpatched copies, so they run timm's own block: ``none`` as ``model``
-    is, ``none/explicit`` with timm's ``attn.fused_attn`` off in every block."""
+    ``none`` is ``model`` as it is; ``none/explicit`` a copy patched with ``none`` and ``fused_attn=False``, so
+    its blocks run their own forward with the attention matrix materialised, whatever the family."""
     variants = {"none": model}
     for name in method_names:
         variants[name] = apply_patch(copy.deepcopy(model), name, schedule)
     if explicit:
-        plain = copy.deepcopy(model)
-        for block in plain.blocks:
-            block.attn.fused_attn = False
-        variants["none/explicit"] = plain
+        variants["none/explicit"] = apply_patch(copy.deepcopy(model), "none", 0, fused_attn=False)
         for name in method_names:
             variants[f"{name}/explicit"] = apply_patch(copy.deepcopy(model), name, schedule, fused_attn=False)
     return variants

@@ -29,8 +29,8 @@ from timm.models.eva import Eva, _create_eva
 from timm.models._registry import generate_default_cfgs
 from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer
 
-__all__ = ["vit_pico_patch2_8", "vit_pico_patch4_28", "vit_pico_patch4_32", "vit_nano_patch4_28", "vit_nano_map_patch4_28",
-           "vit_nano_rope_patch4_28"]
+__all__ = ["vit_pico_patch2_8", "vit_pico_patch4_28", "vit_pico_patch4_32", "vit_nano_patch4_28",
+           "vit_nano_map_patch4_28", "vit_nano_rope_patch4_28"]
 
 # The input normalisation of each small model's pretrained cfg: (mean, std) per channel of the images (0..1
 # pixels) it is meant for. The datasets' own statistics are facts of ``data/`` (the library does not import

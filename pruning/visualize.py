@@ -261,20 +261,30 @@ def patch_columns(model: torch.nn.Module, images: Tensor, shown: np.ndarray, blo
     for block in blocks:
         if not -depth <= block < depth:
             raise ValueError(f"blocks: block {block} is outside 0..{depth - 1}")
-    patch_h, patch_w = model.patch_embed.patch_size
-    grid = (images.shape[2] // patch_h, images.shape[3] // patch_w)
+    grid = patch_grid(images.shape[2], images.shape[3], maps[0].owner.shape[1])
     scale = display_scale(shown.shape[1])
     columns = []
     for block in blocks:
         patches = maps[block]
-        if patches.owner.shape[1] != grid[0] * grid[1]:
-            raise ValueError(f"images: a {images.shape[2]}x{images.shape[3]} image gives {grid[0] * grid[1]} "
-                             f"patches, but the model traced {patches.owner.shape[1]}")
         title = f"{heading}\nblock {patches.block + 1}/{depth}\n{patches.tokens_left} tokens"
         panels = [render_patches(shown[i], patches.owner[i].numpy(), patches.status[i].numpy(), grid, scale)
                   for i in range(shown.shape[0])]
         columns.append(GridColumn(title, panels))
     return columns
+
+
+def patch_grid(height: int, width: int, num_patches: int) -> Tuple[int, int]:
+    """(rows, columns) of square patches that cut a ``height`` x ``width`` image into the ``num_patches`` patches
+    a model traced (any family: the trace says how many patches there are, the image how they lie); the smallest
+    patch that does so (a remainder beyond the grid is dropped, as the patch embeddings drop it)."""
+    for patch in range(1, min(height, width) + 1):
+        rows, cols = height // patch, width // patch
+        if rows * cols == num_patches:
+            return rows, cols
+        if rows * cols < num_patches:
+            break
+    raise ValueError(f"images: a {height}x{width} image cannot be cut into the {num_patches} square patches the "
+                     f"model traced")
 
 
 def build_grid_figure(shown: np.ndarray, columns: Sequence[GridColumn], caption: str = CAPTION) -> Figure:

@@ -30,6 +30,8 @@ def _activation(name, x):
         return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
     if name == "quick_gelu":
         return x * torch.sigmoid(1.702 * x)
+    if name == "gelu_pytorch_tanh":
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
     raise ValueError(name)
 
 
@@ -147,6 +149,54 @@ def _hf_embed(backbone, image, kind):
     return x
 
 
+def _siglip_embed(model, image):
+    """SigLIP: a patch convolution plus the learned positions. SigLIP 2: each patch flattened (rows, columns,
+    channels) through a Linear, plus the position grid resized to the image's grid (bilinear, antialiased)."""
+    emb = model.embeddings
+    if not isinstance(emb.patch_embedding, torch.nn.Linear):
+        conv = emb.patch_embedding
+        return _patches(image, conv.weight, conv.bias, conv.kernel_size[0]) + emb.position_embedding.weight
+    patch = model.config.patch_size
+    channels, height, width = image.shape
+    grid_h, grid_w = height // patch, width // patch
+    rows = [image[:, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch].permute(1, 2, 0).reshape(-1)
+            for r in range(grid_h) for c in range(grid_w)]
+    x = _linear(torch.stack(rows), emb.patch_embedding)
+    side = math.isqrt(emb.position_embedding.weight.shape[0])
+    grid = emb.position_embedding.weight.reshape(side, side, -1).permute(2, 0, 1)[None]
+    positions = F.interpolate(grid, size=(grid_h, grid_w), mode="bilinear", align_corners=False, antialias=True)
+    return x + positions[0].permute(1, 2, 0).reshape(grid_h * grid_w, -1)
+
+
+def probe_pool(head, x, size):
+    """SigLIP's attention-pool head on one image's tokens (N, C): the probe query attends over the tokens (ToMe's
+    log sizes added to its logits when ``size`` is given), then a residual MLP."""
+    attn = head.attention
+    dim, heads = attn.embed_dim, attn.num_heads
+    w, b = attn.in_proj_weight, attn.in_proj_bias
+    q = head.probe[0] @ w[:dim].T + b[:dim]
+    k = x @ w[dim:2 * dim].T + b[dim:2 * dim]
+    v = x @ w[2 * dim:].T + b[2 * dim:]
+    q, k, v = q.reshape(1, heads, -1).transpose(0, 1), k.reshape(-1, heads, dim // heads).transpose(0, 1), \
+        v.reshape(-1, heads, dim // heads).transpose(0, 1)
+    logits = (q @ k.transpose(-1, -2)) / math.sqrt(dim // heads)
+    if size is not None:
+        logits = logits + torch.log(torch.tensor(size, dtype=x.dtype))[None, None, :]
+    pooled = _linear((logits.softmax(-1) @ v).transpose(0, 1).reshape(1, dim), attn.out_proj)
+    mlp = head.mlp
+    return (pooled + _linear(_activation(mlp.config.hidden_act, _linear(_ln(pooled, head.layernorm), mlp.fc1)),
+                             mlp.fc2))[0]
+
+
+def _siglip_outputs(model, image, method, schedule, reduce_at, prop_attn, listed):
+    """The pooled output of a SigLIP / SigLIP 2 vision model: no prefix token; the pool head weighs merged
+    tokens by their size (proportional attention) as the blocks do."""
+    blocks = [_hf_block(layer, "clip") for layer in model.encoder.layers]
+    x, size = run_blocks(blocks, _siglip_embed(model, image), method, schedule, 0, reduce_at, prop_attn, listed)
+    x = _ln(x, model.post_layernorm)
+    return probe_pool(model.head, x, size if method == "tome" and prop_attn else None)
+
+
 def _family_parts(model):
     """(backbone, kind, layers, num_prefix) of a transformers model."""
     name = type(model).__name__
@@ -178,6 +228,9 @@ def reference_outputs(model, images, method, schedule, reduce_at=None, prop_attn
             x, _ = run_blocks(blocks, x, method, schedule, 1, reduce_at, prop_attn, listed)
             pooled = _ln(x[0], model.ln_post)
             outputs.append(pooled @ model.proj if model.proj is not None else pooled)
+            continue
+        if name.startswith("Siglip"):
+            outputs.append(_siglip_outputs(model, image, method, schedule, reduce_at, prop_attn, listed))
             continue
         backbone, kind, layers, num_prefix = _family_parts(model)
         x = _hf_embed(backbone, image, kind)
@@ -220,12 +273,17 @@ CONFIGS = {  # family: (class, config, number of prefix tokens)
     "open_clip": (VisionTransformer, None, 1),
 }
 FAMILIES = list(CONFIGS)
+SIGLIP_SIZES = dict(hidden_size=32, num_hidden_layers=DEPTH, num_attention_heads=4, patch_size=8, intermediate_size=64)
+CONFIGS_WITHOUT_CLASS_TOKEN = {  # the families without a class token (the methods that read its attention refused)
+    "siglip": (T.SiglipVisionModel, lambda: T.SiglipVisionConfig(image_size=32, **SIGLIP_SIZES), 0),
+    "siglip2": (T.Siglip2VisionModel, lambda: T.Siglip2VisionConfig(num_patches=PATCHES, **SIGLIP_SIZES), 0),
+}
 
 
 def make_model(family, attn="sdpa", seed=0):
     """A small model of ``family`` with random weights large enough that the methods' outputs differ."""
     torch.manual_seed(seed)
-    cls, config, _ = CONFIGS[family]
+    cls, config, _ = {**CONFIGS, **CONFIGS_WITHOUT_CLASS_TOKEN}[family]
     if family == "open_clip":
         model = VisionTransformer(image_size=32, patch_size=8, width=32, layers=DEPTH, heads=4, mlp_ratio=2,
                                   ls_init_value=1.0, output_dim=16, act_layer=QuickGELU)
@@ -238,7 +296,7 @@ def make_model(family, attn="sdpa", seed=0):
             else:
                 param.normal_(std=0.1)
             if any(s in name for s in ("cls_token", "distillation_token", "register_tokens", "position_embedding",
-                                       "class_embedding", "positional_embedding")):
+                                       "class_embedding", "positional_embedding", "probe")):
                 param.normal_(std=1.0)  # prefix tokens and positions: order one
             if "lambda1" in name or "gamma" in name:  # layer scale
                 param.uniform_(0.5, 1.5)
@@ -248,9 +306,23 @@ def make_model(family, attn="sdpa", seed=0):
     return model.eval()
 
 
+def naflex_inputs(images, patch):
+    """SigLIP 2's inputs for (B, C, H, W) images that fill their patches: (pixel_values (B, N, p·p·C), each patch
+    flattened by rows, columns, then channels; pixel_attention_mask all ones; spatial_shapes (B, 2))."""
+    batch, channels, height, width = images.shape
+    grid_h, grid_w = height // patch, width // patch
+    pieces = images.reshape(batch, channels, grid_h, patch, grid_w, patch).permute(0, 2, 4, 3, 5, 1)
+    pixel_values = pieces.reshape(batch, grid_h * grid_w, patch * patch * channels)
+    return (pixel_values, torch.ones(batch, grid_h * grid_w, dtype=torch.long),
+            torch.tensor([[grid_h, grid_w]] * batch))
+
+
 def output(model, images):
     """The tensor a family's model returns for comparison: logits, image embeddings or pooled output."""
-    out = model(images)
+    if type(model).__name__.endswith("Siglip2VisionModel"):
+        out = model(*naflex_inputs(images, model.config.patch_size))
+    else:
+        out = model(images)
     if isinstance(out, torch.Tensor):
         return out
     for name in ("logits", "image_embeds", "pooler_output"):

@@ -139,8 +139,26 @@ def reference_logits(model, images, method, schedule, reduce_at=None, prop_attn=
             x = x + block.ls2(block.mlp(block.norm2(x)))
             if reduce_at == "block" and k > 0 and method != "none":
                 x, size, ids = reduce_step(method, x, cls_attn, keys, size, ids, k, num_prefix, listed)
-        outputs.append(model.forward_head(model.norm(x[None]))[0])
+        pool_size = size if (method == "tome" and prop_attn) else None
+        outputs.append(_head(model, model.norm(x[None])[0], pool_size))
     return torch.stack(outputs)
+
+
+def _head(model, x, size):
+    """timm's head on one image's tokens; a MAP head (``attn_pool``) written out, with ToMe's log sizes added to
+    its logits when ``size`` is given (the pool weighs merged tokens as the blocks do)."""
+    pool = getattr(model, "attn_pool", None)
+    if pool is None or size is None:
+        return model.forward_head(x[None])[0]
+    if not model.pool_include_prefix:
+        x, size = x[model.num_prefix_tokens:], size[model.num_prefix_tokens:]
+    heads, head_dim = pool.num_heads, pool.head_dim
+    q = pool.q(pool.latent[0]).reshape(-1, heads, head_dim).transpose(0, 1)
+    k, v = pool.kv(x).reshape(x.shape[0], 2, heads, head_dim).permute(1, 2, 0, 3)
+    logits = (q @ k.transpose(-1, -2)) / math.sqrt(head_dim) + torch.log(torch.tensor(size, dtype=x.dtype))
+    pooled = pool.proj((logits.softmax(-1) @ v).transpose(0, 1).reshape(q.shape[1], -1))
+    pooled = pooled + pool.mlp(pool.norm(pooled))
+    return model.head(model.fc_norm(pooled[0]))
 
 
 def expected_token_counts(method, num_tokens, schedule, num_prefix=1):

@@ -163,3 +163,70 @@ def test_a_schedule_the_blocks_honour_exports_without_a_warning(tmp_path, capsys
     code, _, err = run_cli(["--arch", "vit_pico_patch4_28", "--model", "tk_n", "--reduce_token", "4", "--out",
                             str(tmp_path / "m.onnx"), "--rounds", "0"], capsys)
     assert code == 0 and "warning" not in err
+
+
+# --- transformers models (--arch hf:FOLDER) -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_archs(tmp_path_factory):
+    from tiny_folders import BUILDERS, save_tiny
+
+    root = tmp_path_factory.mktemp("hf")
+    return {family: save_tiny(root, family) for family in BUILDERS}
+
+
+@pytest.mark.parametrize("method", ["tk_n", "tome"])
+def test_siglip_exports_compressed_and_runs_the_same(method, hf_archs, tmp_path, capsys):
+    """SigLIP (no class token, attention-pool head): the exported graph is the compressed wrapper, images in."""
+    from engine.model import compress, create_model
+
+    out_path = str(tmp_path / "siglip.onnx")
+    code, out, err = run_cli(["--arch", hf_archs["siglip"], "--model", method, "--reduce_token", "3", "--out",
+                              out_path, "--batch_size", "3", "--rounds", "0"], capsys)
+    assert code == 0, err
+    assert "input images (batch, 3, 32, 32)" in out and "onnxruntime matches PyTorch" in out
+    torch.manual_seed(0)  # the tool's --seed: the same random weights
+    model = compress(create_model(hf_archs["siglip"], None, None).eval(),
+                     type("Settings", (), dict(method=method, schedule=3, reduce_at=None, prop_attn="on"))())
+    images = torch.randn(2, 3, 32, 32)
+    got = export_onnx.ort_run(export_onnx.ort_session(out_path, 1), images.numpy())
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(images).numpy(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["dinov3", "vit_nano_rope_patch4_28"])
+@pytest.mark.parametrize("method", ["tk_n", "evit", "tome"])
+def test_rope_models_export_compressed_and_match(arch, method, hf_archs, tmp_path, capsys):
+    """RoPE (transformers DINOv3, timm Eva): the carried angles are traced into the graph, which matches PyTorch."""
+    code, out, err = run_cli(["--arch", hf_archs.get(arch, arch), "--model", method, "--reduce_token", "3", "--out",
+                              str(tmp_path / "rope.onnx"), "--batch_size", "3", "--rounds", "0"], capsys)
+    assert code == 0, err
+    assert "onnxruntime matches PyTorch" in out
+
+
+def test_a_family_torch_export_cannot_trace_compressed_is_refused_naming_why(hf_archs, tmp_path, capsys):
+    """transformers' ViT (5.x) builds an explicit mask under torch.export, which a compressing layer refuses:
+    exit 1, one line naming that limit (a transformers that skips the mask exports it, matching PyTorch);
+    uncompressed, it exports."""
+    code, out, err = run_cli(["--arch", hf_archs["vit"], "--model", "tk_n", "--reduce_token", "2", "--out",
+                              str(tmp_path / "vit.onnx"), "--rounds", "0"], capsys)
+    if code == 0:
+        assert "onnxruntime matches PyTorch" in out
+    else:
+        assert code == 1 and err.count("\n") == 1, err
+        assert "transformers builds an explicit attention mask" in err and "refuses masks" in err
+    code, out, err = run_cli(["--arch", hf_archs["vit"], "--model", "none", "--reduce_token", "0", "--out",
+                              str(tmp_path / "vit.onnx"), "--rounds", "0"], capsys)
+    assert code == 0 and "onnxruntime matches PyTorch" in out, err
+
+
+def test_an_exporter_failure_names_its_cause_in_one_line():
+    try:
+        try:
+            raise KeyError("aten.some_op has no ONNX translation")
+        except KeyError as inner:
+            raise RuntimeError("\x1b[96mFailed to convert\x1b[0m. Next steps: read the report\nmore lines") from inner
+    except RuntimeError as err:
+        line = export_onnx.export_failure(err)
+    assert line == ("torch.onnx.export failed: RuntimeError: Failed to convert.; cause: KeyError: "
+                    "'aten.some_op has no ONNX translation'")

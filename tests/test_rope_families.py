@@ -260,7 +260,9 @@ def test_attention_masks_are_refused_while_compressing(images):
 
 def test_attention_scores_are_refused_without_a_class_token(images):
     model = _small_eva(class_token=False, global_pool="avg").eval()
-    with pytest.raises(ValueError, match="^select_method: 'tk' scores tokens by class-token attention"):
+    with pytest.raises(ValueError, match="^select_method: 'tk' reads class-token attention, but this model has no "
+                                         "class token; methods that work without one: tk_n, evit_n, tome, random, "
+                                         "low_norm$"):
         apply_patch(model, "tk", 2)
     apply_patch(model, "tome", 2)
     with torch.no_grad():

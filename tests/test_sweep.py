@@ -402,3 +402,24 @@ def test_a_run_redone_after_a_crash_reuses_its_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(main, "run", lambda args: seen.append(args) or {})
     sweep.run_main({"output_dir": str(tmp_path / "run"), "epochs": 1})
     assert seen[0].overwrite and seen[0].output_dir == str(tmp_path / "run")
+
+
+def test_levels_resolve_on_every_family(tmp_path):
+    """A transformers model by --arch hf:FOLDER (SigLIP: no class token, 16 patch tokens): its sizes are the
+    library's, its FLOPs matched on the module main.py patches."""
+    import main
+    from engine.zoo import backbone_of
+    from pruning.flops import analytic_flops
+    from pruning.schedules import keep_rate_schedule, matched_flops_schedule
+    from tiny_folders import save_tiny
+
+    arch = save_tiny(tmp_path, "siglip")
+    resolver = sweep.reference_resolver({"arch": arch, "data_name": "digits"})
+    module = backbone_of(main.reference_model(main.parse_args(["--arch", arch]))).module
+    assert (resolver.depth, resolver.num_tokens, resolver.num_prefix) == (2, 16, 0)
+    keep = sweep.Level.from_dict({"name": "r50", "keep_rate": 0.5, "at_blocks": [1]})
+    assert resolver.schedule("tk_n", keep) == keep_rate_schedule(16, 2, 0.5, [1], num_prefix=0) == [0, 8]
+    matched = sweep.Level.from_dict({"name": "f70", "flops_ratio": 0.7})
+    for method in ("tk_n", "tome"):
+        assert resolver.schedule(method, matched) == matched_flops_schedule(module, method,
+                                                                            0.7 * analytic_flops(module))

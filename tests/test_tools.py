@@ -9,6 +9,7 @@ import timm
 import torch
 from PIL import Image
 
+import pruning
 import pruning.benchmark
 import pruning.models  # noqa: F401  (registers the vit_pico_* models)
 from pruning.benchmark import time_interleaved
@@ -236,3 +237,107 @@ def test_visualize_runs_as_a_script(tmp_path):
                          tmp_path / "g.png", cwd=tmp_path)
     assert missing.returncode == 2
     assert missing.stderr.strip() == "visualize.py: error: --checkpoint: nowhere/best.pt not found"
+
+
+# --- every family: transformers models by --arch hf:FOLDER --------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_archs(tmp_path_factory):
+    from tiny_folders import BUILDERS, save_tiny
+
+    root = tmp_path_factory.mktemp("hf")
+    return {family: save_tiny(root, family) for family in BUILDERS}
+
+
+@pytest.mark.parametrize("family", ["vit", "dinov3", "siglip", "siglip2"])
+def test_benchmark_times_every_family_from_images(family, hf_archs, capsys):
+    from tiny_folders import TOKENS
+
+    assert bench_tool.main(["--arch", hf_archs[family], "--batch_size", "2", "--rounds", "1", "--methods",
+                            "tk_n,tome", "--pool_k", "2", "--explicit"]) == 0
+    out = capsys.readouterr().out
+    assert f"32x32 px, 3 channel(s), {TOKENS[family]} tokens" in out
+    assert [line.split()[0] for line in out.splitlines()[2:]] == ["none", "tk_n", "tome", "none/explicit",
+                                                                  "tk_n/explicit", "tome/explicit"]
+
+
+def test_benchmark_variants_are_the_wrapper_around_patched_copies(hf_archs):
+    from engine.zoo import backbone_of
+    from pruning.flops import analytic_flops
+
+    model = bench_tool.create_model(hf_archs["siglip2"])
+    variants = bench_tool.variants_of(model, ["tk_n", "tome"], 3, explicit=True)
+    assert get_config(model) is None  # the model itself stays as it was
+    images = bench_tool.benchmark_inputs(model, 2, torch.device("cpu"))
+    with torch.no_grad():
+        plain = model(images)
+        for name, variant in variants.items():
+            module = backbone_of(variant).module
+            assert module is not backbone_of(model).module or name == "none"
+            assert get_config(variant) is None if name == "none" else get_config(variant).method.name == \
+                name.split("/")[0]
+            assert bench_tool.flops_of(variant) == analytic_flops(module)
+            out = variant(images)
+            assert out.shape == plain.shape
+            if name == "none":
+                assert torch.equal(out, plain)
+            elif name == "none/explicit":  # the attention matrix materialised: the same to rounding
+                torch.testing.assert_close(out, plain, atol=1e-5, rtol=0)
+    assert bench_tool.flops_of(variants["tome"]) < bench_tool.flops_of(variants["none"])
+
+
+def test_benchmark_refuses_class_token_attention_without_a_class_token(hf_archs, capsys):
+    line = one_error_line(capsys, bench_tool.main, ["--arch", hf_archs["siglip"], "--methods", "tk_n,tk"],
+                          "benchmark.py")
+    assert line.startswith("benchmark.py: error: --methods: 'tk' reads class-token attention") and \
+        "tk_n, evit_n, tome, random, low_norm" in line
+
+
+def test_token_plot_of_a_model_without_class_token_leaves_out_the_methods_it_refuses(hf_archs, tmp_path,
+                                                                                     monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(vis_tool, "save_tokens_per_block_plot",
+                        lambda path, *args, **kwargs: drawn.update(args=args, **kwargs) or path)
+    for family in ("siglip", "vit"):
+        assert vis_tool.main(["tokens", "--arch", hf_archs[family], "--pool_k", "3",
+                              "--out", str(tmp_path / "t.png")]) == 0
+        num_tokens, depth, _ = drawn["args"]
+        assert (num_tokens, depth, drawn["num_prefix_tokens"]) == ((16, 2, 0) if family == "siglip" else (17, 2, 1))
+        expected = ("none", "tk_n", "evit_n", "tome", "random", "low_norm")
+        assert drawn["method_names"] == (expected if family == "siglip" else pruning.METHOD_NAMES)
+
+
+def write_hf_checkpoint(path: Path, arch: str, method: str) -> str:
+    """A main.py checkpoint of a transformers model (the engine's wrapper's state) for digits at 32 px."""
+    from engine.model import create_model
+
+    torch.manual_seed(0)
+    model = create_model(arch, 10, 1)
+    settings = dict(arch=arch, img_size=32, patch_size=None, model=method, reduce_token=3, reduce_at=None,
+                    data_name="digits", data_root=str(path.parent / "data"), augment=None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "settings": settings}, path)
+    return str(path)
+
+
+def test_grid_draws_checkpoints_of_every_family(hf_archs, tmp_path, capsys):
+    checkpoints = [f"{family}={write_hf_checkpoint(tmp_path / family / 'last.pt', hf_archs[family], method)}"
+                   for family, method in (("siglip2", "tome"), ("siglip", "tk_n"), ("vit", "tk"),
+                                          ("dinov3", "evit"))]
+    out = tmp_path / "grid.png"
+    assert vis_tool.main(["grid", *[arg for c in checkpoints for arg in ("--checkpoint", c)], "--images", "2",
+                          "--blocks", "0,1", "--out", str(out)]) == 0
+    width, height = Image.open(out).size
+    assert width == grid_width(4 * 2)
+    assert height == round((2 * PANEL_INCHES + TITLE_INCHES + CAPTION_INCHES) * DPI)
+
+
+def test_families_table_shows_refused_methods_as_refused(capsys):
+    from tools import families_table
+
+    families_table.main(["--families", "siglip2,vit", "--methods", "tk,tk_n", "--no-speed"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| siglip2 |")
+            or line.startswith("| vit |")]
+    assert rows[0] == "| siglip2 | tk | refused (no class token) | - | - | - | - |"
+    assert [row.split(" | ")[:2] for row in rows[1:]] == [["| siglip2", "tk_n"], ["| vit", "tk"], ["| vit", "tk_n"]]
+    assert all(row.split(" | ")[3] == "yes" for row in rows[1:])  # conforms within 1e-4

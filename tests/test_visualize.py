@@ -9,7 +9,7 @@ from pruning import METHODS
 from pruning.patch import apply_patch, get_config, get_state
 from pruning.visualize import (CAPTION_INCHES, DIM_KEEP, DIM_TOWARDS, DPI, DROPPED, FUSED, KEPT, MERGED,
                                PANEL_INCHES, TITLE_INCHES, block_patch_maps, build_grid_figure, default_blocks,
-                               display_images, patch_columns, render_patches, save_token_grid,
+                               display_images, patch_columns, patch_grid, render_patches, save_token_grid,
                                save_token_grid_comparison, save_tokens_per_block_plot, token_curves,
                                tokens_per_block, trace_patches)
 
@@ -226,3 +226,30 @@ def test_token_curves_share_lines_for_identical_counts(tmp_path):
     assert curves["evit, evit_n, n_wa, a_wn"][1] == 197 - 10 + 1
     path = save_tokens_per_block_plot(str(tmp_path / "tokens.png"), 197, 12, 10)
     assert Image.open(path).size == (640, 400)
+
+
+# --- any family: the grid read off the trace -----------------------------------------------------
+
+@pytest.mark.parametrize("height, width, patches, grid", [(16, 16, 16, (4, 4)), (32, 32, 16, (4, 4)),
+                                                          (30, 30, 49, (7, 7)), (224, 224, 196, (14, 14)),
+                                                          (32, 16, 8, (4, 2))])
+def test_the_patch_grid_is_read_from_the_image_and_the_traced_patches(height, width, patches, grid):
+    assert patch_grid(height, width, patches) == grid
+
+
+def test_an_image_no_square_patch_cuts_as_traced_is_refused():
+    with pytest.raises(ValueError, match="^images: a 16x16 image cannot be cut into the 15 square patches"):
+        patch_grid(16, 16, 15)
+
+
+def test_a_model_without_class_token_is_drawn(tmp_path):
+    """transformers' SigLIP (no prefix token, 16 patches of 8 px): every patch is drawn, as traced."""
+    from reference_families import make_model
+
+    model = apply_patch(make_model("siglip"), "tome", 3)
+    batch = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    name, maps = trace_patches(model, batch)
+    assert name == "tome" and len(maps) == DEPTH and maps[0].owner.shape == (2, 16)
+    path = save_token_grid(model, batch, str(tmp_path / "siglip.png"), blocks=[0, 3])
+    assert Image.open(path).size == (round(3 * PANEL_INCHES * DPI),
+                                     round((2 * PANEL_INCHES + TITLE_INCHES + CAPTION_INCHES) * DPI))

@@ -5,10 +5,12 @@
     python tools/benchmark.py --arch open_clip:ViT-B-32 --pool_k 10          # an OpenCLIP model (random weights)
 
 ``--arch`` takes what main.py's does (``engine/zoo.py``): a timm name, ``hf:FOLDER_OR_HUB_ID``,
-``open_clip:NAME`` or ``open_clip:local-dir:FOLDER``; weights are random (speed does not depend on them), a
-transformers or OpenCLIP model is timed as the library patches it (the model itself; OpenCLIP's image tower).
-The model is timed at its own input size and channels (``vit_pico_patch4_28``: 1 x 28 x 28) unless
-``--img_size`` says otherwise (timm only: the other families run at their own size). Variants are timed in
+``open_clip:NAME`` or ``open_clip:local-dir:FOLDER``; weights are random (speed does not depend on them). Every
+family is timed as main.py runs it: images in (a transformers or OpenCLIP model inside the engine's wrapper, which
+hands them over as the model takes them, e.g. SigLIP 2's patchified inputs), the module the library patches
+compressed (OpenCLIP's image tower; a transformers model itself), its pooled feature out. The model is timed at
+its own input size and channels (``vit_pico_patch4_28``: 1 x 28 x 28) unless ``--img_size`` says otherwise
+(timm only: the other families run at their own size). Variants are timed in
 interleaved rounds so that drift in the machine's speed hits all of them alike (``pruning.benchmark``); each
 figure is the median over rounds, and the ideal speedup is the ratio of analytic FLOPs. Bad input ends as one line on stderr
 (``benchmark.py: error: ...``) and exit code 2.
@@ -23,7 +25,6 @@ if str(ROOT) not in sys.path:  # ``python tools/benchmark.py`` puts tools/ first
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 from engine import model as engine_model  # noqa: E402
 from engine import zoo  # noqa: E402
@@ -31,7 +32,7 @@ from engine.errors import CLIError, report_error  # noqa: E402
 from engine.options import ArgumentParser, int_at_least, resolve_device  # noqa: E402
 from pruning import METHOD_NAMES  # noqa: E402
 from pruning.benchmark import build_variants, compare_speed  # noqa: E402
-from pruning.flops import model_shape  # noqa: E402
+from pruning.flops import analytic_flops  # noqa: E402
 from pruning.schedules import resolve_schedule  # noqa: E402
 
 PROG = "benchmark.py"
@@ -84,38 +85,50 @@ def parse_methods(text: str) -> List[str]:
 
 def create_model(arch: str, img_size: Optional[int] = None) -> torch.nn.Module:
     """The model ``arch`` as main.py builds it (at ``img_size`` if given, else at its own size), in eval mode,
-    random weights; of a transformers or OpenCLIP model (``hf:``, ``open_clip:``, a model folder) the module
-    the library patches."""
-    model = engine_model.create_model(arch, None, None if zoo.parse_arch(arch).family == "timm" else 3,
-                                      img_size=img_size)
-    return zoo.backbone_of(model).module.eval()
+    random weights: a timm model, or the engine's wrapper (images in, pooled feature out, no head added) of a
+    transformers or OpenCLIP one (``hf:``, ``open_clip:``, a model folder)."""
+    return engine_model.create_model(arch, None, None, img_size=img_size).eval()
 
 
 def input_shape(model: torch.nn.Module) -> Tuple[int, int, int]:
     """(channels, height, width) the model was built for."""
-    if not isinstance(model, VisionTransformer):  # a transformers / OpenCLIP model: its adapter's sizes
-        size = model.image_size if hasattr(model, "image_size") else model.config.image_size  # OpenCLIP / HF
-        height, width = (size, size) if isinstance(size, int) else size
-        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))  # the patch embedding
-        return conv.in_channels, height, width
-    height, width = model.patch_embed.img_size
-    return model.patch_embed.proj.in_channels, height, width
+    backbone = zoo.backbone_of(model)
+    return backbone.in_chans, backbone.img_size, backbone.img_size
 
 
-def benchmark_inputs(model: VisionTransformer, batch_size: int, device: torch.device) -> torch.Tensor:
+def benchmark_inputs(model: torch.nn.Module, batch_size: int, device: torch.device) -> torch.Tensor:
     """A random batch of the model's own input shape."""
     return torch.randn(batch_size, *input_shape(model), device=device)
+
+
+def variants_of(model: torch.nn.Module, names: Sequence[str], pool_k, explicit: bool) -> dict:
+    """``pruning.benchmark.build_variants`` of the module the library patches, each inside the model's wrapper
+    (a timm model is its own)."""
+    module = zoo.backbone_of(model).module
+    variants = build_variants(module, names, pool_k, explicit)
+    if module is model:
+        return variants
+    return {name: model.with_backbone(variant) for name, variant in variants.items()}
+
+
+def flops_of(model: torch.nn.Module) -> float:
+    """Analytic FLOPs per image of a variant: its patched module's (``pruning.flops``)."""
+    backbone = zoo.backbone_of(model)
+    return analytic_flops(backbone.module, head=backbone.head)
 
 
 def run(args: argparse.Namespace) -> None:
     names = parse_methods(args.methods)
     device = resolve_device(args.device)
-    model = create_model(args.arch, args.img_size)
+    model = create_model(args.arch, args.img_size).to(device)
+    shape = zoo.backbone_of(model).shape
     try:
-        resolve_schedule(args.pool_k, model_shape(model).depth)
-        variants = build_variants(model.to(device), names, args.pool_k, args.explicit)
+        resolve_schedule(args.pool_k, shape.depth)
+        variants = variants_of(model, names, args.pool_k, args.explicit)
     except ValueError as err:  # the library names the argument: pool_k, select_method or model
         message = str(err)
+        if message.startswith("select_method: "):  # the tool's name for the method is --methods
+            message = f"methods: {message[len('select_method: '):]}"
         if message.startswith("model: "):
             message = f"arch {args.arch}: {message[len('model: '):]}"
         raise CLIError(f"--{message}") from None
@@ -125,13 +138,13 @@ def run(args: argparse.Namespace) -> None:
     if args.explicit:
         groups.append(("none/explicit", [v for v in variants if v.endswith("/explicit")]))
     channels, height, width = input_shape(model)
-    print(f"{args.arch} @ {height}x{width} px, {channels} channel(s), {model_shape(model).num_tokens} tokens, "
+    print(f"{args.arch} @ {height}x{width} px, {channels} channel(s), {shape.num_tokens} tokens, "
           f"batch {args.batch_size}, {device}, {args.dtype}, pool_k={args.pool_k}, "
           f"threads={torch.get_num_threads()}, {args.rounds} rounds")
     print(f"{'variant':<18} {'img/s':>9} {'GFLOPs':>8} {'speedup':>8} {'ideal':>7} {'of ideal':>9}")
     for baseline, group in groups:
         for result in compare_speed({n: variants[n] for n in group}, inputs, baseline, rounds=args.rounds,
-                                    autocast_dtype=dtype):
+                                    autocast_dtype=dtype, flops_of=flops_of):
             print(f"{result.name:<18} {result.images_per_s:9.1f} {result.gflops:8.3f} {result.speedup:8.3f} "
                   f"{result.ideal_speedup:7.3f} {result.efficiency:9.3f}")
 

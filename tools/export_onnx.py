@@ -19,6 +19,7 @@ import contextlib
 import copy
 import io
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -32,9 +33,9 @@ if str(ROOT) not in sys.path:  # ``python tools/export_onnx.py`` puts tools/ fir
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 from engine import model as engine_model  # noqa: E402
+from engine import zoo  # noqa: E402
 from engine.checkpoint import load_weights  # noqa: E402
 from engine.errors import CLIError, report_error  # noqa: E402
 from engine.model import tokens_per_block, unmet_reductions  # noqa: E402
@@ -43,6 +44,7 @@ from engine.report import unmet_warning  # noqa: E402
 from pruning import METHOD_NAMES, get_method  # noqa: E402
 from pruning.benchmark import time_interleaved  # noqa: E402
 from pruning.flops import analytic_flops  # noqa: E402
+from pruning.patch.layers import MaskRefused  # noqa: E402
 
 PROG = "export_onnx.py"
 TOLERANCE = 1e-4  # max |logit difference| between onnxruntime and PyTorch
@@ -114,27 +116,33 @@ def refuse_stochastic(method: str, option: str) -> None:
                        f"use onnxruntime's own random stream)")
 
 
-def build_model(args: argparse.Namespace) -> VisionTransformer:
-    """The uncompressed timm model of ``--arch`` with the ``--checkpoint`` weights (random without one)."""
+def build_model(args: argparse.Namespace) -> torch.nn.Module:
+    """The uncompressed model of ``--arch`` as main.py builds it (a timm model, or a transformers / OpenCLIP one
+    inside the engine's wrapper: images in, logits or its pooled feature out) with the ``--checkpoint`` weights
+    (random without one)."""
     model = engine_model.create_model(args.arch, args.num_classes, args.in_chans, img_size=args.img_size,
                                       patch_size=args.patch_size)
-    if not isinstance(model, VisionTransformer):
-        raise CLIError(f"--arch {args.arch}: the export takes a timm VisionTransformer (vit_*, deit_*)")
     if args.checkpoint:
         load_weights(model, args.checkpoint, new_head_ok=False)
-    engine_model.check_schedule_length(args.schedule, len(model.blocks), args.arch)
+    engine_model.check_schedule_length(args.schedule, zoo.backbone_of(model).shape.depth, args.arch)
     return model.eval()
 
 
-def compress(model: VisionTransformer, method: str, schedule, reduce_at: Optional[str]) -> VisionTransformer:
+def model_flops(model: torch.nn.Module) -> float:
+    """Analytic FLOPs per image of the model as patched (its patched module's, and a head the wrapper adds)."""
+    backbone = zoo.backbone_of(model)
+    return analytic_flops(backbone.module, head=backbone.head)
+
+
+def compress(model: torch.nn.Module, method: str, schedule, reduce_at: Optional[str]) -> torch.nn.Module:
     """A compressed copy of ``model`` (the original stays uncompressed), as main.py compresses."""
     settings = argparse.Namespace(method=method, schedule=schedule, reduce_at=reduce_at, prop_attn="on")
     return engine_model.compress(copy.deepcopy(model), settings).eval()
 
 
-def input_shape(model: VisionTransformer) -> Tuple[int, int, int]:
-    height, width = model.patch_embed.img_size
-    return model.patch_embed.proj.in_channels, height, width
+def input_shape(model: torch.nn.Module) -> Tuple[int, int, int]:
+    backbone = zoo.backbone_of(model)
+    return backbone.in_chans, backbone.img_size, backbone.img_size
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,11 +161,24 @@ def export_onnx(model: torch.nn.Module, path: str, optimize: bool = True) -> Non
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (example,), path, dynamo=True, external_data=False, optimize=optimize,
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+                              dynamic_shapes=({0: torch.export.Dim("batch")},))
     except Exception as err:
-        text = str(err).strip().splitlines()
-        raise ExportFailed(f"torch.onnx.export failed: {type(err).__name__}: {text[0] if text else ''}"[:400]) \
-            from None
+        raise ExportFailed(export_failure(err)) from None
+
+
+def export_failure(err: BaseException) -> str:
+    """One line saying why the export failed: the exporter's step, and the exception that started it (the
+    exporter wraps it), which names the limit met."""
+    root = err
+    while (root.__cause__ or root.__context__) is not None:
+        root = root.__cause__ or root.__context__
+    if isinstance(root, MaskRefused):
+        return ("torch.onnx.export failed: while torch.export traces, transformers builds an explicit attention "
+                "mask (it cannot skip an all-allow mask without reading its values), and a compressing layer "
+                "refuses masks (token compression changes the token set): this model does not export compressed")
+    first = lambda e: re.sub(r"\x1b\[[0-9;]*m| Next steps:.*", "", (str(e).strip().splitlines() or [""])[0])  # noqa
+    cause = "" if root is err else f"; cause: {type(root).__name__}: {first(root)}"
+    return f"torch.onnx.export failed: {type(err).__name__}: {first(err)}{cause}"[:600]
 
 
 def ort_session(path: str, threads: int = 0):
@@ -201,7 +222,8 @@ def max_difference(model: torch.nn.Module, session, batch_sizes: Sequence[int], 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", metavar="NAME", default=None,
-                        help="timm model name (default: the checkpoint's, for a main.py checkpoint)")
+                        help="timm model name, hf:FOLDER_OR_HUB_ID or open_clip:NAME, as main.py's --arch "
+                             "(default: the checkpoint's, for a main.py checkpoint)")
     parser.add_argument("--checkpoint", metavar="FILE", default=None,
                         help="timm .pth/.safetensors or main.py checkpoint (default: random weights)")
     parser.add_argument("--model", dest="method", metavar="METHOD", default=None,
@@ -252,7 +274,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if not diff <= TOLERANCE:
         raise ExportFailed(f"onnxruntime differs from PyTorch by max |Δ| {diff:.2e} > {TOLERANCE:g} in the logits "
                            f"of {args.out}")
-    flops, plain_flops = analytic_flops(model), analytic_flops(plain)
+    flops, plain_flops = model_flops(model), model_flops(plain)
     print(f"wrote {args.out}: {args.arch} {args.method} schedule {args.schedule}, input {INPUT_NAME} "
           f"(batch, {', '.join(map(str, input_shape(model)))}), {flops / 1e9:.3f} GFLOPs per image "
           f"(uncompressed {plain_flops / 1e9:.3f})")

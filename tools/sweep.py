@@ -245,14 +245,19 @@ def load_config(path: Optional[str], overrides: Dict[str, Any], data_root: Optio
 # levels -> schedules
 
 class LevelResolver:
-    """Turns a :class:`Level` into main.py's schedule (``--reduce_token``) for one method, for one model shape."""
+    """Turns a :class:`Level` into main.py's schedule (``--reduce_token``) for one method, for one model shape.
+
+    ``model``: what main.py builds for ``--arch`` (a timm model, or the engine's wrapper of a transformers /
+    OpenCLIP one); its sizes are the library's (``model_shape`` of the module that is patched), whatever the
+    family."""
 
     def __init__(self, model, reduce_at: Optional[str] = None):
-        self.model = model
+        from engine.zoo import backbone_of
+
+        self.model = backbone_of(model).module  # the module apply_patch patches: FLOPs are matched on it
         self.reduce_at = reduce_at  # None: each method's own placement, as main.py does
-        self.depth = len(model.blocks)
-        self.num_prefix = model.num_prefix_tokens
-        self.num_tokens = math.prod(model.patch_embed.grid_size) + self.num_prefix
+        shape = backbone_of(model).shape
+        self.depth, self.num_prefix, self.num_tokens = shape.depth, shape.num_prefix, shape.num_tokens
 
     def schedule(self, method: str, level: Level) -> Schedule:
         from pruning import schedules

@@ -26,8 +26,10 @@ from torch import Tensor  # noqa: E402
 
 import data  # noqa: E402
 from engine.errors import BAD_INPUT, CLIError, first_line, report_error  # noqa: E402
-from engine.model import create_model, load_trained  # noqa: E402,F401  (load_trained: a main.py checkpoint's model)
+from engine.model import backbone_of, create_model, load_trained  # noqa: E402,F401  (load_trained: a checkpoint's)
 from engine.options import ArgumentParser, int_at_least  # noqa: E402
+from pruning import METHOD_NAMES  # noqa: E402
+from pruning.patch import methods_for, model_shape  # noqa: E402
 from pruning.visualize import save_token_grid_comparison, save_tokens_per_block_plot  # noqa: E402
 
 PROG = "visualize.py"
@@ -45,8 +47,9 @@ def build_parser() -> ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     tokens = commands.add_parser("tokens", help="plot tokens left vs. block for every method")
     tokens.add_argument("--arch", default=None,
-                        help="timm ViT to read the token count and depth from (default: none; then give "
-                             "--num_tokens and --depth)")
+                        help="model to read the token count and depth from, as main.py's --arch: a timm name, "
+                             "hf:FOLDER_OR_HUB_ID or open_clip:NAME (default: none; then give --num_tokens and "
+                             "--depth)")
     tokens.add_argument("--num_tokens", type=int_at_least(1), default=None,
                         help="tokens entering block 0, without --arch (default: none)")
     tokens.add_argument("--depth", type=int_at_least(1), default=None, help="blocks, without --arch (default: none)")
@@ -109,19 +112,20 @@ def load_test_images(settings: Dict, count: int, data_root: Optional[str] = None
 
 def plot_tokens(args: argparse.Namespace) -> str:
     pool_k = args.pool_k[0] if len(args.pool_k) == 1 else args.pool_k
+    methods = METHOD_NAMES
     if args.arch:
         with torch.device("meta"):  # its shape is all that is read
-            model = create_model(args.arch, None, None)
-        if not hasattr(model, "patch_embed") or not hasattr(model, "blocks"):
-            raise CLIError(f"--arch {args.arch}: the token plot reads a timm model's patch_embed and blocks")
-        num_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
-        depth, prefix, name = len(model.blocks), model.num_prefix_tokens, f"{args.arch}: "
+            module = backbone_of(create_model(args.arch, None, None)).module
+        shape = model_shape(module)  # the library's sizes, whatever the family
+        num_tokens, depth, prefix, name = shape.num_tokens, shape.depth, shape.num_prefix, f"{args.arch}: "
+        methods = methods_for(module)  # without a class token, the methods reading its attention do not run
     elif args.num_tokens and args.depth:
         num_tokens, depth, prefix, name = args.num_tokens, args.depth, args.num_prefix_tokens, ""
     else:
         raise CLIError("tokens: give --arch, or --num_tokens and --depth")
     title = f"{name}{num_tokens} tokens, {depth} blocks, pool_k={pool_k}"
-    return save_tokens_per_block_plot(args.out, num_tokens, depth, pool_k, num_prefix_tokens=prefix, title=title)
+    return save_tokens_per_block_plot(args.out, num_tokens, depth, pool_k, num_prefix_tokens=prefix, title=title,
+                                      method_names=methods)
 
 
 def draw_grid(args: argparse.Namespace) -> str:

@@ -7,13 +7,15 @@ here: ``flops`` reads a model's ``ModelShape`` and compression, the family adapt
 from dataclasses import dataclass
 from typing import Sequence
 
-from .counting import token_counts
+from .counting import token_counts, tokens_after
 from .methods import CompressionMethod
 
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The sizes of a ViT that its FLOPs depend on."""
+    """The sizes of a ViT that its FLOPs depend on. ``head_flops`` is the heads' cost that does not depend on the
+    tokens; an attention-pool head (one learned query over the tokens left, SigLIP's) adds ``pool_token_flops``
+    per token it reads."""
 
     num_tokens: int
     num_prefix: int
@@ -24,6 +26,8 @@ class ModelShape:
     depth: int
     embed_flops: float
     head_flops: float
+    pool_token_flops: float = 0.0  # an attention-pool head: its FLOPs per token it reads (keys, values, products)
+    pool_reads_prefix: bool = True  # whether that pool reads the prefix tokens too (timm's pool_include_prefix)
 
 
 def block_flops(n_attn: int, n_mlp: int, dim: int, attn_dim: int, hidden: int) -> float:
@@ -52,4 +56,8 @@ def schedule_flops(shape: ModelShape, method: CompressionMethod, schedule: Seque
         flops += block_flops(n_attn, n_mlp, shape.dim, shape.attn_dim, shape.hidden)
         if k > 0:
             flops += reduction_flops(method, n_attn, shape.attn_dim, shape.head_dim, shape.num_prefix)
+    if shape.pool_token_flops:
+        left = tokens_after(method, counts[-1][0], schedule[-1], shape.num_prefix) if counts else shape.num_tokens
+        pooled = left if shape.pool_reads_prefix else left - shape.num_prefix
+        flops += shape.pool_token_flops * pooled
     return flops

@@ -98,6 +98,20 @@ class CompressionConfig:
         positions = torch.arange(-self.num_prefix_tokens, num_tokens - self.num_prefix_tokens, device=x.device)
         return positions.clamp(min=NO_POSITION).expand(batch, -1)
 
+    def pool_log_size(self, num_tokens: int) -> Optional[Tensor]:
+        """log(size) (B, ``num_tokens``) of the last ``num_tokens`` tokens of the last forward, for an
+        attention-pool head reading them (prefix tokens are first, so a pool that skips them reads the last
+        ones): ToMe's proportional attention applied to the pool. None without merged tokens or without
+        ``prop_attn``."""
+        size = self.state.size
+        if not self.prop_attn or size is None or size.shape[1] < num_tokens:
+            return None
+        return size[:, size.shape[1] - num_tokens:, 0].log()
+
+    def compresses(self) -> bool:
+        """Whether any block reduces tokens (a method other than none, some k > 0)."""
+        return self.method.reduction != "none" and any(k > 0 for k in self.schedule)
+
     def end_block(self, x: Tensor) -> Tensor:
         """Record the tokens (and, when traced, the source map) leaving a block; returns ``x``."""
         if self.trace_source:

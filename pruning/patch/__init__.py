@@ -2,22 +2,24 @@
 
 The compressed layer exists once, in ``layers.py``; each family adapter says where its layers and their
 parts are (a ``layers.LayerLayout``) and holds what is its library's own: ``timm.py`` (timm
-VisionTransformer), ``eva.py`` (timm Eva: EVA-02, DINOv3, RoPE-ViT), ``hf.py`` (transformers ViT, DeiT, DINOv2, DINOv3, CLIP vision) and ``open_clip.py`` (OpenCLIP
-VisionTransformer), the last two imported only when a model of theirs is patched. Every adapter has the same
-entry points: ``supports``, ``apply_patch``, ``remove_patch`` and ``model_shape``.
+VisionTransformer), ``eva.py`` (timm Eva: EVA-02, DINOv3, RoPE-ViT), ``hf.py`` (transformers ViT, DeiT, DINOv2,
+DINOv3, CLIP vision, SigLIP, SigLIP 2) and ``open_clip.py`` (OpenCLIP VisionTransformer), the last two
+imported only when a model of theirs is patched. Every adapter has the same
+entry points: ``supports``, ``apply_patch``, ``remove_patch``, ``model_shape`` and ``has_class_token``.
 """
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 from ..core.cost import ModelShape
 from ..core.counting import Schedule
+from ..core.methods import METHODS
 from ..core.state import get_config, get_state
 from . import eva as _eva
 from . import timm as _timm
 
-__all__ = ["apply_patch", "remove_patch", "get_config", "get_state", "model_shape"]
+__all__ = ["apply_patch", "remove_patch", "get_config", "get_state", "model_shape", "methods_for"]
 
-SUPPORTED_MODELS = ("a timm VisionTransformer, a transformers ViT / DeiT / DINOv2 / DINOv3 / CLIP vision model, "
-                    "a timm Eva (EVA-02, DINOv3, RoPE-ViT) or an OpenCLIP VisionTransformer")
+SUPPORTED_MODELS = ("a timm VisionTransformer, a transformers ViT / DeiT / DINOv2 / DINOv3 / CLIP / SigLIP vision "
+                    "model, a timm Eva (EVA-02, DINOv3, RoPE-ViT) or an OpenCLIP VisionTransformer")
 
 
 def _adapter(model):
@@ -84,3 +86,10 @@ def model_shape(model, img_size: Optional[Sequence[int]] = None) -> ModelShape:
     """The sizes of ``model`` that its FLOPs depend on, from its family's adapter (``img_size`` (height, width)
     overrides the model's own image size)."""
     return _adapter(model).model_shape(model, img_size)
+
+
+def methods_for(model) -> Tuple[str, ...]:
+    """The method names ``apply_patch`` takes for ``model``: every one for a model with a class token; without
+    one, those that do not read class-token attention (``none``, ``tk_n``, ``evit_n``, ``tome``, the controls)."""
+    with_class_token = _adapter(model).has_class_token(model)
+    return tuple(name for name, method in METHODS.items() if with_class_token or not method.needs_cls_attention)

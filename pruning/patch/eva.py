@@ -28,7 +28,7 @@ from ..core.state import get_config
 from .layers import (LayerLayout, RotaryTable, build_config, compressed_class, linear_flops, mlp_hidden,
                      patch_layers, patch_token_mean, unpatch_layers)
 
-__all__ = ["BLOCK_LAYOUT", "apply_patch", "remove_patch", "supports", "model_shape"]
+__all__ = ["BLOCK_LAYOUT", "apply_patch", "remove_patch", "supports", "model_shape", "has_class_token"]
 
 _POOLS = ("avg", "token", "")
 
@@ -98,11 +98,15 @@ def _check(model: nn.Module) -> None:
                              "token compression needs as many key/value heads as query heads")
 
 
+def has_class_token(model: Eva) -> bool:
+    return model.cls_token is not None
+
+
 def apply_patch(model: Eva, method: str, schedule: Schedule, **options) -> Eva:
     """Make every block of a timm ``Eva`` remove tokens (arguments as ``pruning.patch.apply_patch``)."""
     _check(model)
     cfg = build_config(method, schedule, len(model.blocks), model.num_prefix_tokens,
-                       class_token=model.cls_token is not None, carry_positions=model.rope is not None, **options)
+                       class_token=has_class_token(model), carry_positions=model.rope is not None, **options)
     remove_patch(model)
     patch_layers(model, model.blocks, BLOCK_LAYOUT, cfg)
     model._original_class = model.__class__

@@ -28,13 +28,18 @@ from torch import Tensor, nn
 
 from ..core.compress import reduce_tokens
 from ..core.counting import Schedule, resolve_schedule
-from ..core.methods import PLACEMENTS, get_method
+from ..core.methods import METHODS, PLACEMENTS, get_method
 from ..core.scoring import class_attention
 from ..core.state import CONFIG_ATTR, NO_POSITION, CompressionConfig, get_config
 
 __all__ = ["LayerLayout", "CompressedLayer", "RotaryTable", "TokenAngles", "attend_heads", "compressed_class",
-           "build_config", "patch_layers", "unpatch_layers", "get_path", "linear_flops", "mlp_hidden", "grid_of",
-           "patch_token_mean"]
+           "build_config", "patch_layers", "unpatch_layers", "without_class_token", "SizeWeightedPool", "patch_pool",
+           "unpatch_pool", "get_path", "linear_flops", "mlp_hidden", "grid_of", "patch_token_mean", "MaskRefused"]
+
+
+class MaskRefused(ValueError):
+    """A compressing layer was given an attention mask (or causal attention, or separate keys and values)."""
+
 
 _NOT_SET = object()  # an attribute that was not in the module's __dict__ before patching
 
@@ -86,8 +91,10 @@ def _rows(table: Tensor, positions: Tensor, identity: float) -> Tensor:
     images, heads, num_patches, dim = table.shape
     table = torch.cat([table, table.new_full((images, heads, 1, dim), identity)], dim=2)
     batch, num_tokens = positions.shape
-    index = positions.masked_fill(positions == NO_POSITION, num_patches)[:, None, :, None]
-    return table.expand(batch, -1, -1, -1).gather(2, index.expand(batch, heads, num_tokens, dim))
+    index = positions.masked_fill(positions == NO_POSITION, num_patches)
+    if images == 1 and heads == 1:  # one table for every image and head: whole rows, one index_select
+        return table[0, 0].index_select(0, index.reshape(-1)).view(batch, 1, num_tokens, dim)
+    return table.expand(batch, -1, -1, -1).gather(2, index[:, None, :, None].expand(batch, heads, num_tokens, dim))
 
 
 class LayerLayout:
@@ -205,8 +212,8 @@ class LayerLayout:
     def check_inputs(self, args: tuple, kwargs: dict) -> None:
         """Refuse masks (any tensor argument beyond the tokens) and causal attention while compressing."""
         if any(isinstance(a, Tensor) or a is True for a in (*args, *kwargs.values())):
-            raise ValueError(f"{self.mask_arg}: token compression changes the token set, so attention masks, "
-                             f"causal attention and separate key/value inputs are not supported")
+            raise MaskRefused(f"{self.mask_arg}: token compression changes the token set, so attention masks, "
+                              f"causal attention and separate key/value inputs are not supported")
 
 
 def attend_heads(queries: Tensor, keys: Tensor, values: Tensor, *, scale: float, size: Optional[Tensor],
@@ -327,11 +334,59 @@ def build_config(method: str, schedule: Schedule, depth: int, num_prefix: int, *
     if chosen.reduction == "none":
         per_block = [0] * depth
     if chosen.needs_cls_attention and not class_token:
-        raise ValueError(f"{method_arg}: {chosen.name!r} scores tokens by class-token attention, but this model has "
-                         f"no class token; use a model with one, or tk_n, evit_n or tome")
+        raise ValueError(f"{method_arg}: {chosen.name!r} reads class-token attention, but this model has no class "
+                         f"token; methods that work without one: {', '.join(without_class_token())}")
     return CompressionConfig(method=chosen, schedule=per_block, reduce_at=reduce_at, num_prefix_tokens=num_prefix,
                              prop_attn=prop_attn, trace_source=trace_source, fused_attn=bool(fused_attn),
                              carry_positions=carry_positions)
+
+
+def without_class_token() -> Tuple[str, ...]:
+    """The methods (controls included) that reduce tokens without reading class-token attention."""
+    return tuple(name for name, m in METHODS.items() if m.reduction != "none" and not m.needs_cls_attention)
+
+
+class SizeWeightedPool:
+    """Mixed into an attention-pool head's attention (one learned query over the tokens: timm's
+    ``AttentionPoolLatent``, the ``nn.MultiheadAttention`` of SigLIP's head): with ToMe's merged tokens and
+    proportional attention, log(size) is added to its logits (``attn_mask``), as the blocks weigh merged tokens.
+    ``_keys_at``: the position of the keys among the forward's arguments; ``_per_head``: the mask is
+    (B·heads, queries, N) (``nn.MultiheadAttention``) rather than (B, 1, 1, N)."""
+
+    _keys_at: int
+    _per_head: bool
+
+    def forward(self, *args, attn_mask: Optional[Tensor] = None, **kwargs):
+        keys = args[self._keys_at]
+        log_size = get_config(self).pool_log_size(keys.shape[1])
+        if log_size is not None:
+            log_size = log_size.to(keys.dtype)
+            if self._per_head:
+                queries = args[0].shape[1]
+                bias = log_size[:, None, :].repeat_interleave(self.num_heads, dim=0).expand(-1, queries, -1)
+            else:
+                bias = log_size[:, None, None, :]
+            attn_mask = bias if attn_mask is None else attn_mask + bias
+        return super().forward(*args, attn_mask=attn_mask, **kwargs)
+
+
+def patch_pool(pool: Optional[nn.Module], cfg: CompressionConfig, *, keys_at: int, per_head: bool) -> None:
+    """Make an attention-pool head's attention ``pool`` weigh merged tokens by their size (``SizeWeightedPool``);
+    None (no such head) is left alone."""
+    if pool is None:
+        return
+    pool._original_class = pool.__class__
+    pool.__class__ = compressed_class(pool.__class__, SizeWeightedPool, f"pool:{keys_at}:{per_head}",
+                                      _keys_at=keys_at, _per_head=per_head)
+    setattr(pool, CONFIG_ATTR, cfg)
+
+
+def unpatch_pool(pool: Optional[nn.Module]) -> None:
+    """Undo ``patch_pool``; a pool never patched (or None) is left as it is."""
+    original = None if pool is None else pool.__dict__.pop("_original_class", None)
+    if original is not None:
+        pool.__class__ = original
+        pool.__dict__.pop(CONFIG_ATTR)
 
 
 def patch_layers(model: nn.Module, layers: Sequence[nn.Module], layout: LayerLayout, cfg: CompressionConfig,

@@ -19,7 +19,7 @@ from ..core.cost import ModelShape
 from ..core.counting import Schedule
 from .layers import LayerLayout, build_config, grid_of, mlp_hidden, patch_layers, unpatch_layers
 
-__all__ = ["apply_patch", "remove_patch", "supports", "model_shape"]
+__all__ = ["apply_patch", "remove_patch", "supports", "model_shape", "has_class_token"]
 
 
 class _MultiheadLayout(LayerLayout):
@@ -74,6 +74,10 @@ def _check(model: nn.Module) -> None:
         if not attn._qkv_same_embed_dim or attn.bias_k is not None or hasattr(block, "ln_1_kv"):
             raise ValueError("model: OpenCLIP attention with separate key/value projections or key/value "
                              "biases is not supported")
+
+
+def has_class_token(model: nn.Module) -> bool:
+    return True  # class-token pooling is the only one supported
 
 
 def apply_patch(model: nn.Module, method: str, schedule: Schedule, **options) -> nn.Module:
