@@ -92,9 +92,13 @@ def _rows(table: Tensor, positions: Tensor, identity: float) -> Tensor:
     table = torch.cat([table, table.new_full((images, heads, 1, dim), identity)], dim=2)
     batch, num_tokens = positions.shape
     index = positions.masked_fill(positions == NO_POSITION, num_patches)
-    if images == 1 and heads == 1:  # one table for every image and head: whole rows, one index_select
-        return table[0, 0].index_select(0, index.reshape(-1)).view(batch, 1, num_tokens, dim)
-    return table.expand(batch, -1, -1, -1).gather(2, index[:, None, :, None].expand(batch, heads, num_tokens, dim))
+    # whole rows of the flattened (images · heads · (patches + 1), D) table, one index_select: several times
+    # faster on CPU than gather with an index expanded over D
+    image = torch.arange(batch, device=index.device) if images > 1 else torch.zeros(batch, dtype=index.dtype,
+                                                                                     device=index.device)
+    first_row = (image[:, None] * heads + torch.arange(heads, device=index.device)) * (num_patches + 1)
+    rows = (first_row[:, :, None] + index[:, None, :]).reshape(-1)
+    return table.reshape(-1, dim).index_select(0, rows).view(batch, heads, num_tokens, dim)
 
 
 class LayerLayout:
