@@ -14,7 +14,7 @@ import timm
 import torch
 import transformers as T
 
-from reference_vit import keep_listed
+from reference_vit import keep_listed, tome_slots
 
 PRUNE_RULES = {  # method: (keep by, fuse by)
     "tk": ("attn", None), "tk_n": ("norm", None), "evit": ("attn", "attn"), "evit_n": ("norm", "norm"),
@@ -84,28 +84,10 @@ def prune(method, tokens, cls_attn, positions, k, num_prefix):
 
 
 def tome(tokens, keys, size, positions, r, num_prefix):
-    """ToMe's bipartite soft matching on ``keys``; a merged token keeps its destination's position. Output:
-    prefix tokens, the unmerged A (even-position) tokens, then the B (odd) tokens."""
-    n = tokens.shape[0]
-    r = min(r, (n - num_prefix) // 2)
-    if r <= 0:
-        return tokens, size, positions
-    unit = keys / keys.norm(dim=-1, keepdim=True)
-    a_side = [a for a in range(0, n, 2) if a >= num_prefix]
-    b_side = [b for b in range(1, n, 2) if b >= num_prefix]
-    best = {a: max((float(unit[a] @ unit[b]), b) for b in b_side) for a in a_side}
-    merged = sorted(a_side, key=lambda a: -best[a][0])[:r]
-    total = {b: tokens[b] * size[b] for b in b_side}
-    count = {b: size[b] for b in b_side}
-    for a in merged:
-        b = best[a][1]
-        total[b] = total[b] + tokens[a] * size[a]
-        count[b] = count[b] + size[a]
-    unmerged = [a for a in a_side if a not in merged]
-    order = list(range(num_prefix)) + unmerged
-    new_tokens = [tokens[i] for i in order] + [total[b] / count[b] for b in b_side]
-    new_size = [size[i] for i in order] + [count[b] for b in b_side]
-    return torch.stack(new_tokens), new_size, [positions[i] for i in order + b_side]
+    """ToMe's bipartite soft matching on ``keys`` (``reference_vit.tome_slots``); a merged token keeps its
+    destination's position."""
+    tokens, size, slots = tome_slots(tokens, keys, size, r, num_prefix)
+    return tokens, size, [positions[i] for i in slots]
 
 
 def reduce(method, x, cls_attn, keys, size, positions, ids, k, num_prefix, listed):

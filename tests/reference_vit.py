@@ -43,15 +43,16 @@ def prune(tokens, scores, fuse_weights_of, k, num_prefix):
     return torch.stack(out)
 
 
-def tome_merge(tokens, keys, size, r, num_prefix):
-    """ToMe's bipartite soft matching, written out: returns merged tokens and sizes.
+def tome_slots(tokens, keys, size, r, num_prefix):
+    """ToMe's bipartite soft matching, written out: returns merged tokens, sizes and, for each output slot,
+    the input token it is (a merged slot: its B token, the destination).
 
     Output order: prefix tokens, the unmerged A (even-position) tokens, then the B (odd) tokens.
     """
     n = tokens.shape[0]
     r = min(r, (n - num_prefix) // 2)
     if r <= 0:
-        return tokens, size
+        return tokens, size, list(range(n))
     a_pos, b_pos = list(range(0, n, 2)), list(range(1, n, 2))
     unit = keys / keys.norm(dim=-1, keepdim=True)
     best = {}
@@ -72,7 +73,12 @@ def tome_merge(tokens, keys, size, r, num_prefix):
     b_pos = [b for b in b_pos if b >= num_prefix]
     new_tokens = [tokens[i] for i in prefix + unmerged] + [out_x[b] / out_size[b] for b in b_pos]
     new_size = [size[i] for i in prefix + unmerged] + [out_size[b] for b in b_pos]
-    return torch.stack(new_tokens), new_size
+    return torch.stack(new_tokens), new_size, prefix + unmerged + b_pos
+
+
+def tome_merge(tokens, keys, size, r, num_prefix):
+    """``tome_slots`` without the slots: merged tokens and sizes."""
+    return tome_slots(tokens, keys, size, r, num_prefix)[:2]
 
 
 def keep_listed(tokens, ids, listed):
