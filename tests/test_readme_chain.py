@@ -96,4 +96,6 @@ def test_evaluations_and_benchmarks_never_move_latest(tmp_path, monkeypatch, cap
                   ["--benchmark", "--bench_steps", "1", "--bench_warmup", "0"]):
         assert main.main(extra) == 0, capsys.readouterr().err
         assert latest(tmp_path) == trained
-    assert sorted(p for p in os.listdir("output") if p != "latest")[-1].endswith("_bench")
+    # each run its own folder (names carry the start time to the second, so runs in one second sort by name)
+    folders = [p for p in os.listdir("output") if p != "latest"]
+    assert len(folders) == 4 and sum(p.endswith("_bench") for p in folders) == 1
