@@ -150,6 +150,31 @@ def test_block_scores_are_the_models_own_norms_and_attention(reduce_at):
     assert torch.all(attn[1].sum(-1) < 1)  # the class token's attention to itself is left out
 
 
+def test_block_scores_on_a_rope_model_are_its_own_rotated_attention_and_norms():
+    """The RoPE ViT-Nano (timm Eva, class token + 4 registers): the pass rotates as timm does, so its logits are the
+    model's, its norms are the blocks' outputs and its class-token row is timm's own materialised attention."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_nano_rope_patch4_28").eval()
+    prefix = model.num_prefix_tokens
+    images = torch.randn(3, 1, 28, 28)
+    outputs, weights = [], []
+    hooks = [block.register_forward_hook(lambda module, args, out: outputs.append(out)) for block in model.blocks]
+    for block in model.blocks:
+        block.attn.fused_attn = False  # timm then materialises the softmax and passes it through attn_drop
+        hooks.append(block.attn.attn_drop.register_forward_hook(lambda module, args, out: weights.append(out)))
+    with torch.no_grad():
+        reference = model(images)
+    for hook in hooks:
+        hook.remove()
+    norms, attn, logits = sa.block_scores(model, images, "block")
+    assert prefix == 5 and norms.shape == attn.shape == (6, 3, 49)
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(norms, torch.stack([token_norm(out)[:, prefix:] for out in outputs]),
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(attn, torch.stack([w[:, :, 0, prefix:].mean(1) for w in weights]), rtol=1e-4,
+                               atol=1e-6)
+
+
 def test_keep_levels_count_as_the_library_does():
     levels = sa.keep_levels(49, 2, [0.5, 0.25])
     assert [level["keep"] for level in levels] == [47, 24, 12]

@@ -3,14 +3,15 @@
     python tools/score_analysis.py --checkpoint results/fashionmnist_v2/baseline/last.pt --arch vit_nano_patch4_28 \\
         --data_name FashionMNIST --data_root ../shared/datasets --images 1000 --reduce_token 2 --out_dir analysis
 
-The model runs with every block seeing all tokens (nothing is removed). At every block the two scores
+The model (a timm VisionTransformer, or an Eva such as the RoPE ViT-Nano, rotary angles applied as the
+library applies them) runs with every block seeing all tokens (nothing is removed). At every block the two scores
 that the pruning methods use are read where the paper's placement (``--reduce_at block``) reads them:
 
 - ``attn`` (method ``tk``): the class-token row of the block's attention, averaged over heads;
 - ``norm`` (method ``tk_n``): the L2 norm of every token of the block's output (with ``--reduce_at attn``:
   after the attention residual, before the MLP).
 
-Only patch tokens are scored (the class token is never ranked). Per block the tool reports:
+Only patch tokens are scored (the class token and any register tokens are never ranked). Per block the tool reports:
 
 1. kept-set overlap: IoU |A∩B| / |A∪B| of the K patch tokens kept by norm (A) and by attention (B), averaged
    over images, for K = patches - ``--reduce_token`` and for every ``--keep_fractions`` (K = round(f·patches)),
@@ -146,29 +147,53 @@ def one_hot(indices: np.ndarray, num_items: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # the model, run block by block
 
+def _embedded(model: torch.nn.Module, images: Tensor) -> Tuple[Tensor, Any, Any]:
+    """The tokens entering the first block, the library's layout of the model's blocks, and a function giving
+    block ``i``'s rotary angles of the tokens ``x`` in their original order (None without rotary embeddings)."""
+    from timm.models.eva import Eva
+
+    from pruning.core.state import NO_POSITION
+    if not isinstance(model, Eva):
+        from pruning.patch.timm import BLOCK_LAYOUT as TIMM_LAYOUT
+        tokens = model.patch_drop(model.norm_pre(model._pos_embed(model.patch_embed(images))))
+        return tokens, TIMM_LAYOUT, lambda i, x: None
+    from pruning.patch.eva import BLOCK_LAYOUT as EVA_LAYOUT
+    tokens, rope = model._pos_embed(model.patch_embed(images))
+    tokens = model.norm_pre(tokens)
+
+    def angles(index: int, x: Tensor):
+        if rope is None:
+            return None
+        table = EVA_LAYOUT.rotary_table(model.blocks[index].attn, rope[index] if model.rope_mixed else rope)
+        prefix = model.num_prefix_tokens
+        positions = torch.arange(-prefix, x.shape[1] - prefix).clamp(min=NO_POSITION).expand(x.shape[0], -1)
+        return table.for_tokens(positions)
+    return tokens, EVA_LAYOUT, angles
+
+
 def block_scores(model: torch.nn.Module, images: Tensor, reduce_at: str = "block",
                  batch_size: int = 250) -> Tuple[Tensor, Tensor, Tensor]:
-    """Run a timm VisionTransformer with all tokens and read both scores at every block.
+    """Run a timm VisionTransformer or Eva (RoPE) with all tokens and read both scores at every block, through
+    the library's own layout of the blocks (the same attention the compressed model runs).
 
     Returns (norms, attn, logits): norms and attn of the patch tokens, (depth, B, P) each, and the model's
     logits computed from the same block-by-block pass.
     """
     from pruning.core.scoring import token_norm
-    from pruning.patch.timm import BLOCK_LAYOUT
 
     prefix = model.num_prefix_tokens
     norms, attns, logits = [], [], []
     with torch.no_grad():
         for start in range(0, images.shape[0], batch_size):
-            x = model.patch_drop(model.norm_pre(model._pos_embed(model.patch_embed(images[start:start + batch_size]))))
+            x, layout, angles = _embedded(model, images[start:start + batch_size])
             batch_norms, batch_attn = [], []
-            for block in model.blocks:
-                out, cls_attn, _ = BLOCK_LAYOUT.attention(block.attn, block.norm1(x), size=None, want_cls_attn=True,
-                                                          want_keys=False, fused=False)
-                x = x + block.drop_path1(block.ls1(out))
+            for index, block in enumerate(model.blocks):
+                out, cls_attn, _ = layout.attention(block.attn, block.norm1(x), size=None, want_cls_attn=True,
+                                                    want_keys=False, fused=False, angles=angles(index, x))
+                x = x + layout.branch(block, layout.attn_post, out)
                 if reduce_at == "attn":
                     batch_norms.append(token_norm(x)[:, prefix:])
-                x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+                x = x + layout.branch(block, layout.mlp_post, block.mlp(block.norm2(x)))
                 if reduce_at == "block":
                     batch_norms.append(token_norm(x)[:, prefix:])
                 batch_attn.append(cls_attn[:, prefix:])
@@ -331,6 +356,7 @@ def _fractions(text: str) -> List[float]:
 
 def load_model(arch: str, path: str, num_classes: int, in_chans: int) -> torch.nn.Module:
     """``arch`` with the weights of ``path``, in eval mode; CLIError for a missing file or weights that do not fit."""
+    from timm.models.eva import Eva
     from timm.models.vision_transformer import VisionTransformer
 
     from engine.checkpoint import load_weights
@@ -339,8 +365,9 @@ def load_model(arch: str, path: str, num_classes: int, in_chans: int) -> torch.n
     if not os.path.isfile(path):
         raise CLIError(f"--checkpoint: {path}: no such file")
     model = create_model(arch, num_classes, in_chans)
-    if not isinstance(model, VisionTransformer) or getattr(model, "cls_token", None) is None:
-        raise CLIError(f"--arch {arch}: not a timm VisionTransformer with a class token")
+    if not isinstance(model, (VisionTransformer, Eva)) or getattr(model, "cls_token", None) is None:
+        raise CLIError(f"--arch {arch}: not a timm VisionTransformer or Eva with a class token (the analysis "
+                       f"compares the norm with class-token attention)")
     # new_head_ok=True: load_weights then reports a body of another width as "does not fit" (with False, any
     # head of another shape is described as a head for another number of classes, even for a wrong --arch)
     left_out = load_weights(model, path, new_head_ok=True)
