@@ -270,6 +270,8 @@ def test_bad_input_is_one_line(pico_checkpoint, tmp_path, capsys):
     assert "--checkpoint" in line and "does not fit" in line
     line = one_error_line(capsys, ["--checkpoint", pico_checkpoint, "--arch", "no_such_vit", *common])
     assert "--arch" in line
+    line = one_error_line(capsys, ["--checkpoint", pico_checkpoint, "--arch", "vit_nano_map_patch4_28", *common])
+    assert line.startswith(f"{PROG}: error: --arch vit_nano_map_patch4_28: ") and "class token" in line
     assert "--images" in one_error_line(capsys, ["--checkpoint", pico_checkpoint, "--arch", "vit_pico_patch4_28",
                                                  *common, "--images", "0"])
     assert "--keep_fractions" in one_error_line(capsys, ["--checkpoint", pico_checkpoint, "--arch",
