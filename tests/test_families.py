@@ -15,6 +15,7 @@ from pruning.flops import analytic_flops
 from pruning.patch import apply_patch, get_config, get_state, remove_patch
 from pruning.patch.hf import patch_token_mean
 from reference_families import CONFIGS, DEPTH, FAMILIES, PATCHES, SIZES, make_model, output, reference_outputs
+from family_checks import assert_all_differ, assert_nothing_removed_is_bit_identical
 from reference_vit import expected_token_counts, kept_ids
 
 REDUCING = [m for m in METHOD_NAMES if m != "none"]
@@ -76,14 +77,8 @@ def test_tome_without_proportional_attention_follows_the_rules(family, images):
 
 
 def test_the_methods_really_differ(images):
-    outputs = {}
-    for method in REDUCING:
-        with torch.no_grad():
-            outputs[method] = output(apply_patch(make_model("dinov2"), method, 5), images)
-    for a in REDUCING:
-        for b in REDUCING:
-            if a < b:
-                assert not torch.allclose(outputs[a], outputs[b], atol=1e-4), (a, b)
+    with torch.no_grad():
+        assert_all_differ({m: output(apply_patch(make_model("dinov2"), m, 5), images) for m in REDUCING})
 
 
 # --- identities -----------------------------------------------------------------------------------
@@ -91,23 +86,7 @@ def test_the_methods_really_differ(images):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pool_k_zero_method_none_and_remove_patch_are_bit_identical(family, attn, images):
-    model = make_model(family, attn)
-    keys = list(model.state_dict())
-    classes = [type(m) for m in model.modules()]
-    with torch.no_grad():
-        plain = output(model, images)
-        for method in METHOD_NAMES:
-            apply_patch(model, method, 0)
-            assert torch.equal(output(model, images), plain), method
-        apply_patch(model, "none", 7)
-        assert torch.equal(output(model, images), plain)
-        apply_patch(model, "tome", 3)
-        assert not torch.allclose(output(model, images), plain)
-        assert list(model.state_dict()) == keys
-        remove_patch(model)
-        assert torch.equal(output(model, images), plain)
-    assert [type(m) for m in model.modules()] == classes
-    assert get_config(model) is None and not hasattr(model, "_compression")
+    assert_nothing_removed_is_bit_identical(make_model(family, attn), images, output, METHOD_NAMES)
 
 
 @pytest.mark.parametrize("family", ["vit", "dinov2_reg", "open_clip"])

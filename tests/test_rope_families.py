@@ -12,6 +12,7 @@ from pruning.flops import analytic_flops
 from pruning.patch import apply_patch, get_config, get_state, remove_patch
 from reference_rope import (DEPTH, FAMILIES, IMAGE, PATCH, make_model, num_prefix_of, output,
                             randomise, reference_outputs)
+from family_checks import assert_all_differ, assert_nothing_removed_is_bit_identical
 from reference_vit import expected_token_counts, kept_ids
 from test_families import _SquareOutputs, counted_flops
 
@@ -98,14 +99,8 @@ def test_a_full_size_dinov3_under_tome_follows_the_rules():
 
 
 def test_the_methods_really_differ(images):
-    outputs = {}
-    for method in REDUCING:
-        with torch.no_grad():
-            outputs[method] = output(apply_patch(make_model("dinov3"), method, 5), images)
-    for a in REDUCING:
-        for b in REDUCING:
-            if a < b:
-                assert not torch.allclose(outputs[a], outputs[b], atol=1e-4), (a, b)
+    with torch.no_grad():
+        assert_all_differ({m: output(apply_patch(make_model("dinov3"), m, 5), images) for m in REDUCING})
 
 
 # --- pooling --------------------------------------------------------------------------------------
@@ -130,23 +125,9 @@ def test_average_pooling_under_tome_is_the_mean_over_original_patches(family, im
 @pytest.mark.parametrize("family", FAMILIES)
 def test_k_zero_method_none_and_remove_patch_are_bit_identical(family, images):
     model = make_model(family)
-    keys = list(model.state_dict())
-    classes = [type(m) for m in model.modules()]
     model_class = type(model)
-    with torch.no_grad():
-        plain = output(model, images)
-        for method in METHOD_NAMES:
-            apply_patch(model, method, 0)
-            assert torch.equal(output(model, images), plain), method
-        apply_patch(model, "none", 7)
-        assert torch.equal(output(model, images), plain)
-        apply_patch(model, "tome", 3)
-        assert not torch.allclose(output(model, images), plain)
-        assert list(model.state_dict()) == keys
-        remove_patch(model)
-        assert torch.equal(output(model, images), plain)
-    assert [type(m) for m in model.modules()] == classes and type(model) is model_class
-    assert get_config(model) is None
+    assert_nothing_removed_is_bit_identical(model, images, output, METHOD_NAMES)
+    assert type(model) is model_class
 
 
 @pytest.mark.parametrize("family", ["eva02", "rope_mixed", "hf_dinov3"])
