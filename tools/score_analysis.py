@@ -152,7 +152,7 @@ def _embedded(model: torch.nn.Module, images: Tensor) -> Tuple[Tensor, Any, Any]
     block ``i``'s rotary angles of the tokens ``x`` in their original order (None without rotary embeddings)."""
     from timm.models.eva import Eva
 
-    from pruning.core.state import NO_POSITION
+    from pruning.core.state import original_positions
     if not isinstance(model, Eva):
         from pruning.patch.timm import BLOCK_LAYOUT as TIMM_LAYOUT
         tokens = model.patch_drop(model.norm_pre(model._pos_embed(model.patch_embed(images))))
@@ -165,9 +165,7 @@ def _embedded(model: torch.nn.Module, images: Tensor) -> Tuple[Tensor, Any, Any]
         if rope is None:
             return None
         table = EVA_LAYOUT.rotary_table(model.blocks[index].attn, rope[index] if model.rope_mixed else rope)
-        prefix = model.num_prefix_tokens
-        positions = torch.arange(-prefix, x.shape[1] - prefix).clamp(min=NO_POSITION).expand(x.shape[0], -1)
-        return table.for_tokens(positions)
+        return table.for_tokens(original_positions(x.shape[0], x.shape[1], model.num_prefix_tokens, x.device))
     return tokens, EVA_LAYOUT, angles
 
 

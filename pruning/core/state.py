@@ -21,6 +21,13 @@ CONFIG_ATTR = "_compression"  # the attribute holding the CompressionConfig of a
 DEFAULT_SEED = 0  # the seed of a newly patched model's random draws
 
 
+def original_positions(batch: int, num_tokens: int, num_prefix_tokens: int, device=None) -> Tensor:
+    """The positions (B, N) of tokens in their original order: the prefix tokens (``NO_POSITION``) followed
+    by the patches 0, 1, 2, ..."""
+    positions = torch.arange(-num_prefix_tokens, num_tokens - num_prefix_tokens, device=device)
+    return positions.clamp(min=NO_POSITION).expand(batch, -1)
+
+
 @dataclass
 class CompressionState:
     """What one forward pass carries from block to block.
@@ -94,9 +101,7 @@ class CompressionConfig:
         tokens (``NO_POSITION``) followed by the patches in order."""
         if self.state.positions is not None:
             return self.state.positions
-        batch, num_tokens = x.shape[:2]
-        positions = torch.arange(-self.num_prefix_tokens, num_tokens - self.num_prefix_tokens, device=x.device)
-        return positions.clamp(min=NO_POSITION).expand(batch, -1)
+        return original_positions(x.shape[0], x.shape[1], self.num_prefix_tokens, x.device)
 
     def pool_log_size(self, num_tokens: int) -> Optional[Tensor]:
         """log(size) (B, ``num_tokens``) of the last ``num_tokens`` tokens of the last forward, for an
