@@ -10,7 +10,7 @@ import os
 import pickle
 import random
 import shutil
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, Iterable, List, Optional
 
 import numpy as np
 import torch
@@ -68,6 +68,23 @@ def torch_load(path: str, option: str) -> Any:
     except Exception as err:
         raise CLIError(f"{option}: {path} cannot be read, it is damaged or not a PyTorch file "
                        f"({one_line(err, named=True, limit=200)})") from None
+
+
+def unfinished_training(path: str) -> Optional[str]:
+    """Where a main.py training checkpoint stopped ("epoch 5/25 and 120 steps") when its run has epochs left
+    (it was interrupted, or is still running); None for a finished run or any other file."""
+    if not os.path.isfile(path) or file_kind(path) != "torch":
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not ours to judge here: whoever loads the weights says what is wrong with them
+        return None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("settings"), dict):
+        return None
+    done, total, step = checkpoint.get("epoch"), checkpoint["settings"].get("epochs"), checkpoint.get("step") or 0
+    if not isinstance(done, int) or not isinstance(total, int) or (done >= total and not step):
+        return None
+    return f"epoch {done}/{total}" + (f" and {step} steps" if step else "")
 
 
 def read_resume(path: str) -> Dict[str, Any]:

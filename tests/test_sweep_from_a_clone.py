@@ -57,6 +57,32 @@ def test_a_missing_baseline_checkpoint_is_refused_before_anything_runs(tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+def training_checkpoint(path: Path, epoch: int, epochs: int, step: int = 0) -> str:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": {}, "epoch": epoch, "step": step, "settings": {"epochs": epochs}}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("epoch, step, where", [(5, 120, "epoch 5/25 and 120 steps"), (24, 0, "epoch 24/25")])
+def test_a_baseline_whose_training_has_epochs_left_is_refused_before_anything_runs(tmp_path, capsys, epoch, step,
+                                                                                  where):
+    checkpoint = training_checkpoint(tmp_path / "baseline" / "last.pt", epoch, 25, step)
+    fake = FakeMain()
+    assert run_sweep(write_config(tmp_path, seeds=[0], baseline_checkpoint=checkpoint), fake) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert fake.calls == [] and len(err) == 1
+    assert f"stopped after {where}" in err[0] and f"python main.py --resume {checkpoint}" in err[0]
+
+
+def test_a_baseline_whose_training_finished_runs(tmp_path):
+    checkpoint = training_checkpoint(tmp_path / "baseline" / "last.pt", 25, 25)
+    fake = FakeMain()
+    assert run_sweep(write_config(tmp_path, seeds=[0], baseline_checkpoint=checkpoint), fake) == 0
+    assert fake.calls
+
+
 def test_the_experiment_configs_read_the_data_where_the_readme_puts_it():
     """No config depends on the folder the clone sits in: data comes from datasets/ (main.py's default)."""
     import yaml

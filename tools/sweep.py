@@ -722,13 +722,22 @@ def parse_cli(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def check_baseline_exists(config: SweepConfig, todo: Sequence[RunSpec]) -> None:
-    """A fixed baseline checkpoint that pending runs need must be there before anything runs."""
+def check_baseline_ready(config: SweepConfig, todo: Sequence[RunSpec]) -> None:
+    """A fixed baseline checkpoint that pending runs need must be there, its training finished, before
+    anything runs."""
+    from engine.checkpoint import unfinished_training
+
     path = config.baseline_checkpoint
-    if path and not os.path.isfile(path) and any(spec.needs == path for spec in todo):
+    if not path or not any(spec.needs == path for spec in todo):
+        return
+    if not os.path.isfile(path):
         raise ValueError(f"baseline_checkpoint: {path} not found (relative paths are read from the folder you run "
                          f"the sweep in, {os.getcwd()}): run from the repository root, or give --baseline_checkpoint "
                          f"FILE")
+    stopped_at = unfinished_training(path)
+    if stopped_at:
+        raise ValueError(f"baseline_checkpoint: {path} is a training run stopped after {stopped_at}: finish it "
+                         f"first with python main.py --resume {path}")
 
 
 def main(argv: Optional[List[str]] = None, run_fn: RunFn = run_main,
@@ -753,7 +762,7 @@ def main(argv: Optional[List[str]] = None, run_fn: RunFn = run_main,
             if opts.levels:
                 plan = only_levels(plan, opts.levels, config.levels)
             if not opts.dry_run:
-                check_baseline_exists(config, pending_runs(plan, read_rows(config.runs_csv)))
+                check_baseline_ready(config, pending_runs(plan, read_rows(config.runs_csv)))
     except (ValueError, TypeError, CLIError) as err:
         return report_error("sweep.py", err)
     failed: List[Tuple[RunSpec, str]] = []
