@@ -318,7 +318,7 @@ def test_the_docs_show_the_main_commands(doc_texts):
     readme = doc_texts[ROOT / "README.md"]
     commands = [" ".join(argv) for _, argv in extract_commands(readme)]
     assert "python main.py" in commands
-    assert "python -m pytest" in commands
+    assert "python -m pytest -n auto" in commands
     assert any(c.startswith("pip install -r requirements.txt -c requirements-lock.txt") for c in commands)
 
 
