@@ -70,18 +70,27 @@ def torch_load(path: str, option: str) -> Any:
                        f"({one_line(err, named=True, limit=200)})") from None
 
 
-def unfinished_training(path: str) -> Optional[str]:
-    """Where a main.py training checkpoint stopped ("epoch 5/25 and 120 steps") when its run has epochs left
-    (it was interrupted, or is still running); None for a finished run or any other file."""
+def saved_run_settings(path: str) -> Optional[Dict[str, Any]]:
+    """A main.py checkpoint's ``settings`` with ``epoch`` and ``step`` beside them, read with its tensors left on
+    disk (mmap); None for a missing, unreadable or other file (whoever loads its weights says what is wrong)."""
     if not os.path.isfile(path) or file_kind(path) != "torch":
         return None
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # not ours to judge here: whoever loads the weights says what is wrong with them
+    except Exception:
         return None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("settings"), dict):
         return None
-    done, total, step = checkpoint.get("epoch"), checkpoint["settings"].get("epochs"), checkpoint.get("step") or 0
+    return {"settings": checkpoint["settings"], "epoch": checkpoint.get("epoch"), "step": checkpoint.get("step")}
+
+
+def unfinished_training(path: str) -> Optional[str]:
+    """Where a main.py training checkpoint stopped ("epoch 5/25 and 120 steps") when its run has epochs left
+    (it was interrupted, or is still running); None for a finished run or any other file."""
+    saved = saved_run_settings(path)
+    if saved is None:
+        return None
+    done, total, step = saved["epoch"], saved["settings"].get("epochs"), saved["step"] or 0
     if not isinstance(done, int) or not isinstance(total, int) or (done >= total and not step):
         return None
     return f"epoch {done}/{total}" + (f" and {step} steps" if step else "")

@@ -23,7 +23,7 @@ import data
 from pruning import CONTROL_NAMES, METHOD_NAMES
 
 from . import distributed
-from .checkpoint import read_resume
+from .checkpoint import read_resume, saved_run_settings
 from .distributed import Processes
 from .errors import CLIError
 
@@ -397,9 +397,8 @@ def load_resume(path: str, processes: Processes) -> Dict[str, Any]:
 
 def saved_settings(path: str) -> Dict[str, Any]:
     """The settings of a main.py checkpoint by dest, its tensors left on disk (mmap); {} if it has none."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    settings = checkpoint.get("settings") if isinstance(checkpoint, dict) else None
-    return dests(settings) if isinstance(settings, dict) else {}
+    saved = saved_run_settings(path)
+    return dests(saved["settings"]) if saved else {}
 
 
 # ----------------------------------------------------------------------------------------------
