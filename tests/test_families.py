@@ -7,16 +7,15 @@ import pytest
 import torch
 import transformers as T
 from open_clip.transformer import VisionTransformer
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from pruning import METHOD_NAMES, get_method
+from pruning import METHOD_NAMES
 from pruning.flops import analytic_flops
-from pruning.patch import apply_patch, get_config, get_state, remove_patch
+from pruning.patch import apply_patch, get_state
 from pruning.patch.hf import patch_token_mean
 from reference_families import CONFIGS, DEPTH, FAMILIES, PATCHES, SIZES, make_model, output, reference_outputs
-from family_checks import assert_all_differ, assert_nothing_removed_is_bit_identical
-from reference_vit import expected_token_counts, kept_ids
+from family_checks import (SquareOutputs, assert_all_differ, assert_fused_path_forms_no_attention_matrix,
+                           assert_nothing_removed_is_bit_identical, counted_flops, patched_and_expected)
+from reference_vit import expected_token_counts
 
 REDUCING = [m for m in METHOD_NAMES if m != "none"]
 FUSING = ("evit", "evit_n", "n_wa", "a_wn")
@@ -28,33 +27,18 @@ def images():
     return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
-def _variant(family, variant):
-    """(attn implementation, apply_patch kwargs) of a test variant: the fused path at the method's own
-    placement, or the explicit (eager) path at the other placement."""
-    if variant == "fused":
-        return "sdpa", {}
-    return "eager", {"fused_attn": family != "open_clip"}
-
-
 # --- the rules, on every family -------------------------------------------------------------------
 
 @pytest.mark.parametrize("variant", ["fused", "explicit"])
 @pytest.mark.parametrize("method", REDUCING)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_outputs_follow_the_rules(family, method, variant, images):
-    attn, kwargs = _variant(family, variant)
-    model = make_model(family, attn)
-    reduce_at = None
-    if variant == "explicit":
-        reduce_at = "block" if method == "tome" else "attn"
-        kwargs["fused_attn"] = False
-    stochastic = get_method(method).stochastic  # random: the reference keeps the tokens the model drew
-    apply_patch(model, method, SCHEDULE, reduce_at=reduce_at, trace_source=stochastic, **kwargs)
-    assert get_config(model).fused_attn == (variant == "fused")
-    with torch.no_grad():
-        got = output(model, images)
-    kept = kept_ids(get_state(model).block_sources) if stochastic else None
-    expected = reference_outputs(remove_patch(model), images, method, SCHEDULE, reduce_at, kept=kept)
+    """Fused attention at the method's own placement, the explicit N×N attention at the other one."""
+    fused = variant == "fused"
+    model = make_model(family, "sdpa" if fused else "eager")
+    reduce_at = None if fused else ("block" if method == "tome" else "attn")
+    got, expected = patched_and_expected(model, images, output, reference_outputs, method, SCHEDULE,
+                                         reduce_at=reduce_at, fused_attn=fused)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
@@ -151,32 +135,10 @@ def test_dinov2_mean_under_tome_is_the_mean_over_original_patches(family, images
 
 # --- attention paths, batches, gradients ----------------------------------------------------------
 
-class _SquareOutputs(TorchDispatchMode):
-    """Records every op output of shape (..., n, n) with n > head_dim: an attention matrix."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.ndim == 4 and t.shape[-1] == t.shape[-2] > 8:
-                self.seen.append((str(func), tuple(t.shape)))
-        return out
-
-
 @pytest.mark.parametrize("method", ["tk", "evit", "a_wn", "tome"])
 @pytest.mark.parametrize("family", ["vit", "deit", "dinov2_reg", "clip", "open_clip"])
 def test_the_fused_path_never_forms_the_attention_matrix(family, method, images):
-    model = apply_patch(make_model(family, "sdpa"), method, [3] * DEPTH)
-    with torch.no_grad(), _SquareOutputs() as mode:
-        output(model, images)
-    assert mode.seen == []
-    explicit = apply_patch(make_model(family, "eager"), method, [3] * DEPTH, fused_attn=False)
-    with torch.no_grad(), _SquareOutputs() as mode:
-        output(explicit, images)
-    assert mode.seen  # the guard sees an attention matrix where there is one
+    assert_fused_path_forms_no_attention_matrix(make_model, output, family, method, images, DEPTH)
 
 
 @pytest.mark.parametrize("family", ["vit", "clip", "open_clip"])
@@ -185,11 +147,11 @@ def test_one_switch_decides_the_attention_of_every_layer(family, images):
     the attention too, so no layer runs a different kind of attention from the others."""
     schedule = [3, 0, 3, 0]  # 17 -> 14 -> 14 -> 11 tokens: only the last layer, which reduces nothing, sees 11
     fused = apply_patch(make_model(family, "sdpa"), "tk_n", schedule)
-    with torch.no_grad(), _SquareOutputs() as mode:
+    with torch.no_grad(), SquareOutputs() as mode:
         expected = output(fused, images)
     assert mode.seen == []
     explicit = apply_patch(make_model(family, "sdpa"), "tk_n", schedule, fused_attn=False)
-    with torch.no_grad(), _SquareOutputs() as mode:
+    with torch.no_grad(), SquareOutputs() as mode:
         got = output(explicit, images)
     assert any(shape[-1] == PATCHES + 1 - 6 for _, shape in mode.seen), mode.seen  # the last, k = 0, layer
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
@@ -250,33 +212,18 @@ def test_bad_arguments_name_the_argument(family):
 
 # --- FLOPs ----------------------------------------------------------------------------------------
 
-def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
-
-
-def counted_flops(model, images):
-    """flop_counter's count per image, the fused CPU attention kernel included (as engine code counts)."""
-    # OpenCLIP's unpatched nn.MultiheadAttention takes a fast path without grad that flop_counter misses
-    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter, torch.enable_grad():
-        output(model, images)
-    return counter.get_total_flops() / images.shape[0]
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_analytic_flops_match_the_flop_counter(family, attn, images):
     model = make_model(family, attn)
     plain = analytic_flops(model)
-    assert counted_flops(model, images) == plain
+    assert counted_flops(model, images, output) == plain
     cases = [("tk_n", "block"), ("evit_n", "attn"), ("tome", "attn")]
     if attn == "sdpa":  # the analytic count is the fused path's: the explicit one reads the class row off N×N
         cases += [("tk", "attn"), ("evit", "block"), ("a_wn", "attn")]
     for method, reduce_at in cases:
         apply_patch(model, method, SCHEDULE, reduce_at=reduce_at, fused_attn=attn == "sdpa")
-        assert counted_flops(model, images) == analytic_flops(model) < plain, method
+        assert counted_flops(model, images, output) == analytic_flops(model) < plain, method
 
 
 def test_flops_of_a_vit_b16_config():

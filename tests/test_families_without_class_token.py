@@ -9,12 +9,13 @@ import torch
 import pruning.models  # noqa: F401  (registers the small models)
 from pruning import METHODS, get_method
 from pruning.flops import analytic_flops, model_shape
-from pruning.patch import apply_patch, get_config, get_state, remove_patch
+from pruning.patch import apply_patch, get_config, get_state
 from reference_families import (CONFIGS_WITHOUT_CLASS_TOKEN, DEPTH, PATCHES, make_model, naflex_inputs, output,
                                 reference_outputs)
-from family_checks import assert_all_differ, assert_nothing_removed_is_bit_identical
-from reference_vit import expected_token_counts, kept_ids, reference_logits
-from test_families import FLOP_FORMULAS, _SquareOutputs, counted_flops
+from engine.measure import FLOP_FORMULAS
+from family_checks import (assert_all_differ, assert_fused_path_forms_no_attention_matrix,
+                           assert_nothing_removed_is_bit_identical, counted_flops, patched_and_expected)
+from reference_vit import expected_token_counts, reference_logits
 
 FAMILIES = list(CONFIGS_WITHOUT_CLASS_TOKEN)
 WORKING = [name for name, m in METHODS.items() if m.reduction != "none" and not m.needs_cls_attention]
@@ -42,13 +43,8 @@ def test_outputs_follow_the_rules(family, method, variant, images):
     fused = variant == "fused"
     model = make_model(family, "sdpa" if fused else "eager")
     reduce_at = None if fused else ("block" if method == "tome" else "attn")
-    stochastic = get_method(method).stochastic  # random: the reference keeps the tokens the model drew
-    apply_patch(model, method, SCHEDULE, reduce_at=reduce_at, trace_source=stochastic, fused_attn=fused)
-    assert get_config(model).fused_attn == fused
-    with torch.no_grad():
-        got = output(model, images)
-    kept = kept_ids(get_state(model).block_sources) if stochastic else None
-    expected = reference_outputs(remove_patch(model), images, method, SCHEDULE, reduce_at, kept=kept)
+    got, expected = patched_and_expected(model, images, output, reference_outputs, method, SCHEDULE,
+                                         reduce_at=reduce_at, fused_attn=fused)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
@@ -207,14 +203,7 @@ def test_batch_independence(family, images):
 @pytest.mark.parametrize("method", ["tk_n", "evit_n", "tome"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_fused_path_never_forms_the_attention_matrix(family, method, images):
-    model = apply_patch(make_model(family, "sdpa"), method, [3] * DEPTH)
-    with torch.no_grad(), _SquareOutputs() as mode:
-        output(model, images)
-    assert mode.seen == []
-    explicit = apply_patch(make_model(family, "eager"), method, [3] * DEPTH, fused_attn=False)
-    with torch.no_grad(), _SquareOutputs() as mode:
-        output(explicit, images)
-    assert mode.seen  # the guard sees an attention matrix where there is one
+    assert_fused_path_forms_no_attention_matrix(make_model, output, family, method, images, DEPTH)
 
 
 def _embedding_flops(model, images):
@@ -235,10 +224,10 @@ def test_analytic_flops_match_the_flop_counter(family, attn, images):
     """Blocks, reductions and the attention-pool head (per token it reads) exactly; the embedding at least."""
     model = make_model(family, attn)
     embed = model_shape(model).embed_flops
-    beyond_embedding = lambda: counted_flops(model, images) - _embedding_flops(model, images)  # noqa: E731
+    beyond_embedding = lambda: counted_flops(model, images, output) - _embedding_flops(model, images)  # noqa: E731
     assert _embedding_flops(model, images) >= embed > 0
     if family == "siglip":
-        assert counted_flops(model, images) == analytic_flops(model)
+        assert counted_flops(model, images, output) == analytic_flops(model)
     plain = analytic_flops(model)
     assert beyond_embedding() == plain - embed
     for method, reduce_at in [("tk_n", "block"), ("evit_n", "attn"), ("tome", "attn"), ("low_norm", "attn")]:

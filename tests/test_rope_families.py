@@ -7,14 +7,14 @@ import timm
 import torch
 from timm.models.eva import Eva
 
-from pruning import METHOD_NAMES, get_method
+from pruning import METHOD_NAMES
 from pruning.flops import analytic_flops
 from pruning.patch import apply_patch, get_config, get_state, remove_patch
 from reference_rope import (DEPTH, FAMILIES, IMAGE, PATCH, make_model, num_prefix_of, output,
                             randomise, reference_outputs)
-from family_checks import assert_all_differ, assert_nothing_removed_is_bit_identical
-from reference_vit import expected_token_counts, kept_ids
-from test_families import _SquareOutputs, counted_flops
+from family_checks import (SquareOutputs, assert_all_differ, assert_fused_path_forms_no_attention_matrix,
+                           assert_nothing_removed_is_bit_identical, counted_flops, patched_and_expected)
+from reference_vit import expected_token_counts
 
 REDUCING = [m for m in METHOD_NAMES if m != "none"]
 FUSING = ("evit", "evit_n", "n_wa", "a_wn")
@@ -28,15 +28,7 @@ def images():
 
 
 def _patched_and_expected(model, images, method, schedule, **kwargs):
-    """(the patched model's output, the reference's under the same arguments); ``random`` is given the draw."""
-    stochastic = get_method(method).stochastic
-    apply_patch(model, method, schedule, trace_source=stochastic, **kwargs)
-    with torch.no_grad():
-        got = output(model, images)
-    kept = kept_ids(get_state(model).block_sources) if stochastic else None
-    expected = reference_outputs(remove_patch(model), images, method, schedule, kwargs.get("reduce_at"),
-                                 kwargs.get("prop_attn", True), kept=kept)
-    return got, expected
+    return patched_and_expected(model, images, output, reference_outputs, method, schedule, **kwargs)
 
 
 # --- the rules ------------------------------------------------------------------------------------
@@ -165,7 +157,7 @@ def test_tokens_per_block_and_sources_keep_the_prefix_first(family, method, imag
 
 # --- attention paths, FLOPs -----------------------------------------------------------------------
 
-class _SquareSoftmax(_SquareOutputs):
+class _SquareSoftmax(SquareOutputs):
     """A softmax over (..., n, n): an attention matrix (the rotation's own square tensors are not)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -179,25 +171,18 @@ class _SquareSoftmax(_SquareOutputs):
 @pytest.mark.parametrize("method", ["tk", "evit", "tome"])
 @pytest.mark.parametrize("family", ["eva02", "rope_mixed", "hf_dinov3"])
 def test_the_fused_path_never_forms_the_attention_matrix(family, method, images):
-    model = apply_patch(make_model(family, "sdpa"), method, [3] * DEPTH)
-    with torch.no_grad(), _SquareSoftmax() as mode:
-        output(model, images)
-    assert mode.seen == []
-    explicit = apply_patch(make_model(family, "eager"), method, [3] * DEPTH, fused_attn=False)
-    with torch.no_grad(), _SquareSoftmax() as mode:
-        output(explicit, images)
-    assert mode.seen
+    assert_fused_path_forms_no_attention_matrix(make_model, output, family, method, images, DEPTH, _SquareSoftmax)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_analytic_flops_match_the_flop_counter(family, images):
     model = make_model(family)
     plain = analytic_flops(model)
-    assert counted_flops(model, images) == plain
+    assert counted_flops(model, images, output) == plain
     for method, reduce_at in [("tk_n", "block"), ("evit_n", "attn"), ("tome", "attn"), ("tk", "attn"),
                               ("evit", "block")]:
         apply_patch(model, method, SCHEDULE, reduce_at=reduce_at)
-        assert counted_flops(model, images) == analytic_flops(model) < plain, method
+        assert counted_flops(model, images, output) == analytic_flops(model) < plain, method
 
 
 @pytest.mark.parametrize("family", ["eva02", "hf_dinov3"])
