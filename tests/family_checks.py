@@ -33,7 +33,7 @@ def patched_and_expected(model: nn.Module, images: Tensor, run: Run, reference: 
     return got, expected
 
 
-def assert_nothing_removed_is_bit_identical(model: nn.Module, images: Tensor, run: Callable[[nn.Module, Tensor], Tensor],
+def assert_nothing_removed_is_bit_identical(model: nn.Module, images: Tensor, run: Run,
                                             methods: Iterable[str]) -> None:
     """Every method at k = 0 and ``none`` at any k give the unpatched output bit for bit, ``tome`` at k = 3 does not;
     patching keeps the state-dict keys; ``remove_patch`` restores the output, every module's class and the model's
