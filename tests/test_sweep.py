@@ -1,5 +1,6 @@
 """tools/sweep.py: resume, summary arithmetic, plot, the commands it plans, and one tiny real sweep."""
 import csv
+import json
 import math
 import os
 from pathlib import Path
@@ -337,6 +338,54 @@ def test_tiny_real_sweep_on_digits(tmp_path):
     assert float(by["offtheshelf", "tk_n"]["gflops"]) < float(by["baseline", "none"]["gflops"])
     assert all(r["speedup"] for r in rows if r["protocol"] != "baseline")
     assert (tmp_path / "out" / "pareto.png").exists()
+
+
+def test_a_run_stopped_mid_training_is_resumed_exactly_and_other_settings_start_afresh(tmp_path, monkeypatch):
+    import engine.train
+
+    options = {"data_name": "digits", "train_subset": 96, "test_subset": 64, "batch_size": 32, "epochs": 2,
+               "method": "tk_n", "schedule": "2", "seed": 0, "output_dir": str(tmp_path / "stopped")}
+    real, calls = engine.train.train_one_epoch, []
+
+    def stops_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.train, "train_one_epoch", stops_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_main(options)
+    monkeypatch.setattr(engine.train, "train_one_epoch", real)
+    last = tmp_path / "stopped" / "last.pt"
+    assert sweep.stopped_run_to_resume(options) == str(last)
+    assert sweep.stopped_run_to_resume({**options, "lr": 0.123}) is None  # another run's settings
+    assert sweep.stopped_run_to_resume({**options, "data_root": "elsewhere"}) == str(last)  # where it reads may move
+
+    counted = []
+    monkeypatch.setattr(engine.train, "train_one_epoch", lambda *a, **k: counted.append(1) or real(*a, **k))
+    resumed = sweep.run_main(options)
+    assert len(counted) == 1  # epoch 2 only: resumed, not run again
+    monkeypatch.setattr(engine.train, "train_one_epoch", real)
+    whole = sweep.run_main({**options, "output_dir": str(tmp_path / "whole")})
+    assert resumed["accuracy"] == whole["accuracy"]
+    assert epochs_logged(tmp_path / "stopped") == epochs_logged(tmp_path / "whole")  # each epoch once, the same
+    assert sweep.stopped_run_to_resume(options) is None  # finished: a rerun starts afresh
+
+    with pytest.raises(KeyboardInterrupt):  # stopped again, then asked for with another lr: a new run replaces it
+        monkeypatch.setattr(engine.train, "train_one_epoch", stops_in_epoch_2)
+        calls.clear()
+        sweep.run_main(options)
+    monkeypatch.setattr(engine.train, "train_one_epoch", real)
+    sweep.run_main({**options, "lr": 0.123})
+    assert [epoch["epoch"] for epoch in epochs_logged(tmp_path / "stopped")] == [1, 2]
+    assert yaml.safe_load((tmp_path / "stopped" / "config.yaml").read_text())["lr"] == 0.123
+
+
+def epochs_logged(run_folder: Path) -> List[Dict[str, Any]]:
+    """log.jsonl's epochs without their times."""
+    lines = (run_folder / "log.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "time_s"} for line in lines]
 
 
 # --- the sweep behaves like main.py (issue 12) -------------------------------------------------------

@@ -13,7 +13,7 @@ per seed (the seed changes the fine-tune's data order and augmentation).
 ``--jobs N`` runs N runs at once, each in a process of its own (a baseline before the runs that use it).
 Each finished run becomes one row of ``<out_dir>/runs.csv`` (with the ``python main.py ...`` command
 that reproduces it); rows already there are skipped, so an interrupted sweep continues where it
-stopped. At the end ``summary.md`` (mean ± std over seeds) and ``pareto.png`` are rebuilt from
+stopped, and a training run stopped part-way resumes from its own last.pt. At the end ``summary.md`` (mean ± std over seeds) and ``pareto.png`` are rebuilt from
 runs.csv. Each run's options are data (``{dest: value}``) handed to
 ``main.run(main.parse_args([], settings=options))`` in this process; the sweep, as their caller, sets
 the CPU threads (``threads``, else main.py's own rule for the model).
@@ -430,11 +430,34 @@ def only_levels(plan: List[RunSpec], names: Sequence[str], levels: Sequence[Leve
 # running
 
 def run_main(options: Dict[str, Any]) -> Results:
-    """One main.py run in this process (the threads as the sweep set them). Each run has its own folder,
-    so a run re-done after a crash (or a baseline trained again) replaces what the failed attempt left."""
+    """One main.py run in this process (the threads as the sweep set them). Each run has its own folder: a
+    training run that was stopped there (Ctrl-C, SIGTERM: its last.pt mid-epoch) with these same options is
+    resumed exactly; anything else the folder holds (a failed attempt, other options) is replaced."""
     import main
 
+    stopped = stopped_run_to_resume(options)
+    if stopped:
+        return main.run(main.parse_args([], settings={**options, "resume": stopped}))
     return main.run(main.parse_args([], settings={**options, "overwrite": True}))
+
+
+def stopped_run_to_resume(options: Dict[str, Any]) -> Optional[str]:
+    """The last.pt in the run's folder when it is a main.py training stopped before its end that ``--resume``
+    would continue with ``options`` (its saved settings are these); else None."""
+    import main
+    from engine.checkpoint import saved_run_settings, unfinished_training
+    from engine.errors import CLIError
+    from engine.options import restored
+
+    path = str(Path(options["output_dir"]) / CHECKPOINT_NAME)
+    if options.get("eval_only") or not unfinished_training(path):
+        return None
+    values = vars(main.parse_args([], settings=options))
+    try:
+        restored(values, frozenset(options), saved_run_settings(path), path)
+    except CLIError:  # other settings: not this run's
+        return None
+    return path
 
 
 def pending_runs(plan: List[RunSpec], rows: List[Dict[str, str]]) -> List[RunSpec]:
