@@ -1,6 +1,11 @@
 """Helpers shared by the command-line tests."""
-from typing import Sequence
+import contextlib
+from typing import Iterator, Sequence
+from unittest import mock
 
+import pytest
+
+import engine.train
 import main
 
 
@@ -18,3 +23,20 @@ def one_error_line(capsys, argv: Sequence[str], code: int = 2, starts: str = "ma
 def fails(capsys, *argv: str) -> str:
     """The one error line of a run refused as bad input (exit code 2)."""
     return one_error_line(capsys, argv)
+
+
+@contextlib.contextmanager
+def stopped_by_ctrl_c_in_epoch(epoch: int) -> Iterator[None]:
+    """Training inside the block is stopped by Ctrl-C (a KeyboardInterrupt) when epoch ``epoch`` starts, so
+    last.pt holds epoch ``epoch - 1``; the block must end by that interrupt. The real epoch loop is
+    restored on leaving."""
+    real, calls = engine.train.train_one_epoch, []
+
+    def stops_at_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == epoch:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with mock.patch.object(engine.train, "train_one_epoch", stops_at_epoch), pytest.raises(KeyboardInterrupt):
+        yield

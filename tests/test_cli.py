@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-import engine.train
 import main
+from cli_helpers import stopped_by_ctrl_c_in_epoch
 from engine.errors import CLIError
 from engine.model import create_model
 from pruning import METHOD_NAMES
@@ -104,23 +104,12 @@ def test_checkpoints_hold_the_full_state_and_load_safely(tmp_path):
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
 
 
-def test_resume_continues_to_the_same_result(tmp_path, monkeypatch):
+def test_resume_continues_to_the_same_result(tmp_path):
     argv = ["--epochs", "3", "--model", "evit_n", "--reduce_token", "2"]
     straight, straight_out = run(tmp_path, *argv, name="straight")
 
-    calls = []
-    real_train_one_epoch = engine.train.train_one_epoch
-
-    def dies_in_epoch_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_train_one_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(engine.train, "train_one_epoch", dies_in_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
+    with stopped_by_ctrl_c_in_epoch(3):
         run(tmp_path, *argv, name="resumed")
-    monkeypatch.setattr(engine.train, "train_one_epoch", real_train_one_epoch)
     interrupted = tmp_path / "resumed"
     assert torch.load(interrupted / "last.pt", weights_only=True)["epoch"] == 2
     assert not (interrupted / "results.json").exists()

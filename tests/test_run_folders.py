@@ -13,7 +13,7 @@ import engine.checkpoint
 import engine.outputs
 import engine.train
 import main
-from cli_helpers import fails
+from cli_helpers import fails, stopped_by_ctrl_c_in_epoch
 import engine.model
 from engine.model import create_model
 from pruning.patch import apply_patch
@@ -129,27 +129,17 @@ def write_folder(root) -> None:
                 Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / split / name / f"{i}.png")
 
 
-def interrupted_run(tmp_path, monkeypatch, *argv):
+def interrupted_run(tmp_path, *argv):
     """A run stopped by Ctrl-C in its second epoch (last.pt holds epoch 1)."""
-    real, calls = engine.train.train_one_epoch, []
-
-    def dies_in_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine.train, "train_one_epoch", dies_in_epoch_2)
     out = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
+    with stopped_by_ctrl_c_in_epoch(2):
         run("--output_dir", str(out), "--epochs", "2", *argv)
-    monkeypatch.setattr(engine.train, "train_one_epoch", real)
     return out
 
 
 def test_resume_takes_data_root_from_the_checkpoint(tmp_path, monkeypatch):
     write_folder(tmp_path / "images")
-    out = interrupted_run(tmp_path, monkeypatch, "--data_name", "folder", "--arch", "vit_pico_patch4_32",
+    out = interrupted_run(tmp_path, "--data_name", "folder", "--arch", "vit_pico_patch4_32",
                           "--data_root", str(tmp_path / "images"), "--batch_size", "4", "--train_subset", "0",
                           "--test_subset", "0")
     monkeypatch.chdir(tmp_path / "run")  # where "datasets" (the default --data_root) is not
@@ -159,8 +149,8 @@ def test_resume_takes_data_root_from_the_checkpoint(tmp_path, monkeypatch):
     assert [entry["epoch"] for entry in log] == [1, 2]  # one run, each epoch once
 
 
-def test_epochs_cannot_change_on_resume(capsys, tmp_path, monkeypatch):
-    out = interrupted_run(tmp_path, monkeypatch)
+def test_epochs_cannot_change_on_resume(capsys, tmp_path):
+    out = interrupted_run(tmp_path)
     for epochs in ("3", "30"):  # 30 is the default: given all the same
         line = fails(capsys, "--resume", str(out / "last.pt"), "--epochs", epochs)
         assert f"--epochs {epochs} differs from the run's 2" in line and f"--checkpoint {out / 'last.pt'}" in line
@@ -169,8 +159,8 @@ def test_epochs_cannot_change_on_resume(capsys, tmp_path, monkeypatch):
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
 
 
-def test_resume_into_another_runs_folder_is_refused(capsys, tmp_path, monkeypatch):
-    out = interrupted_run(tmp_path, monkeypatch)
+def test_resume_into_another_runs_folder_is_refused(capsys, tmp_path):
+    out = interrupted_run(tmp_path)
     other = tmp_path / "other"
     other.mkdir()
     (other / "results.json").write_text("{}")

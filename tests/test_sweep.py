@@ -9,6 +9,7 @@ from typing import Any, Dict, List
 import pytest
 import yaml
 
+from cli_helpers import stopped_by_ctrl_c_in_epoch
 from tools import sweep
 from tools import sweep_report
 from tools import sweep_rows
@@ -345,24 +346,14 @@ def test_a_run_stopped_mid_training_is_resumed_exactly_and_other_settings_start_
 
     options = {"data_name": "digits", "train_subset": 96, "test_subset": 64, "batch_size": 32, "epochs": 2,
                "method": "tk_n", "schedule": "2", "seed": 0, "output_dir": str(tmp_path / "stopped")}
-    real, calls = engine.train.train_one_epoch, []
-
-    def stops_in_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine.train, "train_one_epoch", stops_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
+    with stopped_by_ctrl_c_in_epoch(2):
         sweep.run_main(options)
-    monkeypatch.setattr(engine.train, "train_one_epoch", real)
     last = tmp_path / "stopped" / "last.pt"
     assert sweep.stopped_run_to_resume(options) == str(last)
     assert sweep.stopped_run_to_resume({**options, "lr": 0.123}) is None  # another run's settings
     assert sweep.stopped_run_to_resume({**options, "data_root": "elsewhere"}) == str(last)  # where it reads may move
 
-    counted = []
+    real, counted = engine.train.train_one_epoch, []
     monkeypatch.setattr(engine.train, "train_one_epoch", lambda *a, **k: counted.append(1) or real(*a, **k))
     resumed = sweep.run_main(options)
     assert len(counted) == 1  # epoch 2 only: resumed, not run again
@@ -372,11 +363,8 @@ def test_a_run_stopped_mid_training_is_resumed_exactly_and_other_settings_start_
     assert epochs_logged(tmp_path / "stopped") == epochs_logged(tmp_path / "whole")  # each epoch once, the same
     assert sweep.stopped_run_to_resume(options) is None  # finished: a rerun starts afresh
 
-    with pytest.raises(KeyboardInterrupt):  # stopped again, then asked for with another lr: a new run replaces it
-        monkeypatch.setattr(engine.train, "train_one_epoch", stops_in_epoch_2)
-        calls.clear()
+    with stopped_by_ctrl_c_in_epoch(2):  # stopped again, then asked for with another lr: a new run replaces it
         sweep.run_main(options)
-    monkeypatch.setattr(engine.train, "train_one_epoch", real)
     sweep.run_main({**options, "lr": 0.123})
     assert [epoch["epoch"] for epoch in epochs_logged(tmp_path / "stopped")] == [1, 2]
     assert yaml.safe_load((tmp_path / "stopped" / "config.yaml").read_text())["lr"] == 0.123
