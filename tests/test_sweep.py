@@ -370,6 +370,24 @@ def test_a_run_stopped_mid_training_is_resumed_exactly_and_other_settings_start_
     assert yaml.safe_load((tmp_path / "stopped" / "config.yaml").read_text())["lr"] == 0.123
 
 
+def test_a_run_stopped_after_training_but_before_its_results_is_evaluated_not_trained_again(tmp_path, monkeypatch):
+    import engine.train
+
+    options = {"data_name": "digits", "train_subset": 96, "test_subset": 64, "batch_size": 32, "epochs": 1,
+               "method": "tk_n", "schedule": "2", "seed": 0, "output_dir": str(tmp_path / "run")}
+    whole = sweep.run_main(options)
+    (tmp_path / "run" / "results.json").unlink()  # as a stop during the final evaluation leaves the folder
+    assert sweep.stopped_run_to_resume(options) == str(tmp_path / "run" / "last.pt")
+
+    real, counted = engine.train.train_one_epoch, []
+    monkeypatch.setattr(engine.train, "train_one_epoch", lambda *a, **k: counted.append(1) or real(*a, **k))
+    again = sweep.run_main(options)
+    assert counted == []  # nothing trained again
+    assert again["accuracy"] == whole["accuracy"] and again["best_accuracy"] == whole["best_accuracy"]
+    assert [epoch["epoch"] for epoch in epochs_logged(tmp_path / "run")] == [1]
+    assert (tmp_path / "run" / "results.json").exists()
+
+
 def epochs_logged(run_folder: Path) -> List[Dict[str, Any]]:
     """log.jsonl's epochs without their times."""
     lines = (run_folder / "log.jsonl").read_text().splitlines()

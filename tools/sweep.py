@@ -13,7 +13,7 @@ per seed (the seed changes the fine-tune's data order and augmentation).
 ``--jobs N`` runs N runs at once, each in a process of its own (a baseline before the runs that use it).
 Each finished run becomes one row of ``<out_dir>/runs.csv`` (with the ``python main.py ...`` command
 that reproduces it); rows already there are skipped, so an interrupted sweep continues where it
-stopped, and a training run stopped part-way resumes from its own last.pt. At the end ``summary.md`` (mean ± std over seeds) and ``pareto.png`` are rebuilt from
+stopped, and a training run stopped part-way (or before its results.json) resumes from its own last.pt. At the end ``summary.md`` (mean ± std over seeds) and ``pareto.png`` are rebuilt from
 runs.csv. Each run's options are data (``{dest: value}``) handed to
 ``main.run(main.parse_args([], settings=options))`` in this process; the sweep, as their caller, sets
 the CPU threads (``threads``, else main.py's own rule for the model).
@@ -51,6 +51,7 @@ from pruning import METHOD_NAMES, get_method  # noqa: E402
 from tools.sweep_report import BEST, write_reports  # noqa: E402
 from tools.sweep_rows import (BASELINE, ENVIRONMENT_FIELDS, NO_LEVEL, PREDICTIONS_DIR, PROTOCOLS, Key,  # noqa: E402
                               derive_speedups, read_rows, row_key, write_rows)
+RESULTS_NAME = "results.json"  # written last: a run folder without it did not finish
 CHECKPOINT_NAME = "last.pt"  # the baseline weights reused by the other protocols (not best.pt: no test-set choice)
 
 Results = Dict[str, Any]
@@ -431,8 +432,9 @@ def only_levels(plan: List[RunSpec], names: Sequence[str], levels: Sequence[Leve
 
 def run_main(options: Dict[str, Any]) -> Results:
     """One main.py run in this process (the threads as the sweep set them). Each run has its own folder: a
-    training run that was stopped there (Ctrl-C, SIGTERM: its last.pt mid-epoch) with these same options is
-    resumed exactly; anything else the folder holds (a failed attempt, other options) is replaced."""
+    training run that was stopped there (Ctrl-C, SIGTERM: its last.pt mid-epoch, or after its last epoch but
+    before its results) with these same options is resumed exactly; anything else the folder holds (a failed
+    attempt, other options) is replaced."""
     import main
 
     stopped = stopped_run_to_resume(options)
@@ -442,15 +444,17 @@ def run_main(options: Dict[str, Any]) -> Results:
 
 
 def stopped_run_to_resume(options: Dict[str, Any]) -> Optional[str]:
-    """The last.pt in the run's folder when it is a main.py training stopped before its end that ``--resume``
-    would continue with ``options`` (its saved settings are these); else None."""
+    """The last.pt in the run's folder when it is a main.py training stopped before its results were written
+    (with epochs left, or while evaluating after the last one) that ``--resume`` would continue with
+    ``options`` (its saved settings are these); else None."""
     import main
-    from engine.checkpoint import saved_run_settings, unfinished_training
+    from engine.checkpoint import saved_run_settings
     from engine.errors import CLIError
     from engine.options import restored
 
     path = str(Path(options["output_dir"]) / CHECKPOINT_NAME)
-    if options.get("eval_only") or not unfinished_training(path):
+    finished = (Path(options["output_dir"]) / RESULTS_NAME).exists()
+    if options.get("eval_only") or finished or saved_run_settings(path) is None:
         return None
     values = vars(main.parse_args([], settings=options))
     try:
