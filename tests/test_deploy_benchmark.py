@@ -34,9 +34,13 @@ def test_runs_and_writes_json(tmp_path, capsys):
         if r["method"] != "none":
             assert r["bound_speedup"] / r["ideal"] == pytest.approx(r["bound_of_ideal"])
             assert r["speedup"] / r["bound_speedup"] == pytest.approx(r["of_bound"])
+            for key in ("of_bound", "of_ideal"):  # each figure with its interval
+                low, high = r[key + "_ci"]
+                assert low <= r[key] <= high
     assert [r["method"] for r in report["training"]] == ["none", "tk_n", "tk", "tome"]
     assert "| onnxruntime | 1 | 1 | tk_n |" in table and report["machine"]["cpu"] in table
-    assert "| bound | bound/ideal | speedup | of bound |" in table
+    assert "| bound | bound/ideal | speedup | of bound | of ideal |" in table
+    assert "[95 % interval, rounds resampled in pairs]" in table
 
 
 def test_thread_counts_are_one_line_errors_when_bad(capsys):

@@ -15,6 +15,10 @@ machine's speed (other jobs on a shared machine) hits all alike. The decompositi
     bound/ideal  how much of the ideal the runtime turns into time at these matrix sizes
     speedup      uncompressed time / compressed time
     of bound     bound time / compressed time: what the method's own work (scores, gathers, merging) leaves
+    of ideal     speedup / ideal
+
+Times are medians over the rounds; ``of bound`` and ``of ideal`` come with a 95 % bootstrap interval in which the
+rounds are resampled as pairs (the two models' times of one round saw the same machine), so drift cancels.
 
 Batch 1 reports latency (median and p90 ms over the rounds), larger batches throughput (images/s from the
 median time). A training step (forward, backward and AdamW step, eager) is timed the same way at
@@ -54,6 +58,7 @@ from export_onnx import (compress, export_onnx, input_shape, ort_run, ort_sessio
 from pruning import METHOD_NAMES, METHODS  # noqa: E402
 from pruning.benchmark import bound_token_counts, schedule_only, time_interleaved  # noqa: E402
 from pruning.flops import analytic_flops  # noqa: E402
+from stats import bootstrap_ratio_of_medians  # noqa: E402
 
 PROG = "deploy_benchmark.py"
 RUNTIMES = ("eager", "compile", "onnxruntime")
@@ -241,6 +246,10 @@ def decompose(times: Dict[str, List[float]], runtime: str, threads: int, batch: 
             bound = median[bound_of[name]]
             row.update(bound_ms=bound * 1e3, bound_speedup=median[BASELINE] / bound,
                        bound_of_ideal=median[BASELINE] / bound / ideal[name], of_bound=bound / median[name])
+            # 95 % intervals, the rounds resampled as pairs (both times of a round saw the same machine)
+            _, low, high = bootstrap_ratio_of_medians(times[BASELINE], times[name])
+            row["of_ideal_ci"] = [low / ideal[name], high / ideal[name]]
+            row["of_bound_ci"] = list(bootstrap_ratio_of_medians(times[bound_of[name]], times[name])[1:])
         rows.append(row)
     return rows
 
@@ -303,6 +312,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     }
 
 
+def with_interval(value: float, interval: Optional[List[float]]) -> str:
+    return f"{value:.2f}" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
+
+
 def markdown(report: Dict[str, Any]) -> str:
     m, s = report["machine"], report["settings"]
     load = lambda v: "n/a" if v is None else " ".join(f"{x:.2f}" for x in v)  # noqa: E731
@@ -312,21 +325,22 @@ def markdown(report: Dict[str, Any]) -> str:
              f"{m['onnxruntime']}, timm {m['timm']}; load average {load(report['loadavg_start'])} (start) / "
              f"{load(report['loadavg_end'])} (end); batch 1: median (p90) of {s['latency_rounds']} interleaved "
              f"rounds, larger batches: median of {s['rounds']}; ideal = FLOPs ratio, bound = the plain blocks at "
-             f"the method's token counts, each reduction a free slice",
+             f"the method's token counts, each reduction a free slice; [95 % interval, rounds resampled in pairs]",
              "",
              "| runtime | threads | batch | method | GFLOPs | latency ms (p90) / img/s | ideal | bound | "
-             "bound/ideal | speedup | of bound |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "bound/ideal | speedup | of bound | of ideal |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["inference"] + report["training"]:
         if r["batch"] == 1 and r["runtime"] in RUNTIMES:
             figure = f"{r['median_ms']:.3g} ({r['p90_ms']:.3g}) ms"
         else:
             figure = f"{r['images_per_s']:.4g} img/s"
         bound = (f"{r['bound_speedup']:.2f}x | {r['bound_of_ideal']:.2f} | " if "bound_speedup" in r else "| | ")
-        of_bound = f"{r['of_bound']:.2f}" if "of_bound" in r else ""
+        of_bound = with_interval(r["of_bound"], r["of_bound_ci"]) if "of_bound" in r else ""
+        of_ideal = with_interval(r["of_ideal"], r.get("of_ideal_ci"))
         lines.append(f"| {r['runtime']} | {r['threads']} | {r['batch']} | {r['method']} | "
                      f"{report['gflops'][r['method']]:.3g} | {figure} | {r['ideal']:.2f}x | {bound}"
-                     f"{r['speedup']:.2f}x | {of_bound} |")
+                     f"{r['speedup']:.2f}x | {of_bound} | {of_ideal} |")
     return "\n".join(lines) + "\n"
 
 

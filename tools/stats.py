@@ -1,5 +1,5 @@
 """The statistics of the sweep's summary: mean ± std, t-intervals over seeds, the bootstrap over test images,
-McNemar's exact test. Plain functions of lists of numbers, each checked against scipy in the tests."""
+McNemar's exact test; and the deployment benchmark's interval of a ratio of median times. Plain functions of lists of numbers, each checked against scipy in the tests."""
 import math
 import statistics
 from typing import Sequence, Tuple
@@ -59,6 +59,26 @@ def bootstrap_ci(values: Sequence[float], resamples: int = RESAMPLES, seed: int 
     means = np.array([values[rng.integers(0, n, n)].mean() for _ in range(resamples)])
     low, high = np.percentile(means, [2.5, 97.5])
     return float(values.mean()), float(low), float(high)
+
+
+def bootstrap_ratio_of_medians(numerator: Sequence[float], denominator: Sequence[float],
+                               resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED) -> Tuple[float, float, float]:
+    """(ratio, low, high): median(numerator) / median(denominator) and its percentile bootstrap 95% interval, the
+    two series resampled as pairs (``numerator[i]`` and ``denominator[i]`` were timed in the same round, so
+    drift in the machine's speed moves both): ``resamples`` times drawing n of the n rounds with replacement,
+    ``numpy.random.default_rng(seed)``'s ``integers(0, n, n)`` each time."""
+    import numpy as np
+
+    top, bottom = np.asarray(numerator, dtype=np.float64), np.asarray(denominator, dtype=np.float64)
+    if top.shape != bottom.shape or top.ndim != 1 or top.size == 0:
+        raise ValueError(f"two series of the same non-zero length, got {top.shape} and {bottom.shape}")
+    rng, n = np.random.default_rng(seed), top.size
+    ratios = []
+    for _ in range(resamples):
+        rounds = rng.integers(0, n, n)
+        ratios.append(np.median(top[rounds]) / np.median(bottom[rounds]))
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return float(np.median(top) / np.median(bottom)), float(low), float(high)
 
 
 def mcnemar_exact(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> Tuple[int, int, float]:
