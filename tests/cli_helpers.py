@@ -1,6 +1,6 @@
 """Helpers shared by the command-line tests."""
 import contextlib
-from typing import Iterator, Sequence
+from typing import Iterator, List, Sequence
 from unittest import mock
 
 import pytest
@@ -40,3 +40,16 @@ def stopped_by_ctrl_c_in_epoch(epoch: int) -> Iterator[None]:
 
     with mock.patch.object(engine.train, "train_one_epoch", stops_at_epoch), pytest.raises(KeyboardInterrupt):
         yield
+
+
+@contextlib.contextmanager
+def epochs_trained() -> Iterator[List[int]]:
+    """A list that gains one entry for each epoch trained inside the block (the real epoch loop runs)."""
+    real, calls = engine.train.train_one_epoch, []
+
+    def counts_epoch(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    with mock.patch.object(engine.train, "train_one_epoch", counts_epoch):
+        yield calls

@@ -9,7 +9,7 @@ from typing import Any, Dict, List
 import pytest
 import yaml
 
-from cli_helpers import stopped_by_ctrl_c_in_epoch
+from cli_helpers import epochs_trained, stopped_by_ctrl_c_in_epoch
 from tools import sweep
 from tools import sweep_report
 from tools import sweep_rows
@@ -341,9 +341,7 @@ def test_tiny_real_sweep_on_digits(tmp_path):
     assert (tmp_path / "out" / "pareto.png").exists()
 
 
-def test_a_run_stopped_mid_training_is_resumed_exactly_and_other_settings_start_afresh(tmp_path, monkeypatch):
-    import engine.train
-
+def test_a_run_stopped_mid_training_is_resumed_exactly_and_other_settings_start_afresh(tmp_path):
     options = {"data_name": "digits", "train_subset": 96, "test_subset": 64, "batch_size": 32, "epochs": 2,
                "method": "tk_n", "schedule": "2", "seed": 0, "output_dir": str(tmp_path / "stopped")}
     with stopped_by_ctrl_c_in_epoch(2):
@@ -353,11 +351,9 @@ def test_a_run_stopped_mid_training_is_resumed_exactly_and_other_settings_start_
     assert sweep.stopped_run_to_resume({**options, "lr": 0.123}) is None  # another run's settings
     assert sweep.stopped_run_to_resume({**options, "data_root": "elsewhere"}) == str(last)  # where it reads may move
 
-    real, counted = engine.train.train_one_epoch, []
-    monkeypatch.setattr(engine.train, "train_one_epoch", lambda *a, **k: counted.append(1) or real(*a, **k))
-    resumed = sweep.run_main(options)
+    with epochs_trained() as counted:
+        resumed = sweep.run_main(options)
     assert len(counted) == 1  # epoch 2 only: resumed, not run again
-    monkeypatch.setattr(engine.train, "train_one_epoch", real)
     whole = sweep.run_main({**options, "output_dir": str(tmp_path / "whole")})
     assert resumed["accuracy"] == whole["accuracy"]
     assert epochs_logged(tmp_path / "stopped") == epochs_logged(tmp_path / "whole")  # each epoch once, the same
@@ -370,18 +366,15 @@ def test_a_run_stopped_mid_training_is_resumed_exactly_and_other_settings_start_
     assert yaml.safe_load((tmp_path / "stopped" / "config.yaml").read_text())["lr"] == 0.123
 
 
-def test_a_run_stopped_after_training_but_before_its_results_is_evaluated_not_trained_again(tmp_path, monkeypatch):
-    import engine.train
-
+def test_a_run_stopped_after_training_but_before_its_results_is_evaluated_not_trained_again(tmp_path):
     options = {"data_name": "digits", "train_subset": 96, "test_subset": 64, "batch_size": 32, "epochs": 1,
                "method": "tk_n", "schedule": "2", "seed": 0, "output_dir": str(tmp_path / "run")}
     whole = sweep.run_main(options)
     (tmp_path / "run" / "results.json").unlink()  # as a stop during the final evaluation leaves the folder
     assert sweep.stopped_run_to_resume(options) == str(tmp_path / "run" / "last.pt")
 
-    real, counted = engine.train.train_one_epoch, []
-    monkeypatch.setattr(engine.train, "train_one_epoch", lambda *a, **k: counted.append(1) or real(*a, **k))
-    again = sweep.run_main(options)
+    with epochs_trained() as counted:
+        again = sweep.run_main(options)
     assert counted == []  # nothing trained again
     assert again["accuracy"] == whole["accuracy"] and again["best_accuracy"] == whole["best_accuracy"]
     assert [epoch["epoch"] for epoch in epochs_logged(tmp_path / "run")] == [1]

@@ -1,5 +1,6 @@
 """The statistics of the sweep's summary: mean ± std, t-intervals over seeds, the bootstrap over test images,
-McNemar's exact test; and the deployment benchmark's interval of a ratio of median times. Plain functions of lists of numbers, each checked against scipy in the tests."""
+McNemar's exact test; and the deployment benchmark's interval of a ratio of median times. Plain functions of
+lists of numbers, each checked in the tests against scipy or a straightforward loop."""
 import math
 import statistics
 from typing import Sequence, Tuple
