@@ -6,6 +6,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode
 
 from pruning import METHOD_NAMES, get_method
+from pruning.core.merging import first_non_prefix, in_token_order
 from pruning.flops import analytic_flops
 from pruning.patch import apply_patch, get_config, get_state, remove_patch
 from pruning.schedules import keep_rate_schedule, matched_flops_schedule
@@ -195,6 +196,15 @@ def test_tome_merges_at_most_half_of_the_patch_tokens():
     with torch.no_grad():
         model(torch.randn(2, 3, 32, 32))
     assert get_state(model).tokens_per_block == [33, 17, 9, 5]  # 65 -> 65 - 32 -> ...
+
+
+@pytest.mark.parametrize("num_prefix, num_tokens", [(0, 6), (1, 6), (1, 7), (2, 7), (3, 8)])
+def test_tome_slots_are_laid_out_in_token_order(num_prefix, num_tokens):
+    # positions num_prefix.. alternate between the A (even) and B (odd) sets; each value names its token
+    a_first, b_first = first_non_prefix(num_prefix)
+    tokens = torch.arange(num_tokens)[None]
+    laid_out = in_token_order(tokens[:, :num_prefix], tokens[:, a_first::2], tokens[:, b_first::2], num_prefix)
+    assert laid_out.tolist() == tokens.tolist()
 
 
 def test_fusion_appends_a_token_only_when_something_was_dropped():

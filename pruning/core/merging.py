@@ -66,11 +66,21 @@ def bipartite_soft_matching(metric: Tensor, k: int, num_prefix: int) -> Matching
         num_unmerged, num_b = unmerged.shape[1] - k, scores.shape[2]
         b_start = num_prefix + num_unmerged  # the B tokens' slots follow the prefix and the unmerged A tokens
         unmerged_slot = unmerged.cumsum(dim=1) + (num_prefix - 1)  # in their original order, after the prefix
-        dest = torch.empty(batch, num_tokens, dtype=torch.long, device=metric.device)
-        dest[:, :num_prefix] = torch.arange(num_prefix, device=metric.device)  # prefix tokens keep their slots
-        dest[:, a_first::2] = torch.where(unmerged, unmerged_slot, best_match + b_start)
-        dest[:, b_first::2] = torch.arange(b_start, b_start + num_b, device=metric.device)
+        a_dest = torch.where(unmerged, unmerged_slot, best_match + b_start)
+        b_dest = torch.arange(b_start, b_start + num_b, device=metric.device).expand(batch, num_b)
+        prefix_dest = torch.arange(num_prefix, device=metric.device).expand(batch, num_prefix)  # slots kept
+        dest = in_token_order(prefix_dest, a_dest, b_dest, num_prefix)
     return Matching(dest, num_tokens - k, k)
+
+
+def in_token_order(prefix: Tensor, a_set: Tensor, b_set: Tensor, num_prefix: int) -> Tensor:
+    """(B, N): the prefix tokens' values, then the A (even-position) and B (odd-position) tokens' values
+    alternating from position ``num_prefix`` on, as the tokens lie in the sequence. Built by stacking whole
+    sets (few operations; slice assignments would export to ONNX as a chain of scatters)."""
+    first, second = (a_set, b_set) if num_prefix % 2 == 0 else (b_set, a_set)  # the set at position num_prefix
+    pairs = second.shape[1]  # the first set has as many tokens, or one more
+    alternating = torch.stack([first[:, :pairs], second], dim=2).flatten(1)
+    return torch.cat([prefix, alternating, first[:, pairs:]], dim=1)
 
 
 def merge_wavg(matching: Matching, x: Tensor, size: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
