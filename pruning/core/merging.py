@@ -68,7 +68,8 @@ def bipartite_soft_matching(metric: Tensor, k: int, num_prefix: int) -> Matching
         unmerged_slot = unmerged.cumsum(dim=1) + (num_prefix - 1)  # in their original order, after the prefix
         a_dest = torch.where(unmerged, unmerged_slot, best_match + b_start)
         b_dest = torch.arange(b_start, b_start + num_b, device=metric.device).expand(batch, num_b)
-        prefix_dest = torch.arange(num_prefix, device=metric.device).expand(batch, num_prefix)  # slots kept
+        # the prefix tokens keep their slots
+        prefix_dest = torch.arange(num_prefix, device=metric.device).expand(batch, num_prefix)
         dest = in_token_order(prefix_dest, a_dest, b_dest, num_prefix)
     return Matching(dest, num_tokens - k, k)
 
