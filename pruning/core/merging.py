@@ -78,7 +78,8 @@ def in_token_order(prefix: Tensor, a_set: Tensor, b_set: Tensor, num_prefix: int
     """(B, N): the prefix tokens' values, then the A (even-position) and B (odd-position) tokens' values
     alternating from position ``num_prefix`` on, as the tokens lie in the sequence. Built by stacking whole
     sets (few operations; slice assignments would export to ONNX as a chain of scatters)."""
-    first, second = (a_set, b_set) if num_prefix % 2 == 0 else (b_set, a_set)  # the set at position num_prefix
+    a_first, b_first = first_non_prefix(num_prefix)
+    first, second = (a_set, b_set) if a_first < b_first else (b_set, a_set)  # the set at position num_prefix
     pairs = second.shape[1]  # the first set has as many tokens, or one more
     alternating = torch.stack([first[:, :pairs], second], dim=2).flatten(1)
     return torch.cat([prefix, alternating, first[:, pairs:]], dim=1)
