@@ -38,7 +38,8 @@ class SpeedResult:
         return self.speedup / self.ideal_speedup
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously), so a timer read after it is honest."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -68,14 +69,14 @@ def measure_throughput(models: Dict[str, nn.Module], inputs: torch.Tensor, warmu
     def forward(model: nn.Module) -> Callable[[], None]:
         def call() -> None:
             model(inputs)
-            _sync(inputs.device)
+            synchronize(inputs.device)
         return call
 
     for model in models.values():
         model.eval()
     with torch.inference_mode(), torch.autocast(inputs.device.type, dtype=autocast_dtype,
                                                 enabled=autocast_dtype is not None):
-        _sync(inputs.device)
+        synchronize(inputs.device)
         times = time_interleaved({name: forward(model) for name, model in models.items()}, rounds, warmup)
     return {name: inputs.shape[0] / statistics.median(t) for name, t in times.items()}
 

@@ -5,6 +5,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -59,3 +60,36 @@ def test_random_keep_is_refused_for_onnxruntime_in_one_line(capsys):
     assert deploy_benchmark.main(["--methods", "tk_n,random", "--runtimes", "eager,onnxruntime"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("deploy_benchmark.py: error: --methods random: not exported to ONNX") and err.count("\n") == 1
+
+
+def test_amp_dtype_runs_the_models_under_autocast(tmp_path, capsys):
+    seen = []
+    deploy_benchmark.on_device(lambda: seen.append(torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype),
+                               torch.device("cpu"), torch.bfloat16)()
+    assert seen == [torch.bfloat16]
+    out = tmp_path / "bench.json"
+    code = deploy_benchmark.main(["--arch", "vit_pico_patch2_8", "--methods", "tome", "--reduce_token", "3",
+                                  "--runtimes", "eager", "--amp_dtype", "bfloat16", "--threads", "1", "--quick",
+                                  "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["precision"] == "bfloat16 autocast" and report["settings"]["device"] == "cpu"
+    assert report["machine"]["gpu"] is None
+    assert capsys.readouterr().out.startswith("### vit_pico_patch2_8 @ 8px, schedule 3, bfloat16 autocast")
+
+
+@pytest.mark.parametrize("argv, start", [
+    (["--amp_dtype", "bfloat16", "--runtimes", "eager,onnxruntime"], "--runtimes onnxruntime: measured on the CPU"),
+    (["--amp_dtype", "float16", "--runtimes", "eager"], "--amp_dtype float16: autocast on CPU runs bfloat16"),
+])
+def test_runtime_and_precision_clashes_are_one_line(capsys, argv, start):
+    assert deploy_benchmark.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"deploy_benchmark.py: error: {start}") and err.count("\n") == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for a machine without CUDA")
+def test_cuda_without_a_gpu_is_one_line(capsys):
+    assert deploy_benchmark.main(["--device", "cuda", "--runtimes", "eager"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deploy_benchmark.py: error: --device cuda: no CUDA device") and err.count("\n") == 1

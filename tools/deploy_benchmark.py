@@ -52,11 +52,11 @@ import torch  # noqa: E402
 from engine import model as engine_model  # noqa: E402
 from engine.zoo import backbone_of  # noqa: E402
 from engine.errors import CLIError, report_error  # noqa: E402
-from engine.options import ArgumentParser  # noqa: E402
+from engine.options import AMP_DTYPES, ArgumentParser, resolve_device  # noqa: E402
 from export_onnx import (compress, export_onnx, input_shape, ort_run, ort_session, refuse_stochastic,  # noqa: E402
                          reduce_token_type)
 from pruning import METHOD_NAMES, METHODS  # noqa: E402
-from pruning.benchmark import bound_token_counts, schedule_only, time_interleaved  # noqa: E402
+from pruning.benchmark import bound_token_counts, schedule_only, synchronize, time_interleaved  # noqa: E402
 from pruning.flops import analytic_flops  # noqa: E402
 from stats import bootstrap_ratio_of_medians  # noqa: E402
 
@@ -67,7 +67,7 @@ BOUND = "bound:"  # the prefix of a schedule-only bound's name: bound:tk_n is tk
 QUICK = dict(batch_sizes="1,2", rounds=1, latency_rounds=2, warmup=0, train_batch_size=2, train_rounds=1)
 
 
-def machine() -> Dict[str, Any]:
+def machine(device: torch.device) -> Dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -76,7 +76,8 @@ def machine() -> Dict[str, Any]:
     except OSError:
         pass
     info = {"cpu": cpu, "logical_cpus": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "timm": timm.__version__, "gpu": None,
+            "torch": torch.__version__, "timm": timm.__version__,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
     try:
         import onnxruntime
@@ -109,6 +110,11 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--batch_sizes", default="1,32", help="comma list; 1 = latency (default: %(default)s)")
     parser.add_argument("--runtimes", default="eager,onnxruntime",
                         help="comma list from eager, compile, onnxruntime (default: %(default)s)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, cuda or cuda:N; onnxruntime runs on the CPU only (default: %(default)s)")
+    parser.add_argument("--amp_dtype", default="none", choices=("none", *AMP_DTYPES),
+                        help="autocast type of the eager and compiled runs (none = float32); float16 needs "
+                             "--device cuda (default: %(default)s)")
     parser.add_argument("--threads", default="1,all",
                         help="comma list of thread counts, each a separate run; all = every core (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds at batch > 1 (default: 10)")
@@ -151,6 +157,14 @@ def check(args: argparse.Namespace) -> None:
             raise CLIError(f"--runtimes: unknown runtime {r!r}; choose from {', '.join(RUNTIMES)}")
     for m in args.methods if "onnxruntime" in args.runtimes else ():
         refuse_stochastic(m, "--methods")
+    args.device = resolve_device(args.device)
+    args.amp_dtype = AMP_DTYPES.get(args.amp_dtype)
+    if "onnxruntime" in args.runtimes and (args.device.type != "cpu" or args.amp_dtype is not None):
+        raise CLIError("--runtimes onnxruntime: measured on the CPU in float32 only; drop it from --runtimes "
+                       "with --device cuda or --amp_dtype")
+    if args.device.type == "cpu" and args.amp_dtype == torch.float16:
+        raise CLIError("--amp_dtype float16: autocast on CPU runs bfloat16; use --amp_dtype bfloat16, or "
+                       "--device cuda")
     args.threads = thread_counts(args.threads)
     try:
         args.batch_sizes = [int(b) for b in csv_list(args.batch_sizes)]
@@ -184,18 +198,33 @@ def build_models(args: argparse.Namespace) -> Tuple[Dict[str, torch.nn.Module], 
     return models, bound_of
 
 
+def on_device(call: Callable[[], Any], device: torch.device, dtype: Optional[torch.dtype]) -> Callable[[], None]:
+    """``call`` under autocast to ``dtype`` (None: float32), returning once the device has finished its work
+    (CUDA runs asynchronously: without the wait a timer would read the launch, not the run). On the CPU in
+    float32 it is ``call`` itself, so nothing is added to what is timed."""
+    if device.type == "cpu" and dtype is None:
+        return call
+
+    def run() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            call()
+        synchronize(device)
+    return run
+
+
 def inference_callables(runtime: str, models: Dict[str, torch.nn.Module], batch: int, tmp: str,
-                        threads: int) -> Dict[str, Callable[[], Any]]:
-    """One zero-argument call per model that runs a forward pass of ``batch`` random images."""
-    images = torch.randn(batch, *input_shape(models[BASELINE]))
+                        args: argparse.Namespace, threads: int) -> Dict[str, Callable[[], Any]]:
+    """One zero-argument call per model that runs a forward pass of ``batch`` random images on ``args.device``
+    (onnxruntime: on the CPU)."""
+    images = torch.randn(batch, *input_shape(models[BASELINE]), device=args.device)
     calls: Dict[str, Callable[[], Any]] = {}
     for name, model in models.items():
         if runtime == "eager":
-            calls[name] = lambda m=model: m(images)
+            calls[name] = on_device(lambda m=model: m(images), args.device, args.amp_dtype)
         elif runtime == "compile":
             compiled = torch.compile(model, dynamic=False)
-            compiled(images)  # compile now, not in the first timed round
-            calls[name] = lambda m=compiled: m(images)
+            calls[name] = on_device(lambda m=compiled: m(images), args.device, args.amp_dtype)
+            calls[name]()  # compile now, not in the first timed round
         else:
             path = os.path.join(tmp, f"{name.replace(':', '_')}.onnx")
             if not os.path.exists(path):
@@ -206,10 +235,12 @@ def inference_callables(runtime: str, models: Dict[str, torch.nn.Module], batch:
     return calls
 
 
-def train_callables(models: Dict[str, torch.nn.Module], batch: int) -> Dict[str, Callable[[], Any]]:
-    """Forward, cross-entropy backward and an AdamW step, eager, on copies of the models."""
-    images = torch.randn(batch, *input_shape(models[BASELINE]))
-    labels = torch.randint(0, max(1, models[BASELINE].num_classes), (batch,))
+def train_callables(models: Dict[str, torch.nn.Module], batch: int,
+                    args: argparse.Namespace) -> Dict[str, Callable[[], Any]]:
+    """Forward, cross-entropy backward and an AdamW step, eager, on copies of the models; the forward under
+    ``--amp_dtype`` autocast (no loss scaling: the step's time, not its result, is what is measured)."""
+    images = torch.randn(batch, *input_shape(models[BASELINE]), device=args.device)
+    labels = torch.randint(0, max(1, models[BASELINE].num_classes), (batch,), device=args.device)
     calls = {}
     for name, model in models.items():
         if name.startswith(BOUND):
@@ -219,8 +250,11 @@ def train_callables(models: Dict[str, torch.nn.Module], batch: int) -> Dict[str,
 
         def step(m=model, opt=optimizer):
             opt.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(m(images), labels).backward()
+            with torch.autocast(args.device.type, dtype=args.amp_dtype, enabled=args.amp_dtype is not None):
+                loss = torch.nn.functional.cross_entropy(m(images), labels)
+            loss.backward()
             opt.step()
+            synchronize(args.device)
         calls[name] = step
     return calls
 
@@ -262,7 +296,7 @@ def run_inference(args: argparse.Namespace, models: Dict[str, torch.nn.Module], 
         torch.set_num_threads(threads)
         for batch in args.batch_sizes:
             for runtime in args.runtimes:
-                calls = inference_callables(runtime, models, batch, tmp, threads)
+                calls = inference_callables(runtime, models, batch, tmp, args, threads)
                 rounds = args.latency_rounds if batch == 1 else args.rounds
                 times = time_interleaved(calls, rounds, args.warmup)
                 rows += decompose(times, runtime, threads, batch, ideal, bound_of)
@@ -275,7 +309,7 @@ def run_training(args: argparse.Namespace, models: Dict[str, torch.nn.Module],
     if args.train_batch_size <= 0:
         return []
     torch.set_num_threads(args.threads[0])
-    times = time_interleaved(train_callables(models, args.train_batch_size), args.train_rounds, 1)
+    times = time_interleaved(train_callables(models, args.train_batch_size, args), args.train_rounds, 1)
     rows = []
     for name, t in times.items():
         speedup = statistics.median(times[BASELINE]) / statistics.median(t)
@@ -294,15 +328,18 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     models, bound_of = build_models(args)
     flops = {name: analytic_flops(model) for name, model in models.items() if not name.startswith(BOUND)}
     ideal = {name: flops[BASELINE] / f for name, f in flops.items()}
+    for model in models.values():
+        model.to(args.device)
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         inference = run_inference(args, models, bound_of, ideal, tmp)
     training = run_training(args, models, ideal)
     return {
-        "machine": machine(),
+        "machine": machine(args.device),
         "loadavg_start": load_start, "loadavg_end": loadavg(), "seconds": time.time() - started,
         "settings": {"arch": args.arch, "img_size": input_shape(models[BASELINE])[1], "methods": args.methods,
                      "schedule": args.schedule, "batch_sizes": args.batch_sizes, "runtimes": args.runtimes,
-                     "threads": args.threads, "rounds": args.rounds, "latency_rounds": args.latency_rounds,
+                     "threads": args.threads, "device": str(args.device), "precision": precision(args.amp_dtype),
+                     "rounds": args.rounds, "latency_rounds": args.latency_rounds,
                      "warmup": args.warmup, "train_batch_size": args.train_batch_size,
                      "train_rounds": args.train_rounds, "bounds": bound_of,
                      "command": " ".join(["python", "tools/deploy_benchmark.py"] + sys.argv[1:])},
@@ -312,6 +349,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     }
 
 
+def precision(amp_dtype: Optional[torch.dtype]) -> str:
+    return "float32" if amp_dtype is None else f"{str(amp_dtype).split('.')[-1]} autocast"
+
+
 def with_interval(value: float, interval: Optional[List[float]]) -> str:
     return f"{value:.2f}" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
 
@@ -319,9 +360,10 @@ def with_interval(value: float, interval: Optional[List[float]]) -> str:
 def markdown(report: Dict[str, Any]) -> str:
     m, s = report["machine"], report["settings"]
     load = lambda v: "n/a" if v is None else " ".join(f"{x:.2f}" for x in v)  # noqa: E731
-    lines = [f"### {s['arch']} @ {s['img_size']}px, schedule {s['schedule']}, fp32",
+    gpu = f"GPU: {m['gpu']}" if m["gpu"] else "no GPU"
+    lines = [f"### {s['arch']} @ {s['img_size']}px, schedule {s['schedule']}, {s['precision']}",
              "",
-             f"{m['cpu']} ({m['logical_cpus']} logical CPUs), no GPU; torch {m['torch']}, onnxruntime "
+             f"{m['cpu']} ({m['logical_cpus']} logical CPUs), {gpu}; torch {m['torch']}, onnxruntime "
              f"{m['onnxruntime']}, timm {m['timm']}; load average {load(report['loadavg_start'])} (start) / "
              f"{load(report['loadavg_end'])} (end); batch 1: median (p90) of {s['latency_rounds']} interleaved "
              f"rounds, larger batches: median of {s['rounds']}; ideal = FLOPs ratio, bound = the plain blocks at "
