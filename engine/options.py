@@ -448,10 +448,17 @@ def amp_dtype(args: argparse.Namespace, device: torch.device) -> Optional[torch.
 
 
 def check_amp(args: argparse.Namespace, device: torch.device) -> None:
-    if args.amp and device.type == "cpu" and args.amp_dtype == "float16":
-        raise CLIError("--amp_dtype float16: autocast on CPU runs bfloat16; use --amp_dtype bfloat16 (or auto), "
-                       "or --device cuda")
-    if args.amp and device.type == "cuda" and amp_dtype(args, device) == torch.bfloat16 \
-            and not torch.cuda.is_bf16_supported():
+    if args.amp:
+        check_autocast(amp_dtype(args, device), device, auto=True)
+
+
+def check_autocast(dtype: Optional[torch.dtype], device: torch.device, auto: bool = False) -> None:
+    """Refuse an autocast type ``device`` cannot run: float16 on the CPU, bfloat16 on a GPU without it.
+    ``auto``: the command also offers ``--amp_dtype auto``, so the message names it."""
+    or_auto = " (or auto)" if auto else ""
+    if device.type == "cpu" and dtype == torch.float16:
+        raise CLIError(f"--amp_dtype float16: autocast on CPU runs bfloat16; use --amp_dtype bfloat16{or_auto}, "
+                       f"or --device cuda")
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise CLIError(f"--amp_dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16; use "
-                       f"--amp_dtype float16 (or auto)")
+                       f"--amp_dtype float16{or_auto}")

@@ -52,7 +52,7 @@ import torch  # noqa: E402
 from engine import model as engine_model  # noqa: E402
 from engine.zoo import backbone_of  # noqa: E402
 from engine.errors import CLIError, report_error  # noqa: E402
-from engine.options import AMP_DTYPES, ArgumentParser, resolve_device  # noqa: E402
+from engine.options import AMP_DTYPES, ArgumentParser, check_autocast, resolve_device  # noqa: E402
 from export_onnx import (compress, export_onnx, input_shape, ort_run, ort_session, refuse_stochastic,  # noqa: E402
                          reduce_token_type)
 from pruning import METHOD_NAMES, METHODS  # noqa: E402
@@ -162,9 +162,7 @@ def check(args: argparse.Namespace) -> None:
     if "onnxruntime" in args.runtimes and (args.device.type != "cpu" or args.amp_dtype is not None):
         raise CLIError("--runtimes onnxruntime: measured on the CPU in float32 only; drop it from --runtimes "
                        "with --device cuda or --amp_dtype")
-    if args.device.type == "cpu" and args.amp_dtype == torch.float16:
-        raise CLIError("--amp_dtype float16: autocast on CPU runs bfloat16; use --amp_dtype bfloat16, or "
-                       "--device cuda")
+    check_autocast(args.amp_dtype, args.device)
     args.threads = thread_counts(args.threads)
     try:
         args.batch_sizes = [int(b) for b in csv_list(args.batch_sizes)]
