@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .merging import bipartite_soft_matching, merge_positions, merge_source, merge_wavg
-from .reduction import gather_tokens, kept_mask, prune_tokens, select_tokens, tokens_kept
+from .reduction import dropped_indicator, gather_tokens, prune_tokens, select_tokens, tokens_kept
 from .scoring import fusion_weights, keep_scores, token_norm
 from .state import NO_POSITION, CompressionConfig
 
@@ -38,12 +38,10 @@ def reduce_tokens(cfg: CompressionConfig, x: Tensor, k: int, cls_attn: Optional[
     norms = token_norm(x) if method.needs_norms else None
     scores = keep_scores(method.keep_by, x, cls_attn, norms, cfg.generator)
     keep_idx = select_tokens(scores, keep, num_prefix)
-    weights = kept = None
-    if method.fuses:
-        kept = kept_mask(keep_idx, x.shape[1])
-        weights = fusion_weights(method.fuse_by, kept, cls_attn, norms)
+    weights = fusion_weights(method.fuse_by, keep_idx, cls_attn, norms) if method.fuses else None
     if state.source is not None:
-        state.source = prune_tokens(state.source, keep_idx, None if kept is None else (~kept).to(x.dtype))
+        counts = None if weights is None else dropped_indicator(keep_idx, x.shape[1], state.source.dtype)
+        state.source = prune_tokens(state.source, keep_idx, counts)
     if cfg.carry_positions:
         state.positions = _pruned_positions(cfg.token_positions(x), keep_idx, fused=weights is not None)
     return prune_tokens(x, keep_idx, weights)

@@ -21,10 +21,9 @@ def select_tokens(scores: Tensor, keep: int, num_prefix: int) -> Tensor:
     return torch.cat([prefix, best], dim=1)
 
 
-def kept_mask(keep_idx: Tensor, num_tokens: int) -> Tensor:
-    """(B, N) True at the kept tokens."""
-    return torch.zeros(keep_idx.shape[0], num_tokens, dtype=torch.bool, device=keep_idx.device).scatter_(
-        1, keep_idx, True)
+def dropped_indicator(keep_idx: Tensor, num_tokens: int, dtype: torch.dtype) -> Tensor:
+    """(B, N) 1 at the dropped tokens, 0 at the kept ones: the fusion weights of a map that counts tokens."""
+    return torch.ones(keep_idx.shape[0], num_tokens, dtype=dtype, device=keep_idx.device).scatter_(1, keep_idx, 0.0)
 
 
 def flat_index(index: Tensor, num_tokens: int) -> Tensor:
@@ -49,6 +48,9 @@ def prune_tokens(x: Tensor, keep_idx: Tensor, fuse_weights: Optional[Tensor] = N
     kept = gather_tokens(x, keep_idx)
     if fuse_weights is None:
         return kept
-    # a weighted sum over all tokens (the kept ones weigh 0) instead of gathering the dropped ones first
-    fused = (fuse_weights.unsqueeze(-1).to(x.dtype) * x).sum(dim=1, keepdim=True)
+    # a weighted sum over all tokens (the kept ones weigh 0) instead of gathering the dropped ones first: one
+    # (B, 1, N) @ (B, N, C) product, no (B, N, C) temporary
+    if fuse_weights.dtype != x.dtype:
+        fuse_weights = fuse_weights.to(x.dtype)
+    fused = torch.bmm(fuse_weights.unsqueeze(1), x)
     return torch.cat([kept, fused], dim=1)

@@ -43,13 +43,15 @@ def keep_scores(criterion: str, x: Tensor, cls_attn: Optional[Tensor], norms: Op
     raise ValueError(f"keep_by: unknown criterion {criterion!r}; expected 'attn', 'norm', 'low_norm' or 'random'")
 
 
-def fusion_weights(criterion: str, kept: Tensor, cls_attn: Optional[Tensor], norms: Optional[Tensor]) -> Tensor:
-    """Weights of every token in the fused token, (B, N): 0 at the ``kept`` tokens (a (B, N) mask), and at
+def fusion_weights(criterion: str, keep_idx: Tensor, cls_attn: Optional[Tensor], norms: Optional[Tensor]) -> Tensor:
+    """Weights of every token in the fused token, (B, N): 0 at the kept tokens (``keep_idx`` (B, K)), and at
     the dropped ones ``attn``: their class-token attention as it is (not renormalised, as in EViT);
     ``norm``: softmax of their norms, over the dropped tokens only.
     """
+    # one scatter into a copy of the scores, not a kept mask and a masked_fill: at batch 1 each operation costs
+    # more than its work
     if criterion == "attn":
-        return cls_attn.masked_fill(kept, 0.0)
+        return cls_attn.scatter(1, keep_idx, 0.0)
     if criterion == "norm":
-        return norms.masked_fill(kept, -torch.inf).softmax(dim=-1)
+        return norms.scatter(1, keep_idx, -torch.inf).softmax(dim=-1)
     raise ValueError(f"fuse_by: unknown criterion {criterion!r}; expected 'attn' or 'norm'")
