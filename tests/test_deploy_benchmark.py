@@ -93,3 +93,31 @@ def test_cuda_without_a_gpu_is_one_line(capsys):
     assert deploy_benchmark.main(["--device", "cuda", "--runtimes", "eager"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("deploy_benchmark.py: error: --device cuda: no CUDA device") and err.count("\n") == 1
+
+
+class _Scaled(torch.nn.Module):
+    """One forward shared by every instance, recompiled for each ``factor`` (a Python constant dynamo guards on),
+    as the benchmark's models share timm's forward."""
+
+    def __init__(self, factor: int):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+def test_the_compile_runtime_compiles_every_model_past_dynamos_default_limit(monkeypatch):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", False)
+    torch._dynamo.reset()
+    counters.clear()
+    deploy_benchmark.allow_compiles(12)
+    x = torch.ones(2)
+    for factor in range(12):  # without the raised limit the last 4 would run in eager, silently
+        assert torch.compile(_Scaled(factor), backend="eager")(x).tolist() == [factor, factor]
+    assert counters["stats"]["unique_graphs"] == 12
+    torch._dynamo.reset()

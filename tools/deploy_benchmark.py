@@ -210,6 +210,17 @@ def on_device(call: Callable[[], Any], device: torch.device, dtype: Optional[tor
     return run
 
 
+def allow_compiles(count: int) -> None:
+    """Let dynamo compile ``count`` versions of one function, and fail rather than fall back to eager beyond that.
+
+    The models share timm's ``VisionTransformer.forward``, so each model (and each thread count and batch) is a
+    recompilation of that one function; past dynamo's limit (8 by default) it would run the rest in eager without
+    a word, and their "compiled" times would be eager times."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, count)
+    config.fail_on_recompile_limit_hit = True
+
+
 def inference_callables(runtime: str, models: Dict[str, torch.nn.Module], batch: int, tmp: str,
                         args: argparse.Namespace, threads: int) -> Dict[str, Callable[[], Any]]:
     """One zero-argument call per model that runs a forward pass of ``batch`` random images on ``args.device``
@@ -328,6 +339,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     ideal = {name: flops[BASELINE] / f for name, f in flops.items()}
     for model in models.values():
         model.to(args.device)
+    if "compile" in args.runtimes:
+        allow_compiles(len(models) * len(args.threads) * len(args.batch_sizes))
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         inference = run_inference(args, models, bound_of, ideal, tmp)
     training = run_training(args, models, ideal)
