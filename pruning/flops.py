@@ -7,14 +7,14 @@ from typing import List, Optional, Sequence, Tuple
 
 from torch import nn
 
-from .core.cost import ModelShape, block_flops, fusion_flops, reduction_flops, schedule_flops
+from .core.cost import ModelShape, block_flops, reduction_flops, schedule_flops
 from .core.counting import token_counts
 from .core.methods import CompressionMethod, get_method
 from .patch import model_shape
 from .core.state import get_config
 
-__all__ = ["ModelShape", "model_shape", "block_flops", "fusion_flops", "reduction_flops", "schedule_flops",
-           "model_token_counts", "analytic_flops"]
+__all__ = ["ModelShape", "model_shape", "block_flops", "reduction_flops", "schedule_flops", "model_token_counts",
+           "analytic_flops"]
 
 
 def model_token_counts(model, img_size: Optional[Sequence[int]] = None) -> List[Tuple[int, int]]:

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .counting import token_counts, tokens_after
-from .reduction import tokens_kept
 from .methods import CompressionMethod
 
 
@@ -49,12 +48,6 @@ def reduction_flops(method: CompressionMethod, n: int, attn_dim: int, head_dim: 
     return 0.0
 
 
-def fusion_flops(method: CompressionMethod, n: int, k: int, dim: int, num_prefix: int = 1) -> float:
-    """The fused token of a fusing method: one weighted sum of the ``n`` tokens (a (1, n) × (n, d) product),
-    when the step drops any."""
-    return float(2 * n * dim) if method.fuses and tokens_kept(n, k, num_prefix) < n else 0.0
-
-
 def schedule_flops(shape: ModelShape, method: CompressionMethod, schedule: Sequence[int], reduce_at: str) -> float:
     """Forward FLOPs per image of a ViT of ``shape`` compressed by ``method`` with per-block ``schedule``."""
     flops = shape.embed_flops + shape.head_flops
@@ -63,7 +56,6 @@ def schedule_flops(shape: ModelShape, method: CompressionMethod, schedule: Seque
         flops += block_flops(n_attn, n_mlp, shape.dim, shape.attn_dim, shape.hidden)
         if k > 0:
             flops += reduction_flops(method, n_attn, shape.attn_dim, shape.head_dim, shape.num_prefix)
-            flops += fusion_flops(method, n_attn, k, shape.dim, shape.num_prefix)
     if shape.pool_token_flops:
         left = tokens_after(method, counts[-1][0], schedule[-1], shape.num_prefix) if counts else shape.num_tokens
         pooled = left if shape.pool_reads_prefix else left - shape.num_prefix
