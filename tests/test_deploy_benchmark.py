@@ -107,17 +107,17 @@ class _Scaled(torch.nn.Module):
         return x * self.factor
 
 
-def test_the_compile_runtime_compiles_every_model_past_dynamos_default_limit(monkeypatch):
+def test_the_compile_runtime_compiles_every_model_past_dynamos_default_limit():
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", False)
-    torch._dynamo.reset()
-    counters.clear()
-    deploy_benchmark.allow_compiles(12)
-    x = torch.ones(2)
-    for factor in range(12):  # without the raised limit the last 4 would run in eager, silently
-        assert torch.compile(_Scaled(factor), backend="eager")(x).tolist() == [factor, factor]
-    assert counters["stats"]["unique_graphs"] == 12
+    # config.patch restores the settings afterwards (monkeypatch cannot: dynamo's config is not a plain module)
+    with torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=False):
+        torch._dynamo.reset()
+        counters.clear()
+        deploy_benchmark.allow_compiles(12)
+        x = torch.ones(2)
+        for factor in range(12):  # without the raised limit the last 4 would run in eager, silently
+            assert torch.compile(_Scaled(factor), backend="eager")(x).tolist() == [factor, factor]
+        assert counters["stats"]["unique_graphs"] == 12
     torch._dynamo.reset()
