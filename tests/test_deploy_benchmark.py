@@ -115,9 +115,11 @@ def test_the_compile_runtime_compiles_every_model_past_dynamos_default_limit():
     with torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=False):
         torch._dynamo.reset()
         counters.clear()
-        deploy_benchmark.allow_compiles(12)
         x = torch.ones(2)
-        for factor in range(12):  # without the raised limit the last 4 would run in eager, silently
-            assert torch.compile(_Scaled(factor), backend="eager")(x).tolist() == [factor, factor]
+        with deploy_benchmark.allow_compiles(12):
+            for factor in range(12):  # without the raised limit the last 4 would run in eager, silently
+                assert torch.compile(_Scaled(factor), backend="eager")(x).tolist() == [factor, factor]
         assert counters["stats"]["unique_graphs"] == 12
+        # and on leaving, dynamo's own settings are back
+        assert (torch._dynamo.config.recompile_limit, torch._dynamo.config.fail_on_recompile_limit_hit) == (8, False)
     torch._dynamo.reset()

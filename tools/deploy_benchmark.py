@@ -210,15 +210,15 @@ def on_device(call: Callable[[], Any], device: torch.device, dtype: Optional[tor
     return run
 
 
-def allow_compiles(count: int) -> None:
-    """Let dynamo compile ``count`` versions of one function, and fail rather than fall back to eager beyond that.
+def allow_compiles(count: int):
+    """A context in which dynamo may compile ``count`` versions of one function, and fails rather than falls back
+    to eager beyond that; dynamo's settings are restored on leaving it.
 
     The models share timm's ``VisionTransformer.forward``, so each model (and each thread count and batch) is a
     recompilation of that one function; past dynamo's limit (8 by default) it would run the rest in eager without
     a word, and their "compiled" times would be eager times."""
     config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, count)
-    config.fail_on_recompile_limit_hit = True
+    return config.patch(recompile_limit=max(config.recompile_limit, count), fail_on_recompile_limit_hit=True)
 
 
 def inference_callables(runtime: str, models: Dict[str, torch.nn.Module], batch: int, tmp: str,
@@ -339,9 +339,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     ideal = {name: flops[BASELINE] / f for name, f in flops.items()}
     for model in models.values():
         model.to(args.device)
-    if "compile" in args.runtimes:
-        allow_compiles(len(models) * len(args.threads) * len(args.batch_sizes))
-    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+    compiles = len(models) * len(args.threads) * len(args.batch_sizes)
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode(), allow_compiles(compiles):
         inference = run_inference(args, models, bound_of, ideal, tmp)
     training = run_training(args, models, ideal)
     return {
