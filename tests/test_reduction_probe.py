@@ -40,7 +40,7 @@ def test_runs_every_step_under_both_conditions_and_writes_json(tmp_path, capsys)
 @pytest.mark.parametrize("method, removed", [("tk_n", 3), ("evit", 2), ("tome", 3)])
 def test_the_timed_step_is_the_methods_reduction_of_one_block(method, removed):
     # pruning removes k tokens, fusing adds one back, merging removes k
-    model = reduction_probe.first_block(ARCH)
+    model = reduction_probe.probed_model(ARCH)
     x = torch.randn(1, 65, model.embed_dim)
     with torch.inference_mode():
         step = reduction_probe.reduction_step(method, model.blocks[0], x, 3)

@@ -132,7 +132,8 @@ def measure(steps: Dict[str, Callable[[], Any]], block_forward: Callable[[], Any
     return times
 
 
-def first_block(arch: str) -> torch.nn.Module:
+def probed_model(arch: str) -> torch.nn.Module:
+    """The timm ViT whose first block the probe runs; CLIError for a model without one the step fits."""
     model = timm.create_model(arch, pretrained=False).eval()
     blocks = getattr(model, "blocks", None)
     if blocks is None or not hasattr(getattr(blocks[0], "attn", None), "qkv") or model.num_prefix_tokens != 1:
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, Any]:
     check(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = first_block(args.arch)
+    model = probed_model(args.arch)
     block = model.blocks[0]
     with torch.inference_mode():
         x = model._pos_embed(model.patch_embed(torch.randn(1, *model.default_cfg["input_size"])))
