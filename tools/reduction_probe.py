@@ -7,13 +7,13 @@ For each method, the library's reduction step (``pruning.core.compress.reduce_to
 gathering, fusing or ToMe's matching and merge) is timed on one block's tokens (batch 1, random values) under two
 conditions, alternating in every round:
 
-    warm         right after the same step (its code and data in the CPU's caches)
+    warm         right after the same step, so what it touches was touched last
     after block  right after a forward of the model's first block on the same tokens (untimed), as in the model
 
 and a one-element ``add`` under the same two conditions gives the cost of dispatching one operation (ten of them in
-a row: whether every call pays that cost after a block, or only the first). The ratio
-after block / warm comes with a 95 % bootstrap interval over the rounds. ``aten ops`` counts the operations the step
-dispatches. Random weights and inputs: which tokens are kept does not change the step's operations.
+a row: whether every call pays that cost after a block, or only the first). The ratio after block / warm comes
+with a 95 % bootstrap interval over the rounds. ``aten ops`` counts the operations the step dispatches. Random
+weights and inputs: which tokens are kept does not change the step's operations.
 """
 import argparse
 import json
