@@ -40,8 +40,8 @@ from engine.options import ArgumentParser  # noqa: E402
 import pruning.models  # noqa: E402,F401  (registers the vit_pico_* models)
 from pruning import METHOD_NAMES, METHODS  # noqa: E402
 from pruning.core.compress import reduce_tokens  # noqa: E402
-from pruning.core.scoring import class_attention  # noqa: E402
 from pruning.core.state import CompressionConfig, CompressionState  # noqa: E402
+from pruning.patch.timm import BLOCK_LAYOUT  # noqa: E402
 from stats import bootstrap_ratio_of_medians  # noqa: E402
 
 PROG = "reduction_probe.py"
@@ -95,14 +95,11 @@ class CountOps(TorchDispatchMode):
 
 def reduction_step(name: str, block: torch.nn.Module, x: torch.Tensor, k: int) -> Callable[[], Any]:
     """One block's reduction of ``x`` by method ``name``, with the inputs the patched block would give it: the
-    class-token attention row and the keys averaged over heads, from the block's own projection."""
-    attn = block.attn
-    heads = attn.num_heads
-    qkv = attn.qkv(block.norm1(x)).reshape(x.shape[0], x.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)
-    queries, keys = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    class-token attention row and the keys averaged over heads, from the patched layer's own attention."""
     method = METHODS[name]
-    cls_attn = class_attention(queries, keys, attn.scale) if method.needs_cls_attention else None
-    mean_keys = keys.mean(dim=1) if method.reduction == "merge" else None
+    _, cls_attn, mean_keys = BLOCK_LAYOUT.attention(block.attn, block.norm1(x), size=None, fused=True,
+                                                    want_cls_attn=method.needs_cls_attention,
+                                                    want_keys=method.reduction == "merge")
     cfg = CompressionConfig(method, [k], method.default_reduce_at, num_prefix_tokens=1)  # the class token
 
     def step() -> Any:
