@@ -42,12 +42,72 @@ def test_runs_and_writes_json(tmp_path, capsys):
     assert "| onnxruntime | 1 | 1 | tk_n |" in table and report["machine"]["cpu"] in table
     assert "| bound | bound/ideal | speedup | of bound | of ideal |" in table
     assert "[95 % interval, rounds resampled in pairs]" in table
+    # one run: no repeats to summarise
+    assert report["settings"]["repeats"] == 1 and {r["repeat"] for r in report["inference"]} == {0}
+    assert report["across_repeats"] == [] and "####" not in table
+
+
+def test_repeats_rebuild_the_models_and_summarise_each_cell_across_them(tmp_path, capsys, monkeypatch):
+    built = []
+    build = deploy_benchmark.build_models
+    monkeypatch.setattr(deploy_benchmark, "build_models", lambda args: built.append(build(args)) or built[-1])
+    out = tmp_path / "bench.json"
+    code = deploy_benchmark.main(["--arch", "vit_pico_patch2_8", "--methods", "tk_n,tome", "--reduce_token", "3",
+                                  "--runtimes", "eager", "--threads", "1", "--quick", "--repeats", "3",
+                                  "--json", str(out)])
+    table = capsys.readouterr().out
+    assert code == 0
+    # a repeat's models have the first one's weights, in new memory
+    plains = [models["none"] for models, _ in built]
+    assert len(plains) == 3
+    for later in plains[1:]:
+        for (name, first), (_, again) in zip(plains[0].state_dict().items(), later.state_dict().items()):
+            assert torch.equal(first, again) and first.data_ptr() != again.data_ptr(), name
+    report = json.loads(out.read_text())
+    assert report["settings"]["repeats"] == 3
+    rows = report["inference"]
+    assert sorted({r["repeat"] for r in rows}) == [0, 1, 2]
+    summary = report["across_repeats"]
+    assert {(r["method"], r["batch"]) for r in summary} == {(m, b) for m in ("tk_n", "tome") for b in (1, 2)}
+    for s in summary:
+        for key in ("of_bound", "of_ideal"):
+            values = [r[key] for r in rows if (r["method"], r["batch"]) == (s["method"], s["batch"])]
+            assert s["repeats"] == len(values) == 3
+            assert s[key] == pytest.approx(sum(values) / 3)
+            assert s[f"{key}_range"] == [min(values), max(values)]
+            low, high = s[f"{key}_ci"]
+            assert low <= s[key] <= high
+    assert table.count("#### Repeat ") == 3 and "#### Across the 3 repeats" in table
+    assert table.count("eager (train step)") == 3  # timed once, after the repeats: one row per model
 
 
 def test_thread_counts_are_one_line_errors_when_bad(capsys):
     assert deploy_benchmark.main(["--threads", "1,two"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("deploy_benchmark.py: error: --threads: expected") and err.count("\n") == 1
+
+
+def test_keep_models_times_the_same_models_in_every_repeat(tmp_path, capsys, monkeypatch):
+    built = []
+    build = deploy_benchmark.build_models
+    monkeypatch.setattr(deploy_benchmark, "build_models", lambda args: built.append(build(args)) or built[-1])
+    out = tmp_path / "bench.json"
+    assert deploy_benchmark.main(["--arch", "vit_pico_patch2_8", "--methods", "tk_n", "--reduce_token", "3",
+                                  "--runtimes", "eager", "--threads", "1", "--quick", "--train_batch_size", "0",
+                                  "--repeats", "2", "--keep_models", "--json", str(out)]) == 0
+    assert len(built) == 1
+    report = json.loads(out.read_text())
+    assert report["settings"]["keep_models"] and [r["repeats"] for r in report["across_repeats"]] == [2, 2]
+    assert "#### Across the 2 repeats (the same models in each)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--repeats", "0"], "--repeats: must be >= 1"),
+    (["--keep_models"], "--keep_models: only with --repeats 2 or more"),
+])
+def test_bad_repeats_are_a_one_line_error(capsys, argv, message):
+    assert deploy_benchmark.main(argv) == 2
+    assert capsys.readouterr().err == f"deploy_benchmark.py: error: {message}\n"
 
 
 def test_bad_runtime_is_one_line(capsys):

@@ -14,7 +14,7 @@ import reduction_probe  # noqa: E402
 ARCH = "vit_pico_patch2_8"
 
 
-def test_runs_every_step_under_both_conditions_and_writes_json(tmp_path, capsys):
+def test_runs_every_step_under_every_condition_and_writes_json(tmp_path, capsys):
     out = tmp_path / "probe.json"
     argv = ["--arch", ARCH, "--methods", "tk_n,evit,tome", "--reduce_token", "3", "--rounds", "3", "--json", str(out),
             "--md", str(tmp_path / "probe.md")]
@@ -23,18 +23,21 @@ def test_runs_every_step_under_both_conditions_and_writes_json(tmp_path, capsys)
     report = json.loads(out.read_text())
     assert report["settings"]["command"] == "python tools/reduction_probe.py " + " ".join(argv)
     rows = {r["step"]: r for r in report["rows"]}
-    assert list(rows) == ["one add", "ten adds", "tk_n", "evit", "tome"]
-    # the counter counts dispatched operations, one per add
-    assert (rows["one add"]["aten_ops"], rows["ten adds"]["aten_ops"]) == (1, 10)
+    assert list(rows) == ["python loop", "one add", "ten adds", "tk_n", "evit", "tome"]
+    # the counter counts dispatched operations: one per add, none in plain Python
+    assert [rows[n]["aten_ops"] for n in ("python loop", "one add", "ten adds")] == [0, 1, 10]
     for r in rows.values():
-        assert r["warm_us"] > 0 and r["after_block_us"] > 0
-        low, high = r["ratio_ci"]
-        assert low <= r["ratio"] <= high
-        assert r["ratio"] == pytest.approx(r["after_block_us"] / r["warm_us"])
+        assert r["warm_us"] > 0
+        for key in ("block", "matmul", "sweep"):
+            low, high = r[f"{key}_ratio_ci"]
+            assert low <= r[f"{key}_ratio"] <= high
+            assert r[f"{key}_ratio"] == pytest.approx(r[f"after_{key}_us"] / r["warm_us"])
     # ToMe's matching and merge dispatch more operations than a top-k selection and one gather
     assert rows["tome"]["aten_ops"] > rows["evit"]["aten_ops"] > rows["tk_n"]["aten_ops"] > 1
     assert (tmp_path / "probe.md").read_text() == table
-    assert "| tome |" in table and "| step | aten ops | warm µs | after a block µs | after / warm |" in table
+    assert "| tome |" in table
+    assert ("| warm µs | after block µs | after matmul µs | after sweep µs | block / warm | matmul / warm | "
+            "sweep / warm |") in table
 
 
 @pytest.mark.parametrize("method, removed", [("tk_n", 3), ("evit", 2), ("tome", 3)])
@@ -46,6 +49,23 @@ def test_the_timed_step_is_the_methods_reduction_of_one_block(method, removed):
         step = reduction_probe.reduction_step(method, model.blocks[0], x, 3)
         assert step().shape == (1, 65 - removed, model.embed_dim)
         assert torch.equal(step(), step())  # each call starts a fresh forward's state
+
+
+def test_each_condition_runs_its_call_before_the_timed_step():
+    block = reduction_probe.probed_model(ARCH).blocks[0]
+    x = torch.randn(1, 65, block.mlp.fc1.in_features)
+    with torch.inference_mode():
+        before = reduction_probe.preceding_calls(block, x)
+        assert list(before) == list(reduction_probe.AFTER)
+        assert torch.equal(before["block"](), block(x))
+        assert before["matmul"]().shape == (1, 65, block.mlp.fc1.out_features)  # the block's largest product
+        assert before["sweep"]().item() == sum(p.numel() for p in block.parameters())  # a sum of ones
+    calls = []
+    times = reduction_probe.measure({"step": lambda: calls.append("step")},
+                                    {c: (lambda c=c: calls.append(c)) for c in reduction_probe.AFTER}, rounds=2)
+    assert {c: len(t) for c, t in times["step"].items()} == {"warm": 2, "block": 2, "matmul": 2, "sweep": 2}
+    # one untimed step first; then per round: warm (the step twice), then each condition's call before the step
+    assert calls == ["step"] + 2 * ["step", "step", "block", "step", "matmul", "step", "sweep", "step"]
 
 
 @pytest.mark.parametrize("argv, start", [

@@ -20,6 +20,12 @@ machine's speed (other jobs on a shared machine) hits all alike. The decompositi
 Times are medians over the rounds; ``of bound`` and ``of ideal`` come with a 95 % bootstrap interval in which the
 rounds are resampled as pairs (the two models' times of one round saw the same machine), so drift cancels.
 
+One run's interval covers that run only: runs of the same command can differ by more than it. ``--repeats N``
+runs every cell N times, the repeats spread over the whole run, the models rebuilt before each repeat (new memory
+for every weight, as a new process gets; ``--keep_models`` times the same ones again). A table then gives each
+method's ``of bound`` and ``of ideal`` across the repeats: their mean with a 95 % t-interval over the repeats
+(which covers the run-to-run spread) and the lowest and highest repeat.
+
 Batch 1 reports latency (median and p90 ms over the rounds), larger batches throughput (images/s from the
 median time). A training step (forward, backward and AdamW step, eager) is timed the same way at
 ``--train_batch_size``.
@@ -58,7 +64,7 @@ from export_onnx import (compress, export_onnx, input_shape, ort_run, ort_sessio
 from pruning import METHOD_NAMES, METHODS  # noqa: E402
 from pruning.benchmark import bound_token_counts, schedule_only, synchronize, time_interleaved  # noqa: E402
 from pruning.flops import analytic_flops  # noqa: E402
-from stats import bootstrap_ratio_of_medians  # noqa: E402
+from stats import bootstrap_ratio_of_medians, t_interval  # noqa: E402
 
 PROG = "deploy_benchmark.py"
 RUNTIMES = ("eager", "compile", "onnxruntime")
@@ -120,6 +126,12 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds at batch > 1 (default: 10)")
     parser.add_argument("--latency_rounds", type=int, default=30,
                         help="interleaved rounds at batch 1 (median and p90 over them) (default: 30)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of every cell, the models rebuilt before each; > 1 adds the spread across "
+                             "repeats (default: 1)")
+    parser.add_argument("--keep_models", action="store_true",
+                        help="with --repeats: time the same models in every repeat, not rebuilt ones "
+                             "(default: off)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per model first (default: 2)")
     parser.add_argument("--train_batch_size", type=int, default=32,
                         help="batch of the training-step timing, at the first thread count; 0 skips it (default: 32)")
@@ -170,9 +182,11 @@ def check(args: argparse.Namespace) -> None:
         raise CLIError(f"--batch_sizes: expected a comma list of ints, got {args.batch_sizes!r}") from None
     if not args.batch_sizes or min(args.batch_sizes) < 1:
         raise CLIError("--batch_sizes: give one or more batch sizes >= 1")
-    for option in ("rounds", "latency_rounds"):
+    for option in ("rounds", "latency_rounds", "repeats"):
         if getattr(args, option) < 1:
             raise CLIError(f"--{option}: must be >= 1")
+    if args.keep_models and args.repeats == 1:
+        raise CLIError("--keep_models: only with --repeats 2 or more")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         raise CLIError(f"--json: the folder of {args.json} does not exist")
 
@@ -329,19 +343,44 @@ def run_training(args: argparse.Namespace, models: Dict[str, torch.nn.Module],
     return rows
 
 
+def across_repeats(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Per (runtime, threads, batch, method): ``of_bound`` and ``of_ideal`` over the repeats, as their mean, its
+    95 % t-interval over the repeats (``_ci``) and the lowest and highest repeat (``_range``)."""
+    cells: Dict[Tuple[str, int, int, str], List[Dict[str, Any]]] = {}
+    for r in rows:
+        if r["method"] != BASELINE:
+            cells.setdefault((r["runtime"], r["threads"], r["batch"], r["method"]), []).append(r)
+    summary = []
+    for (runtime, threads, batch, method), repeats in cells.items():
+        row: Dict[str, Any] = {"runtime": runtime, "threads": threads, "batch": batch, "method": method,
+                               "repeats": len(repeats)}
+        for key in ("of_bound", "of_ideal"):
+            values = [r[key] for r in repeats]
+            mean, low, high = t_interval(values)
+            row.update({key: mean, f"{key}_ci": [low, high], f"{key}_range": [min(values), max(values)]})
+        summary.append(row)
+    return summary
+
+
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     check(args)
-    torch.manual_seed(args.seed)
     load_start = loadavg()
     started = time.time()
+    torch.manual_seed(args.seed)
     models, bound_of = build_models(args)
     flops = {name: analytic_flops(model) for name, model in models.items() if not name.startswith(BOUND)}
     ideal = {name: flops[BASELINE] / f for name, f in flops.items()}
-    for model in models.values():
-        model.to(args.device)
-    compiles = len(models) * len(args.threads) * len(args.batch_sizes)
-    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode(), allow_compiles(compiles):
-        inference = run_inference(args, models, bound_of, ideal, tmp)
+    compiles = len(models) * len(args.threads) * len(args.batch_sizes) * args.repeats
+    inference: List[Dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp, allow_compiles(compiles):
+        for repeat in range(args.repeats):
+            if repeat and not args.keep_models:  # built while the last ones hold their memory: the weights move
+                torch.manual_seed(args.seed)
+                models, bound_of = build_models(args)
+            for model in models.values():
+                model.to(args.device)
+            with torch.inference_mode():
+                inference += [{**row, "repeat": repeat} for row in run_inference(args, models, bound_of, ideal, tmp)]
     training = run_training(args, models, ideal)
     return {
         "machine": machine(args.device),
@@ -349,13 +388,15 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "settings": {"arch": args.arch, "img_size": input_shape(models[BASELINE])[1], "methods": args.methods,
                      "schedule": args.schedule, "batch_sizes": args.batch_sizes, "runtimes": args.runtimes,
                      "threads": args.threads, "device": str(args.device), "precision": precision(args.amp_dtype),
-                     "rounds": args.rounds, "latency_rounds": args.latency_rounds,
+                     "rounds": args.rounds, "latency_rounds": args.latency_rounds, "repeats": args.repeats,
+                     "keep_models": args.keep_models,
                      "warmup": args.warmup, "train_batch_size": args.train_batch_size,
                      "train_rounds": args.train_rounds, "bounds": bound_of,
                      "command": " ".join(["python", "tools/deploy_benchmark.py"] + sys.argv[1:])},
         "gflops": {name: f / 1e9 for name, f in flops.items()},
         "inference": inference,
         "training": training,
+        "across_repeats": across_repeats(inference) if args.repeats > 1 else [],
     }
 
 
@@ -378,11 +419,40 @@ def markdown(report: Dict[str, Any]) -> str:
              f"{load(report['loadavg_end'])} (end); batch 1: median (p90) of {s['latency_rounds']} interleaved "
              f"rounds, larger batches: median of {s['rounds']}; ideal = FLOPs ratio, bound = the plain blocks at "
              f"the method's token counts, each reduction a free slice; [95 % interval, rounds resampled in pairs]",
-             "",
-             "| runtime | threads | batch | method | GFLOPs | latency ms (p90) / img/s | ideal | bound | "
+             ""]
+    repeats = s["repeats"]
+    for repeat in range(repeats):
+        rows = [r for r in report["inference"] if r["repeat"] == repeat]
+        if repeat == repeats - 1:
+            rows += report["training"]  # timed once, after every repeat
+        if repeats > 1:
+            lines += [f"#### Repeat {repeat + 1} of {repeats}", ""]
+        lines += [*rows_table(rows, report["gflops"]), ""]
+    if report["across_repeats"]:
+        lines += [*repeats_table(report), ""]
+    return "\n".join(lines[:-1]) + "\n"
+
+
+def repeats_table(report: Dict[str, Any]) -> List[str]:
+    """The markdown table of each method's figures across the repeats, with its heading."""
+    s = report["settings"]
+    rebuilt = "the same models in each" if s["keep_models"] else "the models rebuilt before each"
+    lines = [f"#### Across the {s['repeats']} repeats ({rebuilt})", "",
+             "mean [95 % t-interval over the repeats] (lowest, highest repeat)", "",
+             "| runtime | threads | batch | method | of bound | of ideal |", "|---|---:|---:|---|---:|---:|"]
+    for r in report["across_repeats"]:
+        spread = [f"{r[k]:.3f} [{r[k + '_ci'][0]:.3f}, {r[k + '_ci'][1]:.3f}] ({r[k + '_range'][0]:.3f}, "
+                  f"{r[k + '_range'][1]:.3f})" for k in ("of_bound", "of_ideal")]
+        lines.append(f"| {r['runtime']} | {r['threads']} | {r['batch']} | {r['method']} | {spread[0]} | {spread[1]} |")
+    return lines
+
+
+def rows_table(rows: List[Dict[str, Any]], gflops: Dict[str, float]) -> List[str]:
+    """The markdown table of one run's rows: time, ideal, bound and the method's share of each."""
+    lines = ["| runtime | threads | batch | method | GFLOPs | latency ms (p90) / img/s | ideal | bound | "
              "bound/ideal | speedup | of bound | of ideal |",
              "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in report["inference"] + report["training"]:
+    for r in rows:
         if r["batch"] == 1 and r["runtime"] in RUNTIMES:
             figure = f"{r['median_ms']:.3g} ({r['p90_ms']:.3g}) ms"
         else:
@@ -391,9 +461,9 @@ def markdown(report: Dict[str, Any]) -> str:
         of_bound = with_interval(r["of_bound"], r["of_bound_ci"]) if "of_bound" in r else ""
         of_ideal = with_interval(r["of_ideal"], r.get("of_ideal_ci"))
         lines.append(f"| {r['runtime']} | {r['threads']} | {r['batch']} | {r['method']} | "
-                     f"{report['gflops'][r['method']]:.3g} | {figure} | {r['ideal']:.2f}x | {bound}"
+                     f"{gflops[r['method']]:.3g} | {figure} | {r['ideal']:.2f}x | {bound}"
                      f"{r['speedup']:.2f}x | {of_bound} | {of_ideal} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

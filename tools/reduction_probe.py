@@ -4,15 +4,19 @@ as inside the model.
     python tools/reduction_probe.py --arch vit_small_patch16_224 --threads 1 --rounds 300
 
 For each method, the library's reduction step (``pruning.core.compress.reduce_tokens``: scoring, selection,
-gathering, fusing or ToMe's matching and merge) is timed on one block's tokens (batch 1, random values) under two
-conditions, alternating in every round:
+gathering, fusing or ToMe's matching and merge) is timed on one block's tokens (batch 1, random values) right
+after each of these untimed calls, in turn in every round:
 
-    warm         right after the same step, so what it touches was touched last
-    after block  right after a forward of the model's first block on the same tokens (untimed), as in the model
+    warm     the same step, so what it touches was touched last
+    block    a forward of the model's first block on the same tokens, as inside the model
+    matmul   the block's largest matrix product alone (its MLP's first linear layer on the block's tokens)
+    sweep    one sum over a buffer of as many floats as the block has weights: as much data through the caches
+             as the block, without a matrix product
 
-and a one-element ``add`` under the same two conditions gives the cost of dispatching one operation (ten of them in
-a row: whether every call pays that cost after a block, or only the first). The ratio after block / warm comes
-with a 95 % bootstrap interval over the rounds. ``aten ops`` counts the operations the step dispatches. Random
+Three more steps tell what is slowed: a one-element ``add`` (the cost of dispatching one operation), ten of them
+in a row (whether every call pays that cost, or only the first) and a loop of plain Python with no torch in it
+(whether code that shares nothing with torch is slowed too). Each condition's time over the warm one comes with
+a 95 % bootstrap interval over the rounds. ``aten ops`` counts the operations the step dispatches. Random
 weights and inputs: which tokens are kept does not change the step's operations.
 """
 import argparse
@@ -45,7 +49,7 @@ from pruning.patch.timm import BLOCK_LAYOUT  # noqa: E402
 from stats import bootstrap_ratio_of_medians  # noqa: E402
 
 PROG = "reduction_probe.py"
-CONDITIONS = ("warm", "after block")
+AFTER = ("block", "matmul", "sweep")  # the untimed calls whose effect is measured, each against "warm"
 
 
 def build_parser() -> ArgumentParser:
@@ -114,18 +118,37 @@ def timed(call: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def measure(steps: Dict[str, Callable[[], Any]], block_forward: Callable[[], Any], rounds: int
+def cache_sweep(block: torch.nn.Module) -> Callable[[], Any]:
+    """One sum over a buffer of as many floats as the block has weights: it streams as much data through the
+    caches as the block's forward does, in one cheap operation."""
+    buffer = torch.ones(sum(p.numel() for p in block.parameters()))
+    return buffer.sum
+
+
+def preceding_calls(block: torch.nn.Module, x: torch.Tensor) -> Dict[str, Callable[[], Any]]:
+    """The untimed call of each condition but "warm", by name (``AFTER``)."""
+    normed = block.norm2(x)
+    return {"block": lambda: block(x), "matmul": lambda: block.mlp.fc1(normed), "sweep": cache_sweep(block)}
+
+
+def python_loop() -> int:
+    """Plain Python work that touches nothing of torch's."""
+    return sum(i * i for i in range(100))
+
+
+def measure(steps: Dict[str, Callable[[], Any]], before: Dict[str, Callable[[], Any]], rounds: int
             ) -> Dict[str, Dict[str, List[float]]]:
-    """Seconds of each step per condition; in every round each step runs warm and after a block, in turn."""
-    times = {name: {c: [] for c in CONDITIONS} for name in steps}
+    """Seconds of each step right after each condition's call; in every round each step runs under every
+    condition in turn, "warm" (right after itself) first."""
+    before = {"warm": None, **before}
+    times = {name: {c: [] for c in before} for name in steps}
     for step in steps.values():
         step()
     for _ in range(rounds):
         for name, step in steps.items():
-            step()
-            times[name]["warm"].append(timed(step))
-            block_forward()
-            times[name]["after block"].append(timed(step))
+            for condition, call in before.items():
+                (call or step)()
+                times[name][condition].append(timed(step))
     return times
 
 
@@ -148,7 +171,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, Any]:
     with torch.inference_mode():
         x = model._pos_embed(model.patch_embed(torch.randn(1, *model.default_cfg["input_size"])))
         one = torch.ones(1)
-        steps = {"one add": lambda: one.add(1), "ten adds": lambda: [one.add(1) for _ in range(10)]}
+        steps = {"python loop": python_loop, "one add": lambda: one.add(1),
+                 "ten adds": lambda: [one.add(1) for _ in range(10)]}
         steps.update({m: reduction_step(m, block, x, args.reduce_token) for m in args.methods})
         ops = {}
         for name, step in steps.items():
@@ -156,14 +180,17 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, Any]:
                 step()
             ops[name] = counter.count
         start = time.perf_counter()
-        times = measure(steps, lambda: block(x), args.rounds)
+        times = measure(steps, preceding_calls(block, x), args.rounds)
         seconds = time.perf_counter() - start
     rows = []
     for name, by_condition in times.items():
-        warm, after = by_condition["warm"], by_condition["after block"]
-        ratio, low, high = bootstrap_ratio_of_medians(after, warm)
-        rows.append({"step": name, "aten_ops": ops[name], "warm_us": 1e6 * statistics.median(warm),
-                     "after_block_us": 1e6 * statistics.median(after), "ratio": ratio, "ratio_ci": [low, high]})
+        warm = by_condition["warm"]
+        row = {"step": name, "aten_ops": ops[name], "warm_us": 1e6 * statistics.median(warm)}
+        for condition in AFTER:
+            ratio, low, high = bootstrap_ratio_of_medians(by_condition[condition], warm)
+            row.update({f"after_{condition}_us": 1e6 * statistics.median(by_condition[condition]),
+                        f"{condition}_ratio": ratio, f"{condition}_ratio_ci": [low, high]})
+        rows.append(row)
     return {"settings": {"arch": args.arch, "tokens": x.shape[1], "reduce_token": args.reduce_token,
                          "threads": args.threads, "rounds": args.rounds, "torch": torch.__version__,
                          "command": " ".join(["python", f"tools/{PROG}", *argv])},
@@ -174,11 +201,14 @@ def markdown(report: Dict[str, Any]) -> str:
     s = report["settings"]
     lines = [f"{s['arch']}, {s['tokens']} tokens, batch 1, {s['threads']} thread(s), {s['rounds']} rounds; "
              f"medians, [95 % interval]", "",
-             "| step | aten ops | warm µs | after a block µs | after / warm |", "|---|---:|---:|---:|---:|"]
+             "| step | aten ops | warm µs | after block µs | after matmul µs | after sweep µs | block / warm | "
+             "matmul / warm | sweep / warm |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
-        low, high = r["ratio_ci"]
-        lines.append(f"| {r['step']} | {r['aten_ops']} | {r['warm_us']:.1f} | {r['after_block_us']:.1f} | "
-                     f"{r['ratio']:.2f} [{low:.2f}, {high:.2f}] |")
+        times = " | ".join(f"{r[f'after_{c}_us']:.1f}" for c in AFTER)
+        ratios = " | ".join(f"{r[f'{c}_ratio']:.2f} [{r[f'{c}_ratio_ci'][0]:.2f}, {r[f'{c}_ratio_ci'][1]:.2f}]"
+                            for c in AFTER)
+        lines.append(f"| {r['step']} | {r['aten_ops']} | {r['warm_us']:.1f} | {times} | {ratios} |")
     return "\n".join(lines) + "\n"
 
 
