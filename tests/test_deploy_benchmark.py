@@ -47,10 +47,16 @@ def test_runs_and_writes_json(tmp_path, capsys):
     assert report["across_repeats"] == [] and "####" not in table
 
 
-def test_repeats_rebuild_the_models_and_summarise_each_cell_across_them(tmp_path, capsys, monkeypatch):
-    built = []
+@pytest.fixture
+def built(monkeypatch):
+    """Every (models, bound_of) the benchmark builds, in order."""
+    calls = []
     build = deploy_benchmark.build_models
-    monkeypatch.setattr(deploy_benchmark, "build_models", lambda args: built.append(build(args)) or built[-1])
+    monkeypatch.setattr(deploy_benchmark, "build_models", lambda args: calls.append(build(args)) or calls[-1])
+    return calls
+
+
+def test_repeats_rebuild_the_models_and_summarise_each_cell_across_them(tmp_path, capsys, built):
     out = tmp_path / "bench.json"
     code = deploy_benchmark.main(["--arch", "vit_pico_patch2_8", "--methods", "tk_n,tome", "--reduce_token", "3",
                                   "--runtimes", "eager", "--threads", "1", "--quick", "--repeats", "3",
@@ -87,10 +93,7 @@ def test_thread_counts_are_one_line_errors_when_bad(capsys):
     assert err.startswith("deploy_benchmark.py: error: --threads: expected") and err.count("\n") == 1
 
 
-def test_keep_models_times_the_same_models_in_every_repeat(tmp_path, capsys, monkeypatch):
-    built = []
-    build = deploy_benchmark.build_models
-    monkeypatch.setattr(deploy_benchmark, "build_models", lambda args: built.append(build(args)) or built[-1])
+def test_keep_models_times_the_same_models_in_every_repeat(tmp_path, capsys, built):
     out = tmp_path / "bench.json"
     assert deploy_benchmark.main(["--arch", "vit_pico_patch2_8", "--methods", "tk_n", "--reduce_token", "3",
                                   "--runtimes", "eager", "--threads", "1", "--quick", "--train_batch_size", "0",

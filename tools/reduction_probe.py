@@ -58,7 +58,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--methods", default="tk_n,evit,evit_n,tome", help="comma list (default: %(default)s)")
     parser.add_argument("--reduce_token", type=int, default=10, help="tokens the step removes (default: 10)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
-    parser.add_argument("--rounds", type=int, default=300, help="rounds, each timing every step twice (default: 300)")
+    parser.add_argument("--rounds", type=int, default=300,
+                        help="rounds, each timing every step under every condition (default: 300)")
     parser.add_argument("--json", metavar="OUT.json", default=None)
     parser.add_argument("--md", metavar="OUT.md", default=None, help="also write the markdown table here")
     return parser
