@@ -108,6 +108,7 @@ def test_the_output_difference_is_the_largest_gap_between_the_two_libraries_outp
     (["--against", "HEAD", "--methods", "tk_n,foo"], "--methods: unknown foo; choose from"),
     (["--against", "HEAD", "--batch_size", "0", "--train_batch_size", "0"], "--batch_size, --train_batch_size:"),
     (["--against", "HEAD", "--rounds", "0"], "--rounds: must be >= 1"),
+    (["--against", "HEAD", "--warmup", "-1"], "--warmup: must be >= 0"),
     (["--against", "HEAD", "--json", "/no/such/folder/x.json"], "--json: the folder of"),
 ])
 def test_bad_input_is_a_one_line_error(repo, capsys, argv, message):

@@ -95,6 +95,8 @@ def check(args: argparse.Namespace) -> None:
     for option in ("threads", "rounds", "train_rounds"):
         if getattr(args, option) < 1:
             raise CLIError(f"--{option}: must be >= 1, got {getattr(args, option)}")
+    if args.warmup < 0:
+        raise CLIError(f"--warmup: must be >= 0, got {args.warmup}")
     if args.batch_size < 0 or args.train_batch_size < 0 or not (args.batch_size or args.train_batch_size):
         raise CLIError("--batch_size, --train_batch_size: each >= 0 and not both 0 (0 skips that phase)")
     for option in ("json", "md"):
@@ -208,10 +210,14 @@ def verdict(low: float, high: float) -> str:
 def run(args: argparse.Namespace, save: Callable[[Dict[str, Any]], None]) -> Dict[str, Any]:
     check(args)
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as folder:
-        old = library_at(args.against, args.repo, folder)
-        labels = [TREE, old.commit[:12]]
-        models = build_models(args, dict(zip(labels, (pruning, old))))
+    with tempfile.TemporaryDirectory() as folder:  # kept to the end: a module may import a sibling lazily
+        return measure(args, library_at(args.against, args.repo, folder), save)
+
+
+def measure(args: argparse.Namespace, old: ModuleType, save: Callable[[Dict[str, Any]], None]) -> Dict[str, Any]:
+    """Both libraries' models timed phase by phase; the report saved after each phase."""
+    labels = [TREE, old.commit[:12]]
+    models = build_models(args, dict(zip(labels, (pruning, old))))
     differences = output_differences(models, args.methods, labels, args.batch_size)
     report = {"machine": machine(torch.device("cpu")), "loadavg_start": loadavg(), "started": time.time(),
               "settings": {**{k: v for k, v in vars(args).items() if k not in ("json", "md", "quick")},
