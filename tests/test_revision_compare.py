@@ -105,7 +105,8 @@ def test_the_output_difference_is_the_largest_gap_between_the_two_libraries_outp
 
 @pytest.mark.parametrize("argv, message", [
     (["--against", "no-such-revision"], "--against: 'no-such-revision' is not a commit in"),
-    (["--against", "HEAD", "--methods", "tk_n,foo"], "--methods: unknown foo; choose from"),
+    (["--against", "HEAD", "--methods", "tk_n,foo"], "--methods: unknown method 'foo'; choose from"),
+    (["--against", "HEAD", "--methods", "none,tk_n"], "--methods: 'none' is the uncompressed model"),
     (["--against", "HEAD", "--batch_size", "0", "--train_batch_size", "0"], "--batch_size, --train_batch_size:"),
     (["--against", "HEAD", "--rounds", "0"], "--rounds: must be >= 1"),
     (["--against", "HEAD", "--warmup", "-1"], "--warmup: must be >= 0"),

@@ -105,14 +105,19 @@ def csv_list(text: str) -> List[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+def add_model_options(parser: ArgumentParser) -> None:
+    """The model and its compression: --arch, --img_size, --methods, --reduce_token (``args.schedule``)."""
     parser.add_argument("--arch", default="vit_small_patch16_224", help="timm ViT name (default: %(default)s)")
     parser.add_argument("--img_size", type=int, default=None)
     parser.add_argument("--methods", default=",".join(m for m in METHOD_NAMES[1:] if not METHODS[m].control),
                         help="comma list (default: every method but the controls)")
     parser.add_argument("--reduce_token", dest="schedule", type=reduce_token_type, default=10,
                         help="tokens removed per block: an int or one value per block (default: %(default)s)")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    add_model_options(parser)
     parser.add_argument("--batch_sizes", default="1,32", help="comma list; 1 = latency (default: %(default)s)")
     parser.add_argument("--runtimes", default="eager,onnxruntime",
                         help="comma list from eager, compile, onnxruntime (default: %(default)s)")

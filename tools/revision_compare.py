@@ -42,12 +42,11 @@ if str(TOOLS) not in sys.path:
 import torch  # noqa: E402
 
 import pruning  # noqa: E402
-from deploy_benchmark import BASELINE, csv_list, loadavg, machine, train_callables  # noqa: E402
-from engine import model as engine_model  # noqa: E402
+from benchmark import create_model, parse_methods  # noqa: E402
+from deploy_benchmark import BASELINE, add_model_options, loadavg, machine, train_callables  # noqa: E402
 from engine.errors import CLIError, report_error  # noqa: E402
 from engine.options import ArgumentParser  # noqa: E402
-from export_onnx import input_shape, reduce_token_type  # noqa: E402
-from pruning import METHOD_NAMES, METHODS  # noqa: E402
+from export_onnx import input_shape  # noqa: E402
 from pruning.benchmark import time_interleaved  # noqa: E402
 from stats import bootstrap_ratio_of_medians  # noqa: E402
 
@@ -62,12 +61,7 @@ def build_parser() -> ArgumentParser:
                         help="the git revision whose library the working tree's is compared with (a commit, tag, "
                              "branch)")
     parser.add_argument("--repo", default=str(ROOT), help="the git repository to read it from (default: this one)")
-    parser.add_argument("--arch", default="vit_small_patch16_224", help="timm ViT name (default: %(default)s)")
-    parser.add_argument("--img_size", type=int, default=None)
-    parser.add_argument("--methods", default=",".join(m for m in METHOD_NAMES[1:] if not METHODS[m].control),
-                        help="comma list (default: every method but the controls)")
-    parser.add_argument("--reduce_token", dest="schedule", type=reduce_token_type, default=10,
-                        help="tokens removed per block: an int or one value per block (default: %(default)s)")
+    add_model_options(parser)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     parser.add_argument("--batch_size", type=int, default=32, help="forward batch; 0 skips it (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=20, help="interleaved forward rounds (default: %(default)s)")
@@ -87,11 +81,9 @@ def check(args: argparse.Namespace) -> None:
     if args.quick:
         for option, value in QUICK.items():
             setattr(args, option, value)
-    args.methods = csv_list(args.methods)
-    unknown = [m for m in args.methods if m not in METHODS or m == "none"]
-    if unknown or not args.methods:
-        raise CLIError(f"--methods: unknown {', '.join(unknown) or 'empty list'}; "
-                       f"choose from {', '.join(METHOD_NAMES[1:])}")
+    args.methods = parse_methods(args.methods)
+    if BASELINE in args.methods:
+        raise CLIError(f"--methods: {BASELINE!r} is the uncompressed model, timed in every run; name methods only")
     for option in ("threads", "rounds", "train_rounds"):
         if getattr(args, option) < 1:
             raise CLIError(f"--{option}: must be >= 1, got {getattr(args, option)}")
@@ -160,7 +152,7 @@ def library_at(revision: str, repo: str, folder: str) -> ModuleType:
 def build_models(args: argparse.Namespace, libraries: Dict[str, ModuleType]) -> Dict[str, torch.nn.Module]:
     """The uncompressed model, and each method compressed by each library (``method@label``), all copies of it."""
     torch.manual_seed(args.seed)
-    plain = engine_model.create_model(args.arch, None, None, img_size=args.img_size).eval()
+    plain = create_model(args.arch, args.img_size)
     models = {BASELINE: plain}
     for method in args.methods:
         for label, library in libraries.items():
