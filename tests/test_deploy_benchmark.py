@@ -45,6 +45,7 @@ def test_runs_and_writes_json(tmp_path, capsys):
     # one run: no repeats to summarise
     assert report["settings"]["repeats"] == 1 and {r["repeat"] for r in report["inference"]} == {0}
     assert report["across_repeats"] == [] and "####" not in table
+    assert report["complete"] and "Interrupted" not in table
 
 
 @pytest.fixture
@@ -85,6 +86,37 @@ def test_repeats_rebuild_the_models_and_summarise_each_cell_across_them(tmp_path
             assert low <= s[key] <= high
     assert table.count("#### Repeat ") == 3 and "#### Across the 3 repeats" in table
     assert table.count("eager (train step)") == 3  # timed once, after the repeats: one row per model
+
+
+def test_an_interrupted_run_keeps_the_cells_it_measured(tmp_path, monkeypatch):
+    timed = deploy_benchmark.time_interleaved
+
+    def interrupted_in_the_third_cell(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return timed(*args, **kwargs)
+    calls = []
+    monkeypatch.setattr(deploy_benchmark, "time_interleaved", interrupted_in_the_third_cell)
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    with pytest.raises(KeyboardInterrupt):  # the cells run batch 1 then 2, in each repeat
+        deploy_benchmark.main(["--arch", "vit_pico_patch2_8", "--methods", "tk_n", "--reduce_token", "3",
+                               "--runtimes", "eager", "--threads", "1", "--quick", "--repeats", "2",
+                               "--json", str(out), "--md", str(md)])
+    report = json.loads(out.read_text())
+    assert not report["complete"] and report["training"] == []
+    assert [(r["repeat"], r["batch"], r["method"]) for r in report["inference"]] == [
+        (0, b, m) for b in (1, 2) for m in ("none", "tk_n")]
+    assert report["across_repeats"] == []  # one repeat of each cell: no spread yet
+    table = md.read_text()
+    assert table.count("| eager | 1 | 2 | tk_n |") == 1 and "#### Repeat 1 of 2" in table
+    assert "Interrupted after" in table and "#### Repeat 2 of 2" not in table
+
+
+def test_a_missing_output_folder_is_a_one_line_error(tmp_path, capsys):
+    assert deploy_benchmark.main(["--md", str(tmp_path / "absent" / "bench.md")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deploy_benchmark.py: error: --md: the folder of") and err.count("\n") == 1
 
 
 def test_thread_counts_are_one_line_errors_when_bad(capsys):

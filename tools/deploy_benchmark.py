@@ -30,7 +30,8 @@ Batch 1 reports latency (median and p90 ms over the rounds), larger batches thro
 median time). A training step (forward, backward and AdamW step, eager) is timed the same way at
 ``--train_batch_size``.
 
-Output: a markdown table on stdout (and ``--md``), all figures with the machine and its load in ``--json``.
+Output: a markdown table on stdout (and ``--md``), all figures with the machine and its load in ``--json``. Both
+files are rewritten after every cell, so an interrupted run keeps the cells it measured (``complete`` false).
 Random weights: speed does not depend on them.
 """
 import argparse
@@ -43,7 +44,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -192,8 +193,10 @@ def check(args: argparse.Namespace) -> None:
             raise CLIError(f"--{option}: must be >= 1")
     if args.keep_models and args.repeats == 1:
         raise CLIError("--keep_models: only with --repeats 2 or more")
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        raise CLIError(f"--json: the folder of {args.json} does not exist")
+    for option in ("json", "md"):
+        path = getattr(args, option)
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise CLIError(f"--{option}: the folder of {path} does not exist")
 
 
 def build_models(args: argparse.Namespace) -> Tuple[Dict[str, torch.nn.Module], Dict[str, str]]:
@@ -317,9 +320,9 @@ def decompose(times: Dict[str, List[float]], runtime: str, threads: int, batch: 
 
 
 def run_inference(args: argparse.Namespace, models: Dict[str, torch.nn.Module], bound_of: Dict[str, str],
-                  ideal: Dict[str, float], tmp: str) -> List[Dict[str, Any]]:
-    """Every (runtime, thread count, batch): one interleaved run of every model, decomposed."""
-    rows: List[Dict[str, Any]] = []
+                  ideal: Dict[str, float], tmp: str) -> Iterator[List[Dict[str, Any]]]:
+    """Every (runtime, thread count, batch): one interleaved run of every model, decomposed; one cell's rows at a
+    time, so that each can be saved as soon as it is measured."""
     for threads in args.threads:
         torch.set_num_threads(threads)
         for batch in args.batch_sizes:
@@ -327,8 +330,7 @@ def run_inference(args: argparse.Namespace, models: Dict[str, torch.nn.Module], 
                 calls = inference_callables(runtime, models, batch, tmp, args, threads)
                 rounds = args.latency_rounds if batch == 1 else args.rounds
                 times = time_interleaved(calls, rounds, args.warmup)
-                rows += decompose(times, runtime, threads, batch, ideal, bound_of)
-    return rows
+                yield decompose(times, runtime, threads, batch, ideal, bound_of)
 
 
 def run_training(args: argparse.Namespace, models: Dict[str, torch.nn.Module],
@@ -357,6 +359,8 @@ def across_repeats(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             cells.setdefault((r["runtime"], r["threads"], r["batch"], r["method"]), []).append(r)
     summary = []
     for (runtime, threads, batch, method), repeats in cells.items():
+        if len(repeats) < 2:  # an interrupted run's last repeat: no spread to give yet
+            continue
         row: Dict[str, Any] = {"runtime": runtime, "threads": threads, "batch": batch, "method": method,
                                "repeats": len(repeats)}
         for key in ("of_bound", "of_ideal"):
@@ -367,16 +371,25 @@ def across_repeats(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return summary
 
 
-def run(args: argparse.Namespace) -> Dict[str, Any]:
+def run(args: argparse.Namespace, save: Callable[[Dict[str, Any]], None] = lambda report: None) -> Dict[str, Any]:
+    """The whole benchmark as a report; ``save`` gets the report so far after every cell, so an interrupted run
+    keeps what it measured (``complete`` is set at the end)."""
     check(args)
-    load_start = loadavg()
     started = time.time()
+    report: Dict[str, Any] = {"machine": machine(args.device), "loadavg_start": loadavg()}
     torch.manual_seed(args.seed)
     models, bound_of = build_models(args)
     flops = {name: analytic_flops(model) for name, model in models.items() if not name.startswith(BOUND)}
     ideal = {name: flops[BASELINE] / f for name, f in flops.items()}
+    report.update(settings=settings(args, models, bound_of), gflops={name: f / 1e9 for name, f in flops.items()},
+                  inference=[], training=[], across_repeats=[], complete=False)
+
+    def measured(**update: Any) -> None:
+        report.update(update, loadavg_end=loadavg(), seconds=time.time() - started)
+        report["across_repeats"] = across_repeats(report["inference"]) if args.repeats > 1 else []
+        save(report)
+
     compiles = len(models) * len(args.threads) * len(args.batch_sizes) * args.repeats
-    inference: List[Dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp, allow_compiles(compiles):
         for repeat in range(args.repeats):
             if repeat and not args.keep_models:  # built while the last ones hold their memory: the weights move
@@ -385,24 +398,21 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             for model in models.values():
                 model.to(args.device)
             with torch.inference_mode():
-                inference += [{**row, "repeat": repeat} for row in run_inference(args, models, bound_of, ideal, tmp)]
-    training = run_training(args, models, ideal)
-    return {
-        "machine": machine(args.device),
-        "loadavg_start": load_start, "loadavg_end": loadavg(), "seconds": time.time() - started,
-        "settings": {"arch": args.arch, "img_size": input_shape(models[BASELINE])[1], "methods": args.methods,
-                     "schedule": args.schedule, "batch_sizes": args.batch_sizes, "runtimes": args.runtimes,
-                     "threads": args.threads, "device": str(args.device), "precision": precision(args.amp_dtype),
-                     "rounds": args.rounds, "latency_rounds": args.latency_rounds, "repeats": args.repeats,
-                     "keep_models": args.keep_models,
-                     "warmup": args.warmup, "train_batch_size": args.train_batch_size,
-                     "train_rounds": args.train_rounds, "bounds": bound_of,
-                     "command": " ".join(["python", "tools/deploy_benchmark.py"] + sys.argv[1:])},
-        "gflops": {name: f / 1e9 for name, f in flops.items()},
-        "inference": inference,
-        "training": training,
-        "across_repeats": across_repeats(inference) if args.repeats > 1 else [],
-    }
+                for rows in run_inference(args, models, bound_of, ideal, tmp):
+                    measured(inference=report["inference"] + [{**row, "repeat": repeat} for row in rows])
+    measured(training=run_training(args, models, ideal), complete=True)
+    return report
+
+
+def settings(args: argparse.Namespace, models: Dict[str, torch.nn.Module], bound_of: Dict[str, str]
+             ) -> Dict[str, Any]:
+    return {"arch": args.arch, "img_size": input_shape(models[BASELINE])[1], "methods": args.methods,
+            "schedule": args.schedule, "batch_sizes": args.batch_sizes, "runtimes": args.runtimes,
+            "threads": args.threads, "device": str(args.device), "precision": precision(args.amp_dtype),
+            "rounds": args.rounds, "latency_rounds": args.latency_rounds, "repeats": args.repeats,
+            "keep_models": args.keep_models, "warmup": args.warmup, "train_batch_size": args.train_batch_size,
+            "train_rounds": args.train_rounds, "bounds": bound_of,
+            "command": " ".join(["python", "tools/deploy_benchmark.py"] + sys.argv[1:])}
 
 
 def precision(amp_dtype: Optional[torch.dtype]) -> str:
@@ -425,8 +435,10 @@ def markdown(report: Dict[str, Any]) -> str:
              f"rounds, larger batches: median of {s['rounds']}; ideal = FLOPs ratio, bound = the plain blocks at "
              f"the method's token counts, each reduction a free slice; [95 % interval, rounds resampled in pairs]",
              ""]
+    if not report["complete"]:
+        lines += [f"Interrupted after {report['seconds']:.0f} s: the cells measured until then.", ""]
     repeats = s["repeats"]
-    for repeat in range(repeats):
+    for repeat in sorted({r["repeat"] for r in report["inference"]}):
         rows = [r for r in report["inference"] if r["repeat"] == repeat]
         if repeat == repeats - 1:
             rows += report["training"]  # timed once, after every repeat
@@ -475,19 +487,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        json_path, md_path = args.json, args.md
-        report = run(args)
+
+        def save(report: Dict[str, Any]) -> None:
+            if args.json:
+                Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+            if args.md:
+                Path(args.md).write_text(markdown(report))
+        report = run(args, save)
     except CLIError as err:
         return report_error(PROG, err)
-    table = markdown(report)
-    print(table, end="")
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-    if md_path:
-        with open(md_path, "w") as f:
-            f.write(table)
+    print(markdown(report), end="")
     return 0
 
 
