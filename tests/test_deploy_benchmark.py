@@ -77,8 +77,9 @@ def test_repeats_rebuild_the_models_and_summarise_each_cell_across_them(tmp_path
     summary = report["across_repeats"]
     assert {(r["method"], r["batch"]) for r in summary} == {(m, b) for m in ("tk_n", "tome") for b in (1, 2)}
     for s in summary:
-        for key in ("of_bound", "of_ideal"):
-            values = [r[key] for r in rows if (r["method"], r["batch"]) == (s["method"], s["batch"])]
+        for key in ("of_bound", "of_ideal", "bound_of_ideal", "lost_to_method"):
+            values = [r["bound_of_ideal"] - r["of_ideal"] if key == "lost_to_method" else r[key]
+                      for r in rows if (r["method"], r["batch"]) == (s["method"], s["batch"])]
             assert s["repeats"] == len(values) == 3
             assert s[key] == pytest.approx(sum(values) / 3)
             assert s[f"{key}_range"] == [min(values), max(values)]
