@@ -350,13 +350,16 @@ def run_training(args: argparse.Namespace, models: Dict[str, torch.nn.Module],
     return rows
 
 
-ACROSS_REPEATS = ("of_bound", "of_ideal", "bound_of_ideal", "lost_to_method")
-
-
 def lost_to_method(row: Dict[str, Any]) -> float:
     """The share of the ideal speedup the method's own work costs: bound/ideal minus what it keeps of the ideal
     (0.03 means the method sits 0.03 of the ideal below its bound)."""
     return row["bound_of_ideal"] - row["of_ideal"]
+
+
+# each figure summarised across the repeats, and how to read it from one repeat's row
+ACROSS_REPEATS: Dict[str, Callable[[Dict[str, Any]], float]] = {
+    "of_bound": lambda row: row["of_bound"], "of_ideal": lambda row: row["of_ideal"],
+    "bound_of_ideal": lambda row: row["bound_of_ideal"], "lost_to_method": lost_to_method}
 
 
 def across_repeats(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -372,8 +375,8 @@ def across_repeats(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             continue
         row: Dict[str, Any] = {"runtime": runtime, "threads": threads, "batch": batch, "method": method,
                                "repeats": len(repeats)}
-        for key in ACROSS_REPEATS:
-            values = [lost_to_method(r) if key == "lost_to_method" else r[key] for r in repeats]
+        for key, figure in ACROSS_REPEATS.items():
+            values = [figure(r) for r in repeats]
             mean, low, high = t_interval(values)
             row.update({key: mean, f"{key}_ci": [low, high], f"{key}_range": [min(values), max(values)]})
         summary.append(row)
