@@ -40,7 +40,7 @@ def test_runs_and_writes_json(tmp_path, capsys):
                 assert low <= r[key] <= high
     assert [r["method"] for r in report["training"]] == ["none", "tk_n", "tk", "tome"]
     assert "| onnxruntime | 1 | 1 | tk_n |" in table and report["machine"]["cpu"] in table
-    assert "| bound | bound/ideal | speedup | of bound | of ideal |" in table
+    assert "| bound | bound/ideal | speedup | of bound | of ideal | method ms |" in table
     assert "[95 % interval, rounds resampled in pairs]" in table
     # one run: no repeats to summarise
     assert report["settings"]["repeats"] == 1 and {r["repeat"] for r in report["inference"]} == {0}
@@ -77,8 +77,10 @@ def test_repeats_rebuild_the_models_and_summarise_each_cell_across_them(tmp_path
     summary = report["across_repeats"]
     assert {(r["method"], r["batch"]) for r in summary} == {(m, b) for m in ("tk_n", "tome") for b in (1, 2)}
     for s in summary:
-        for key in ("of_bound", "of_ideal", "bound_of_ideal", "lost_to_method"):
-            values = [r["bound_of_ideal"] - r["of_ideal"] if key == "lost_to_method" else r[key]
+        derived = {"lost_to_method": lambda r: r["bound_of_ideal"] - r["of_ideal"],
+                   "method_ms": lambda r: r["median_ms"] - r["bound_ms"]}
+        for key in ("of_bound", "of_ideal", "bound_of_ideal", "lost_to_method", "method_ms"):
+            values = [derived[key](r) if key in derived else r[key]
                       for r in rows if (r["method"], r["batch"]) == (s["method"], s["batch"])]
             assert s["repeats"] == len(values) == 3
             assert s[key] == pytest.approx(sum(values) / 3)
@@ -87,6 +89,33 @@ def test_repeats_rebuild_the_models_and_summarise_each_cell_across_them(tmp_path
             assert low <= s[key] <= high
     assert table.count("#### Repeat ") == 3 and "#### Across the 3 repeats" in table
     assert table.count("eager (train step)") == 3  # timed once, after the repeats: one row per model
+
+
+def test_from_json_prints_a_saved_report_again_without_measuring(tmp_path, capsys, monkeypatch):
+    out, md = tmp_path / "bench.json", tmp_path / "again.md"
+    assert deploy_benchmark.main(["--arch", "vit_pico_patch2_8", "--methods", "tk_n", "--reduce_token", "3",
+                                  "--runtimes", "eager", "--threads", "1", "--quick", "--train_batch_size", "0",
+                                  "--repeats", "2", "--json", str(out)]) == 0
+    measured = capsys.readouterr().out
+    monkeypatch.setattr(deploy_benchmark, "time_interleaved", None)  # nothing may be timed
+    assert deploy_benchmark.main(["--from_json", str(out), "--md", str(md)]) == 0
+    assert capsys.readouterr().out == measured == md.read_text()
+    # a report saved by a version that kept no summary across repeats gets the current one
+    report = json.loads(out.read_text())
+    del report["across_repeats"]
+    out.write_text(json.dumps(report))
+    assert deploy_benchmark.main(["--from_json", str(out)]) == 0
+    assert capsys.readouterr().out == measured
+
+
+def test_from_json_of_a_file_that_is_no_report_is_a_one_line_error(tmp_path, capsys):
+    for text in ('{"inference": []}', "{"):
+        (tmp_path / "other.json").write_text(text)
+        assert deploy_benchmark.main(["--from_json", str(tmp_path / "other.json")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("deploy_benchmark.py: error: --from_json: ") and err.count("\n") == 1
+    assert deploy_benchmark.main(["--from_json", str(tmp_path / "absent.json")]) == 2
+    assert "cannot read" in capsys.readouterr().err
 
 
 def test_an_interrupted_run_keeps_the_cells_it_measured(tmp_path, monkeypatch):
