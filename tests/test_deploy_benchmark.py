@@ -98,8 +98,10 @@ def test_from_json_prints_a_saved_report_again_without_measuring(tmp_path, capsy
                                   "--repeats", "2", "--json", str(out)]) == 0
     measured = capsys.readouterr().out
     monkeypatch.setattr(deploy_benchmark, "time_interleaved", None)  # nothing may be timed
-    assert deploy_benchmark.main(["--from_json", str(out), "--md", str(md)]) == 0
+    saved = out.read_text()
+    assert deploy_benchmark.main(["--from_json", str(out), "--md", str(md), "--json", str(out)]) == 0
     assert capsys.readouterr().out == measured == md.read_text()
+    assert out.read_text() == saved  # the saved report is read, never rewritten
     # a report saved by a version that kept no summary across repeats gets the current one
     report = json.loads(out.read_text())
     del report["across_repeats"]
@@ -116,6 +118,9 @@ def test_from_json_of_a_file_that_is_no_report_is_a_one_line_error(tmp_path, cap
         assert err.startswith("deploy_benchmark.py: error: --from_json: ") and err.count("\n") == 1
     assert deploy_benchmark.main(["--from_json", str(tmp_path / "absent.json")]) == 2
     assert "cannot read" in capsys.readouterr().err
+    assert deploy_benchmark.main(["--from_json", str(tmp_path / "other.json"),
+                                  "--md", str(tmp_path / "absent" / "t.md")]) == 2
+    assert capsys.readouterr().err.startswith("deploy_benchmark.py: error: --md: the folder of")
 
 
 def test_an_interrupted_run_keeps_the_cells_it_measured(tmp_path, monkeypatch):

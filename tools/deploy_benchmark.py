@@ -154,7 +154,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--from_json", metavar="REPORT.json", default=None,
                         help="measure nothing: print (and --md) the tables of a report this tool saved, the "
-                             "repeats summarised as this version does")
+                             "repeats summarised as this version does; the other options are ignored")
     return parser
 
 
@@ -202,9 +202,12 @@ def check(args: argparse.Namespace) -> None:
     if args.keep_models and args.repeats == 1:
         raise CLIError("--keep_models: only with --repeats 2 or more")
     for option in ("json", "md"):
-        path = getattr(args, option)
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise CLIError(f"--{option}: the folder of {path} does not exist")
+        check_folder(option, getattr(args, option))
+
+
+def check_folder(option: str, path: Optional[str]) -> None:
+    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise CLIError(f"--{option}: the folder of {path} does not exist")
 
 
 def build_models(args: argparse.Namespace) -> Tuple[Dict[str, torch.nn.Module], Dict[str, str]]:
@@ -545,9 +548,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
             if args.md:
                 Path(args.md).write_text(markdown(report))
-        report = saved_report(args.from_json) if args.from_json else run(args, save)
-        if args.from_json and args.md:
-            save(report)
+        if args.from_json:  # only --md is written: the saved report stays as it was
+            check_folder("md", args.md)
+            report = saved_report(args.from_json)
+            if args.md:
+                Path(args.md).write_text(markdown(report))
+        else:
+            report = run(args, save)
     except CLIError as err:
         return report_error(PROG, err)
     print(markdown(report), end="")
