@@ -7,6 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pruning import METHOD_NAMES, get_method
 from pruning.core.merging import first_non_prefix, in_token_order
+from pruning.core.scoring import head_average
 from pruning.flops import analytic_flops
 from pruning.patch import apply_patch, get_config, get_state, remove_patch
 from pruning.schedules import keep_rate_schedule, matched_flops_schedule
@@ -205,6 +206,15 @@ def test_tome_slots_are_laid_out_in_token_order(num_prefix, num_tokens):
     tokens = torch.arange(num_tokens)[None]
     laid_out = in_token_order(tokens[:, :num_prefix], tokens[:, a_first::2], tokens[:, b_first::2], num_prefix)
     assert laid_out.tolist() == tokens.tolist()
+
+
+def test_tome_key_average_is_mean_bit_for_bit_and_the_same_average_when_exporting(monkeypatch):
+    keys = torch.randn(2, 6, 11, 8).transpose(2, 3).transpose(2, 3)  # (B, H, N, D), as a strided view
+    assert torch.equal(head_average(keys), keys.mean(dim=1))
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)  # the product onnxruntime runs faster
+    exported = head_average(keys)
+    assert exported.shape == (2, 11, 8)
+    torch.testing.assert_close(exported, keys.mean(dim=1))
 
 
 def test_fusion_appends_a_token_only_when_something_was_dropped():

@@ -100,7 +100,26 @@ def test_the_output_difference_is_the_largest_gap_between_the_two_libraries_outp
     with torch.no_grad():
         shifted.head.bias[1] += 0.5
     models = {"none": plain, "m@a": plain, "m@b": shifted}
-    assert revision_compare.output_differences(models, ["m"], ["a", "b"], 3) == {"m": pytest.approx(0.5)}
+    for runtime in revision_compare.RUNTIMES:
+        run = revision_compare.forwards(models, runtime, threads=1)
+        assert revision_compare.output_differences(run, (1, 8, 8), ["m"], ["a", "b"], 3) == {
+            "m": pytest.approx(0.5, abs=1e-5)}, runtime
+
+
+def test_onnxruntime_times_the_two_libraries_exported(repo, tmp_path, capsys):
+    revision = commit(repo, "the working tree's library")
+    out = tmp_path / "compare.json"
+    assert revision_compare.main(["--against", "HEAD", "--repo", str(repo), "--arch", "vit_pico_patch2_8",
+                                  "--methods", "tk_n,tome", "--reduce_token", "3", "--batch_size", "2", "--rounds", "2",
+                                  "--warmup", "0", "--train_batch_size", "0", "--runtime", "onnxruntime",
+                                  "--json", str(out)]) == 0
+    assert "forward in onnxruntime" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["settings"]["runtime"] == "onnxruntime" and report["settings"]["revision_commit"] == revision
+    assert [(r["phase"], r["method"]) for r in report["rows"]] == [("forward", "tk_n"), ("forward", "tome")]
+    label = revision[:12]
+    assert set(report["times"]["forward"]) == {"none", "tk_n@tree", f"tk_n@{label}", "tome@tree", f"tome@{label}"}
+    assert all(r["output_difference"] == 0.0 for r in report["rows"])  # one library exported twice, one graph
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -111,6 +130,7 @@ def test_the_output_difference_is_the_largest_gap_between_the_two_libraries_outp
     (["--against", "HEAD", "--rounds", "0"], "--rounds: must be >= 1"),
     (["--against", "HEAD", "--warmup", "-1"], "--warmup: must be >= 0"),
     (["--against", "HEAD", "--json", "/no/such/folder/x.json"], "--json: the folder of"),
+    (["--against", "HEAD", "--runtime", "onnxruntime", "--methods", "random"], "--methods random: not exported"),
 ])
 def test_bad_input_is_a_one_line_error(repo, capsys, argv, message):
     commit(repo, "a library")

@@ -153,7 +153,10 @@ def export_onnx(model: torch.nn.Module, path: str, optimize: bool = True) -> Non
 
     The example batch is 2: exporting at batch 1 would let torch.export specialise the batch size.
     The exporter's progress lines are kept quiet; on failure ``ExportFailed`` carries the first line.
+    A copy is traced: tracing leaves its placeholder tensors in a compressed model's per-forward state (ToMe's
+    token sizes), which a deep copy or a training step of the caller's model could not use.
     """
+    model = copy.deepcopy(model)
     example = torch.randn(2, *input_shape(model))
     log = io.StringIO()
     try:

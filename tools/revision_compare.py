@@ -8,11 +8,12 @@ run in one process on copies of one uncompressed model. Each method is applied b
 (``apply_patch(model, select_method=..., pool_k=...)``), which every revision keeps.
 
 Timed, in interleaved rounds with the uncompressed model (the order rotates; ``pruning.benchmark.time_interleaved``):
-the eager forward at ``--batch_size`` (inference mode) and the eager training step (forward, backward, AdamW step) at
-``--train_batch_size``. Reported per method and phase: the working tree's median time over the revision's, with a
+the forward at ``--batch_size`` (eager in inference mode, or with ``--runtime onnxruntime`` each model exported to ONNX
+and run in onnxruntime, as ``tools/deploy_benchmark.py`` does) and the eager training step (forward, backward, AdamW
+step) at ``--train_batch_size``. Reported per method and phase: the working tree's median time over the revision's, with a
 95 % bootstrap interval in which the rounds are resampled as pairs (both versions' times of one round saw the same
 machine), each version's speedup over the uncompressed model, and the largest difference between the two versions'
-outputs on the same images (0 for a change that keeps results bit-identical).
+outputs on the same images in the forward's runtime (0 for a change that keeps results bit-identical).
 
 Output: a markdown table on stdout (and ``--md``); every time with the machine and its load in ``--json``, written
 after each phase, so an interrupted run keeps what it measured.
@@ -46,12 +47,13 @@ from benchmark import create_model, parse_methods  # noqa: E402
 from deploy_benchmark import BASELINE, add_model_options, loadavg, machine, train_callables  # noqa: E402
 from engine.errors import CLIError, report_error  # noqa: E402
 from engine.options import ArgumentParser  # noqa: E402
-from export_onnx import input_shape  # noqa: E402
+from export_onnx import ExportFailed, export_onnx, input_shape, ort_run, ort_session, refuse_stochastic  # noqa: E402
 from pruning.benchmark import time_interleaved  # noqa: E402
 from stats import bootstrap_ratio_of_medians  # noqa: E402
 
 PROG = "revision_compare.py"
 TREE = "tree"  # the working tree's library, as the tables name it
+RUNTIMES = ("eager", "onnxruntime")
 QUICK = dict(batch_size=2, rounds=2, train_batch_size=2, train_rounds=2, warmup=0)
 
 
@@ -62,7 +64,11 @@ def build_parser() -> ArgumentParser:
                              "branch)")
     parser.add_argument("--repo", default=str(ROOT), help="the git repository to read it from (default: this one)")
     add_model_options(parser)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch (and onnxruntime) threads (default: %(default)s)")
+    parser.add_argument("--runtime", default="eager", choices=RUNTIMES,
+                        help="where the forward runs: eager PyTorch, or each model exported to ONNX and run in "
+                             "onnxruntime; the training step is always eager (default: %(default)s)")
     parser.add_argument("--batch_size", type=int, default=32, help="forward batch; 0 skips it (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=20, help="interleaved forward rounds (default: %(default)s)")
     parser.add_argument("--train_batch_size", type=int, default=8,
@@ -84,6 +90,8 @@ def check(args: argparse.Namespace) -> None:
     args.methods = parse_methods(args.methods)
     if BASELINE in args.methods:
         raise CLIError(f"--methods: {BASELINE!r} is the uncompressed model, timed in every run; name methods only")
+    for method in args.methods if args.runtime == "onnxruntime" else ():
+        refuse_stochastic(method, "--methods")
     for option in ("threads", "rounds", "train_rounds"):
         if getattr(args, option) < 1:
             raise CLIError(f"--{option}: must be >= 1, got {getattr(args, option)}")
@@ -164,18 +172,37 @@ def build_models(args: argparse.Namespace, libraries: Dict[str, ModuleType]) -> 
     return models
 
 
-def output_differences(models: Dict[str, torch.nn.Module], methods: List[str], labels: List[str],
-                       batch: int) -> Dict[str, float]:
+def forwards(models: Dict[str, torch.nn.Module], runtime: str, threads: int) -> Dict[str, Callable[[Any], Any]]:
+    """Each model's forward on a batch of images, as a tensor, in ``runtime``: the module itself, or an onnxruntime
+    session of its ONNX export (the files are read into the sessions, then removed)."""
+    if runtime == "eager":
+        return {name: (lambda images, m=model: m(images)) for name, model in models.items()}
+    runs = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name, model in models.items():
+            path = str(Path(folder) / f"{len(runs)}.onnx")
+            try:
+                export_onnx(model, path)
+            except ExportFailed as err:
+                raise CLIError(f"--runtime onnxruntime: {name}: {err}") from None
+            session = ort_session(path, threads)
+            runs[name] = lambda images, s=session: torch.from_numpy(ort_run(s, images.numpy()))
+    return runs
+
+
+def output_differences(run: Dict[str, Callable[[Any], Any]], shape: Sequence[int], methods: List[str],
+                       labels: List[str], batch: int) -> Dict[str, float]:
     """Each method's largest absolute difference between the two libraries' outputs on the same images."""
-    images = torch.randn(max(1, batch), *input_shape(models[BASELINE]))
+    images = torch.randn(max(1, batch), *shape)
     with torch.inference_mode():
-        return {m: (models[f"{m}@{labels[0]}"](images) - models[f"{m}@{labels[1]}"](images)).abs().max().item()
+        return {m: (run[f"{m}@{labels[0]}"](images) - run[f"{m}@{labels[1]}"](images)).abs().max().item()
                 for m in methods}
 
 
-def forward_callables(models: Dict[str, torch.nn.Module], batch: int) -> Dict[str, Callable[[], Any]]:
-    images = torch.randn(batch, *input_shape(models[BASELINE]))
-    return {name: (lambda m=model: m(images)) for name, model in models.items()}
+def forward_callables(run: Dict[str, Callable[[Any], Any]], shape: Sequence[int], batch: int
+                      ) -> Dict[str, Callable[[], Any]]:
+    images = torch.randn(batch, *shape)
+    return {name: (lambda r=forward: r(images)) for name, forward in run.items()}
 
 
 def compare(times: Dict[str, List[float]], phase: str, batch: int, methods: List[str], labels: List[str],
@@ -210,13 +237,16 @@ def measure(args: argparse.Namespace, old: ModuleType, save: Callable[[Dict[str,
     """Both libraries' models timed phase by phase; the report saved after each phase."""
     labels = [TREE, old.commit[:12]]
     models = build_models(args, dict(zip(labels, (pruning, old))))
-    differences = output_differences(models, args.methods, labels, args.batch_size)
+    shape = input_shape(models[BASELINE])
+    run_forward = forwards(models, args.runtime, args.threads) if args.batch_size else {}
+    differences = output_differences(run_forward or forwards(models, "eager", args.threads), shape, args.methods,
+                                     labels, args.batch_size)
     report = {"machine": machine(torch.device("cpu")), "loadavg_start": loadavg(), "started": time.time(),
               "settings": {**{k: v for k, v in vars(args).items() if k not in ("json", "md", "quick")},
                            "revision_commit": old.commit,
                            "command": " ".join(["python", "tools/revision_compare.py"] + sys.argv[1:])},
               "rows": [], "times": {}}
-    phases = [("forward", args.batch_size, args.rounds, lambda: forward_callables(models, args.batch_size)),
+    phases = [("forward", args.batch_size, args.rounds, lambda: forward_callables(run_forward, shape, args.batch_size)),
               ("train step", args.train_batch_size, args.train_rounds,
                lambda: train_callables(models, args.train_batch_size,
                                        argparse.Namespace(device=torch.device("cpu"), amp_dtype=None)))]
@@ -235,7 +265,7 @@ def markdown(report: Dict[str, Any]) -> str:
     m, s = report["machine"], report["settings"]
     load = lambda v: "n/a" if v is None else " ".join(f"{x:.2f}" for x in v)  # noqa: E731
     lines = [f"### The library at {s['revision_commit'][:12]} ({s['against']}) against the working tree: "
-             f"{s['arch']}, schedule {s['schedule']}, {s['threads']} thread(s), eager",
+             f"{s['arch']}, schedule {s['schedule']}, {s['threads']} thread(s), forward in {s.get('runtime', 'eager')}",
              "",
              f"{m['cpu']} ({m['logical_cpus']} logical CPUs); torch {m['torch']}, timm {m['timm']}; load average "
              f"{load(report['loadavg_start'])} (start) / {load(report['loadavg_end'])} (end); medians of "

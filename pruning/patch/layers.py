@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..core.compress import reduce_tokens
 from ..core.counting import Schedule, resolve_schedule
 from ..core.methods import METHODS, PLACEMENTS, get_method
-from ..core.scoring import class_attention
+from ..core.scoring import class_attention, head_average
 from ..core.state import CONFIG_ATTR, NO_POSITION, CompressionConfig, get_config
 
 __all__ = ["LayerLayout", "CompressedLayer", "RotaryTable", "TokenAngles", "attend_heads", "compressed_class",
@@ -187,7 +187,7 @@ class LayerLayout:
         gate = gate(x).sigmoid() if gate is not None else None
         queries, keys, values = self.project(attn, x)
         queries, keys = self.adjust_qk(attn, queries, keys)
-        mean_keys = keys.mean(dim=1) if want_keys else None  # ToMe's similarity: the keys before rotation
+        mean_keys = head_average(keys) if want_keys else None  # ToMe's similarity: the keys before rotation
         if angles is not None:
             queries, keys = angles.rotate(queries), angles.rotate(keys)
         out, cls_attn, _ = attend_heads(
@@ -250,7 +250,7 @@ def attend_heads(queries: Tensor, keys: Tensor, values: Tensor, *, scale: float,
             cls_attn = weights[:, :, 0].mean(dim=1)
         out = F.dropout(weights, dropout_p) @ values if dropout_p > 0 else weights @ values
     out = out.transpose(1, 2).reshape(batch, num_tokens, heads * head_dim)
-    return out, cls_attn, (keys.mean(dim=1) if want_keys else None)
+    return out, cls_attn, (head_average(keys) if want_keys else None)
 
 
 class CompressedLayer:
