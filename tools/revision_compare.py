@@ -10,10 +10,10 @@ run in one process on copies of one uncompressed model. Each method is applied b
 Timed, in interleaved rounds with the uncompressed model (the order rotates; ``pruning.benchmark.time_interleaved``):
 the forward at ``--batch_size`` (eager in inference mode, or with ``--runtime onnxruntime`` each model exported to ONNX
 and run in onnxruntime, as ``tools/deploy_benchmark.py`` does) and the eager training step (forward, backward, AdamW
-step) at ``--train_batch_size``. Reported per method and phase: the working tree's median time over the revision's, with a
-95 % bootstrap interval in which the rounds are resampled as pairs (both versions' times of one round saw the same
-machine), each version's speedup over the uncompressed model, and the largest difference between the two versions'
-outputs on the same images in the forward's runtime (0 for a change that keeps results bit-identical).
+step) at ``--train_batch_size``. Reported per method and phase: the working tree's median time over the revision's,
+with a 95 % bootstrap interval in which the rounds are resampled as pairs (both versions' times of one round saw the
+same machine), each version's speedup over the uncompressed model, and the largest difference between the two
+versions' outputs on the same images in the forward's runtime (0 for a change that keeps results bit-identical).
 
 Output: a markdown table on stdout (and ``--md``); every time with the machine and its load in ``--json``, written
 after each phase, so an interrupted run keeps what it measured.
