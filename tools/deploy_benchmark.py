@@ -517,9 +517,9 @@ def rows_table(rows: List[Dict[str, Any]], gflops: Dict[str, float]) -> List[str
     return lines
 
 
-def saved_report(path: str) -> Dict[str, Any]:
-    """A report written by ``--json``, its summary across repeats recomputed. Versions before repeats, autocast
-    and incremental saving wrote one complete float32 run, without the keys for them."""
+def saved_tables(path: str) -> str:
+    """The markdown of a report written by ``--json``, its summary across repeats recomputed. Versions before
+    repeats, autocast and incremental saving wrote one complete float32 run, without the keys for them."""
     try:
         report = json.loads(Path(path).read_text())
         report.setdefault("complete", True)
@@ -529,13 +529,12 @@ def saved_report(path: str) -> Dict[str, Any]:
         for row in report["inference"]:
             row.setdefault("repeat", 0)
         report["across_repeats"] = across_repeats(report["inference"]) if settings["repeats"] > 1 else []
-        markdown(report)  # a report of an older layout (before the decomposition) fails here, not in main
+        return markdown(report)  # a report of an older layout (before the decomposition) fails here
     except OSError as err:
         raise CLIError(f"--from_json: cannot read {path}: {err.strerror}") from None
     except (ValueError, KeyError, TypeError) as err:
         raise CLIError(f"--from_json: {path} is not a report this version reads (one written by --json): "
                        f"{type(err).__name__}: {err}") from None
-    return report
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -550,14 +549,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 Path(args.md).write_text(markdown(report))
         if args.from_json:  # only --md is written: the saved report stays as it was
             check_folder("md", args.md)
-            report = saved_report(args.from_json)
+            tables = saved_tables(args.from_json)
             if args.md:
-                Path(args.md).write_text(markdown(report))
+                Path(args.md).write_text(tables)
         else:
-            report = run(args, save)
+            tables = markdown(run(args, save))
     except CLIError as err:
         return report_error(PROG, err)
-    print(markdown(report), end="")
+    print(tables, end="")
     return 0
 
 
