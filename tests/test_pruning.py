@@ -7,7 +7,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pruning import METHOD_NAMES, get_method
 from pruning.core.merging import first_non_prefix, in_token_order
-from pruning.core.scoring import head_average
+from pruning.core.reduction import weighted_token_sum
+from pruning.core.scoring import head_average, token_norm
 from pruning.flops import analytic_flops
 from pruning.patch import apply_patch, get_config, get_state, remove_patch
 from pruning.schedules import keep_rate_schedule, matched_flops_schedule
@@ -208,13 +209,20 @@ def test_tome_slots_are_laid_out_in_token_order(num_prefix, num_tokens):
     assert laid_out.tolist() == tokens.tolist()
 
 
-def test_tome_key_average_is_mean_bit_for_bit_and_the_same_average_when_exporting(monkeypatch):
-    keys = torch.randn(2, 6, 11, 8).transpose(2, 3).transpose(2, 3)  # (B, H, N, D), as a strided view
-    assert torch.equal(head_average(keys), keys.mean(dim=1))
-    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)  # the product onnxruntime runs faster
-    exported = head_average(keys)
-    assert exported.shape == (2, 11, 8)
-    torch.testing.assert_close(exported, keys.mean(dim=1))
+EXPORT_FORMS = {  # (the library's function, its eager definition, arguments): exported as faster onnxruntime nodes
+    "head average": (head_average, lambda keys: keys.mean(dim=1), (torch.randn(2, 6, 11, 8),)),
+    "token norm": (token_norm, lambda x: torch.linalg.vector_norm(x, dim=-1), (torch.randn(2, 11, 8) * 3,)),
+    "fused token": (weighted_token_sum, lambda w, x: (w.unsqueeze(-1) * x).sum(dim=1, keepdim=True),
+                    (torch.rand(2, 11), torch.randn(2, 11, 8))),
+}
+
+
+@pytest.mark.parametrize("form", EXPORT_FORMS)
+def test_export_forms_are_bit_identical_in_eager_and_the_same_values_when_exporting(form, monkeypatch):
+    function, definition, arguments = EXPORT_FORMS[form]
+    assert torch.equal(function(*arguments), definition(*arguments))
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    torch.testing.assert_close(function(*arguments), definition(*arguments))
 
 
 def test_fusion_appends_a_token_only_when_something_was_dropped():

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from .reduction import flat_index
+from .scoring import token_norm
 
 
 def merges_allowed(num_tokens: int, k: int, num_prefix: int) -> int:
@@ -57,7 +58,7 @@ def bipartite_soft_matching(metric: Tensor, k: int, num_prefix: int) -> Matching
     # few, whole-tensor operations (at batch 1 each small kernel costs more than its work): the prefix tokens
     # are left out of the scores rather than masked, and a mask of the k best (topk) replaces sorting
     with torch.no_grad():
-        metric = metric / metric.norm(dim=-1, keepdim=True)
+        metric = metric / token_norm(metric).unsqueeze(-1)
         scores = torch.bmm(metric[:, a_first::2], metric[:, b_first::2].transpose(1, 2))  # non-prefix A × B
         best_score, best_match = scores.max(dim=-1)
         unmerged = torch.ones_like(best_score, dtype=torch.bool)

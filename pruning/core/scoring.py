@@ -6,7 +6,13 @@ from torch import Tensor
 
 
 def token_norm(x: Tensor) -> Tensor:
-    """L2 norm of each token vector: (B, N, C) -> (B, N)."""
+    """L2 norm of each token vector: (B, N, C) -> (B, N).
+
+    While exporting to ONNX it is the square root of the summed squares: onnxruntime's ReduceL2 took 44 µs at
+    ViT-S shapes against 26 µs for the three plain nodes. Eager and compiled models keep ``vector_norm``.
+    """
+    if torch.onnx.is_in_onnx_export():
+        return (x * x).sum(dim=-1).sqrt()
     return torch.linalg.vector_norm(x, dim=-1)
 
 
@@ -20,11 +26,12 @@ def class_attention(q: Tensor, k: Tensor, scale: float, bias: Optional[Tensor] =
     logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)
     if bias is not None:
         logits = logits + bias
-    return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+    return head_average(logits.softmax(dim=-1))[:, 0]
 
 
 def head_average(keys: Tensor) -> Tensor:
-    """The keys averaged over heads, ToMe's similarity metric: (B, H, N, D) -> (B, N, D).
+    """An average over heads, (B, H, N, D) -> (B, N, D): ToMe's similarity metric (the keys), and the class
+    token's attention.
 
     ``keys.mean(dim=1)``, except while exporting to ONNX, where it is the same average as one (1, H) × (H, N·D)
     product: onnxruntime's ReduceMean over the head axis took 53-55 µs at ViT-S shapes against 11-16 µs for the
