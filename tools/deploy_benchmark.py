@@ -65,7 +65,7 @@ from engine import model as engine_model  # noqa: E402
 from engine.zoo import backbone_of  # noqa: E402
 from engine.errors import CLIError, report_error  # noqa: E402
 from engine.options import AMP_DTYPES, ArgumentParser, check_autocast, resolve_device  # noqa: E402
-from export_onnx import (compress, export_onnx, input_shape, ort_run, ort_session, refuse_stochastic,  # noqa: E402
+from export_onnx import (compress, exported_session, input_shape, ort_run, refuse_stochastic,  # noqa: E402
                          reduce_token_type)
 from pruning import METHOD_NAMES, METHODS  # noqa: E402
 from pruning.benchmark import bound_token_counts, schedule_only, synchronize, time_interleaved  # noqa: E402
@@ -268,10 +268,7 @@ def inference_callables(runtime: str, models: Dict[str, torch.nn.Module], batch:
             calls[name] = on_device(lambda m=compiled: m(images), args.device, args.amp_dtype)
             calls[name]()  # compile now, not in the first timed round
         else:
-            path = os.path.join(tmp, f"{name.replace(':', '_')}.onnx")
-            if not os.path.exists(path):
-                export_onnx(model, path)
-            session = ort_session(path, threads)
+            session = exported_session(model, os.path.join(tmp, f"{name.replace(':', '_')}.onnx"), threads)
             array = images.numpy()
             calls[name] = lambda s=session: ort_run(s, array)
     return calls

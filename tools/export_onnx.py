@@ -199,6 +199,14 @@ def ort_session(path: str, threads: int = 0):
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
+def exported_session(model: torch.nn.Module, path: str, threads: int = 0):
+    """An onnxruntime session of ``model`` exported to ``path``; a file already there is reused, not exported again
+    (the benchmarks export each model once and open a session per thread count)."""
+    if not os.path.exists(path):
+        export_onnx(model, path)
+    return ort_session(path, threads)
+
+
 def ort_run(session, images: np.ndarray) -> np.ndarray:
     return session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
 

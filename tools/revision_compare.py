@@ -47,7 +47,7 @@ from benchmark import create_model, parse_methods  # noqa: E402
 from deploy_benchmark import BASELINE, add_model_options, loadavg, machine, train_callables  # noqa: E402
 from engine.errors import CLIError, report_error  # noqa: E402
 from engine.options import ArgumentParser  # noqa: E402
-from export_onnx import ExportFailed, export_onnx, input_shape, ort_run, ort_session, refuse_stochastic  # noqa: E402
+from export_onnx import ExportFailed, exported_session, input_shape, ort_run, refuse_stochastic  # noqa: E402
 from pruning.benchmark import time_interleaved  # noqa: E402
 from stats import bootstrap_ratio_of_medians  # noqa: E402
 
@@ -180,12 +180,10 @@ def forwards(models: Dict[str, torch.nn.Module], runtime: str, threads: int) -> 
     runs = {}
     with tempfile.TemporaryDirectory() as folder:
         for name, model in models.items():
-            path = str(Path(folder) / f"{len(runs)}.onnx")
             try:
-                export_onnx(model, path)
+                session = exported_session(model, str(Path(folder) / f"{len(runs)}.onnx"), threads)
             except ExportFailed as err:
                 raise CLIError(f"--runtime onnxruntime: {name}: {err}") from None
-            session = ort_session(path, threads)
             runs[name] = lambda images, s=session: torch.from_numpy(ort_run(s, images.numpy()))
     return runs
 
