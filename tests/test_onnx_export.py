@@ -250,3 +250,15 @@ def test_an_exporter_failure_names_its_cause_in_one_line():
         line = export_onnx.export_failure(err)
     assert line == ("torch.onnx.export failed: RuntimeError: Failed to convert.; cause: KeyError: "
                     "'aten.some_op has no ONNX translation'")
+
+
+def test_sessions_spin_their_threads_during_a_run_only_and_reuse_an_exported_file(plain, tmp_path):
+    path = str(tmp_path / "plain.onnx")
+    session = export_onnx.exported_session(plain, path, threads=2)
+    options = session.get_session_options()
+    assert options.intra_op_num_threads == 2
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"  # no wake-up per operation
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"  # no spinning between runs
+    written = os.path.getmtime(path)
+    export_onnx.exported_session(None, path)  # the file is there: nothing to export (a model is not even needed)
+    assert os.path.getmtime(path) == written

@@ -193,9 +193,11 @@ def ort_session(path: str, threads: int = 0):
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    # no busy-waiting between runs: on a shared CPU (or next to PyTorch's own threads) spinning threads
-    # steal the cores the next call needs
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # threads busy-wait for the next operation during a run (waking a sleeping thread costs more than a small
+    # operation's work: 10 % of a two-thread ViT-S forward), and stop at its end: between runs, spinning threads
+    # would steal the cores the next call needs (another session's, PyTorch's, another process's)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
