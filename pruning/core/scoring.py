@@ -29,20 +29,20 @@ def class_attention(q: Tensor, k: Tensor, scale: float, bias: Optional[Tensor] =
     return head_average(logits.softmax(dim=-1))[:, 0]
 
 
-def head_average(keys: Tensor) -> Tensor:
+def head_average(per_head: Tensor) -> Tensor:
     """An average over heads, (B, H, N, D) -> (B, N, D): ToMe's similarity metric (the keys), and the class
-    token's attention.
+    token's attention row.
 
-    ``keys.mean(dim=1)``, except while exporting to ONNX, where it is the same average as one (1, H) × (H, N·D)
+    ``per_head.mean(dim=1)``, except while exporting to ONNX, where it is the same average as one (1, H) × (H, N·D)
     product: onnxruntime's ReduceMean over the head axis took 53-55 µs at ViT-S shapes against 11-16 µs for the
     product (the profile's costliest node of ToMe's step). Eager and compiled models keep ``mean``, bit for bit;
     the exported one differs from it by rounding (within the export's conformance check).
     """
     if not torch.onnx.is_in_onnx_export():
-        return keys.mean(dim=1)
-    batch, heads, num_tokens, dim = keys.shape
-    weights = keys.new_full((1, 1, heads), 1.0 / heads)
-    return (weights @ keys.reshape(batch, heads, num_tokens * dim)).reshape(batch, num_tokens, dim)
+        return per_head.mean(dim=1)
+    batch, heads, num_tokens, dim = per_head.shape
+    weights = per_head.new_full((1, 1, heads), 1.0 / heads)
+    return (weights @ per_head.reshape(batch, heads, num_tokens * dim)).reshape(batch, num_tokens, dim)
 
 
 def keep_scores(criterion: str, x: Tensor, cls_attn: Optional[Tensor], norms: Optional[Tensor],

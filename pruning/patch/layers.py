@@ -247,7 +247,7 @@ def attend_heads(queries: Tensor, keys: Tensor, values: Tensor, *, scale: float,
             logits = logits + bias
         weights = logits.softmax(dim=-1)
         if want_cls_attn:
-            cls_attn = weights[:, :, 0].mean(dim=1)
+            cls_attn = head_average(weights[:, :, :1])[:, 0]
         out = F.dropout(weights, dropout_p) @ values if dropout_p > 0 else weights @ values
     out = out.transpose(1, 2).reshape(batch, num_tokens, heads * head_dim)
     return out, cls_attn, (head_average(keys) if want_keys else None)
