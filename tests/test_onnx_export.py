@@ -267,3 +267,12 @@ def test_sessions_spin_their_threads_during_a_run_only_and_reuse_an_exported_fil
     written = os.path.getmtime(path)
     export_onnx.exported_session(None, path)  # the file is there: nothing to export (a model is not even needed)
     assert os.path.getmtime(path) == written
+
+
+def test_explicit_attention_exports_without_slow_reductions_too(plain, tmp_path):
+    model = apply_patch(timm.create_model(ARCH).eval(), "evit", POOL_K, fused_attn=False)  # the N×N weights' row
+    model.load_state_dict(plain.state_dict())
+    path = str(tmp_path / "evit_explicit.onnx")
+    export_onnx.export_onnx(model, path)
+    assert reductions(path) <= {("ReduceSum", "last axis"), ("ReduceMax", "last axis")}
+    assert export_onnx.max_difference(model, export_onnx.ort_session(path, threads=1), [1, 3]) < export_onnx.TOLERANCE
