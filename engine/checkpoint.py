@@ -204,16 +204,25 @@ def save_atomic(obj: Any, path: str) -> None:
         raise
 
 
-def write_text_atomic(text: str, path: str) -> None:
-    """Write ``text`` to a temporary file, then rename; a failure is one line naming --output_dir."""
+def replace_file(text: str, path: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``: a crash, a full disk or a
+    Ctrl-C never leaves half a file (the previous one stays until the new one is complete). Raises OSError."""
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "w") as f:
             f.write(text)
         os.replace(tmp, path)
-    except OSError as err:
+    except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
+        raise
+
+
+def write_text_atomic(text: str, path: str) -> None:
+    """``replace_file``; a failure is one line naming --output_dir."""
+    try:
+        replace_file(text, path)
+    except OSError as err:
         raise _write_failed(path, err) from None
 
 

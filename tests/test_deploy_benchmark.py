@@ -1,5 +1,7 @@
 """tools/deploy_benchmark.py runs end to end on a tiny model and writes JSON of the documented structure
 (speed itself is never asserted: the machine is shared)."""
+import argparse
+import errno
 import json
 import os
 import sys
@@ -10,6 +12,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import deploy_benchmark  # noqa: E402
+from engine.errors import CLIError  # noqa: E402
 
 
 def test_runs_and_writes_json(tmp_path, capsys):
@@ -253,3 +256,27 @@ def test_the_compile_runtime_compiles_every_model_past_dynamos_default_limit():
         # and on leaving, dynamo's own settings are back
         assert (torch._dynamo.config.recompile_limit, torch._dynamo.config.fail_on_recompile_limit_hit) == (8, False)
     torch._dynamo.reset()
+
+
+def test_a_report_file_is_replaced_whole_or_kept_as_it_was(tmp_path, monkeypatch):
+    report_path, tables_path = tmp_path / "bench.json", tmp_path / "bench.md"
+    args = argparse.Namespace(json=str(report_path), md=str(tables_path))
+    save = deploy_benchmark.report_saver(args, render=lambda report: f"{len(report)} rows\n")
+    save({"rows": 1})
+    assert json.loads(report_path.read_text()) == {"rows": 1} and tables_path.read_text() == "1 rows\n"
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(os, "replace", interrupted)  # a Ctrl-C after the new text is written, before the rename
+    with pytest.raises(KeyboardInterrupt):
+        save({"rows": 2, "more": 3})
+    assert json.loads(report_path.read_text()) == {"rows": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.md"]  # no temporary file left
+
+    def disk_full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(CLIError, match=r"^--json: could not write .*bench\.json \(No space left on device\); "
+                                       r"the file as it was before is kept$"):
+        save({"rows": 2, "more": 3})
+    assert json.loads(report_path.read_text()) == {"rows": 1} and tables_path.read_text() == "1 rows\n"

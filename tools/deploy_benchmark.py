@@ -63,6 +63,7 @@ import torch  # noqa: E402
 
 from engine import model as engine_model  # noqa: E402
 from engine.zoo import backbone_of  # noqa: E402
+from engine.checkpoint import replace_file  # noqa: E402
 from engine.errors import CLIError, report_error  # noqa: E402
 from engine.options import AMP_DTYPES, ArgumentParser, check_autocast, resolve_device  # noqa: E402
 from export_onnx import (compress, exported_session, input_shape, ort_run, refuse_stochastic,  # noqa: E402
@@ -534,23 +535,37 @@ def saved_tables(path: str) -> str:
                        f"{type(err).__name__}: {err}") from None
 
 
+def write_report(option: str, path: Optional[str], text: Callable[[], str]) -> None:
+    """Replace the file of ``--option`` (if given) with ``text()``, whole or not at all; a failure is one line."""
+    if not path:
+        return
+    try:
+        replace_file(text(), path)
+    except OSError as err:
+        raise CLIError(f"--{option}: could not write {path} ({err.strerror or err}); the file as it was before is "
+                       f"kept") from None
+
+
+def report_saver(args: argparse.Namespace, render: Callable[[Dict[str, Any]], str]
+                 ) -> Callable[[Dict[str, Any]], None]:
+    """The ``save`` of a run that saves as it measures: the report to --json and its tables (``render``) to --md,
+    each file replaced whole, so that an interrupted run leaves its last complete report."""
+    def save(report: Dict[str, Any]) -> None:
+        write_report("json", args.json, lambda: json.dumps(report, indent=2) + "\n")
+        write_report("md", args.md, lambda: render(report))
+    return save
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-
-        def save(report: Dict[str, Any]) -> None:
-            if args.json:
-                Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-            if args.md:
-                Path(args.md).write_text(markdown(report))
         if args.from_json:  # only --md is written: the saved report stays as it was
             check_folder("md", args.md)
             tables = saved_tables(args.from_json)
-            if args.md:
-                Path(args.md).write_text(tables)
+            write_report("md", args.md, lambda: tables)
         else:
-            tables = markdown(run(args, save))
+            tables = markdown(run(args, report_saver(args, markdown)))
     except CLIError as err:
         return report_error(PROG, err)
     print(tables, end="")

@@ -22,7 +22,6 @@ import argparse
 import copy
 import importlib.util
 import io
-import json
 import statistics
 import subprocess
 import sys
@@ -44,7 +43,8 @@ import torch  # noqa: E402
 
 import pruning  # noqa: E402
 from benchmark import create_model, parse_methods  # noqa: E402
-from deploy_benchmark import BASELINE, add_model_options, loadavg, machine, train_callables  # noqa: E402
+from deploy_benchmark import (BASELINE, add_model_options, loadavg, machine, report_saver,  # noqa: E402
+                              train_callables)
 from engine.errors import CLIError, report_error  # noqa: E402
 from engine.options import ArgumentParser  # noqa: E402
 from export_onnx import ExportFailed, exported_session, input_shape, ort_run, refuse_stochastic  # noqa: E402
@@ -286,13 +286,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-
-        def save(report: Dict[str, Any]) -> None:
-            if args.json:
-                Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-            if args.md:
-                Path(args.md).write_text(markdown(report))
-        report = run(args, save)
+        report = run(args, report_saver(args, markdown))
     except CLIError as err:
         return report_error(PROG, err)
     print(markdown(report), end="")
