@@ -62,8 +62,8 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 from engine import model as engine_model  # noqa: E402
-from engine.zoo import backbone_of  # noqa: E402
 from engine.checkpoint import replace_file  # noqa: E402
+from engine.zoo import backbone_of  # noqa: E402
 from engine.errors import CLIError, report_error  # noqa: E402
 from engine.options import AMP_DTYPES, ArgumentParser, check_autocast, resolve_device  # noqa: E402
 from export_onnx import (compress, exported_session, input_shape, ort_run, refuse_stochastic,  # noqa: E402
