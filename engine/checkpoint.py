@@ -4,13 +4,14 @@ and the checks of ``--output_dir`` done before training starts.
 Nothing here unpickles arbitrary objects: ``torch.load(weights_only=True)`` accepts tensors and plain
 containers only, so a file from the internet cannot run code when it is loaded.
 """
+import contextlib
 import errno
 import json
 import os
 import pickle
 import random
 import shutil
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -186,36 +187,36 @@ def _write_failed(path: str, err: OSError) -> CLIError:
                     f"--resume {os.path.join(os.path.dirname(path), 'last.pt')} if it exists)")
 
 
-def save_atomic(obj: Any, path: str) -> None:
-    """torch.save to a temporary file, then rename: a crash, a full disk or a second Ctrl-C never
-    leaves a half-written ``path`` (the previous file stays until the new one is complete)."""
+@contextlib.contextmanager
+def replacing(path: str) -> Iterator[str]:
+    """The temporary path beside ``path`` to write; on leaving, renamed over ``path``: a crash, a full disk or a
+    Ctrl-C never leaves half a file (the previous one stays until the new one is complete), nor the temporary."""
     tmp = f"{path}.tmp"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(err, OSError):
-            raise _write_failed(path, err) from None
-        raise
-
-
-def replace_file(text: str, path: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``: a crash, a full disk or a
-    Ctrl-C never leaves half a file (the previous one stays until the new one is complete). Raises OSError."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def save_atomic(obj: Any, path: str) -> None:
+    """torch.save through ``replacing``, synced to the disk before the rename; a failure is one line naming
+    --output_dir."""
+    try:
+        with replacing(path) as tmp, open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise _write_failed(path, err) from None
+
+
+def replace_file(text: str, path: str) -> None:
+    """Write ``text`` to ``path`` through ``replacing``. Raises OSError."""
+    with replacing(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
 
 
 def write_text_atomic(text: str, path: str) -> None:
